@@ -1,8 +1,9 @@
 """One entry point: ``pipeline <command>`` (also ``python -m pipeline``).
 
 Each command lives with the code it runs; this module only wires the parsers. A command module
-exposes ``register(subparsers)`` that adds its parser(s) and sets ``func`` (sync, returns an exit
-code) on them.
+exposes ``register(subparsers)`` that adds its parser and sets ``func`` (sync, returns an exit
+code). Only the chosen command's module is imported, so a service starts without loading the
+others; ``pipeline --help`` lists every command from the table below.
 """
 
 from __future__ import annotations
@@ -14,29 +15,37 @@ from collections.abc import Sequence
 
 from pipeline.settings import SettingsError
 
-# (module, help) — every module exposes register(subparsers)
-COMMAND_MODULES: tuple[str, ...] = (
-    "pipeline.commands.kafka",
-    "pipeline.commands.topics",
-    "pipeline.commands.copy",
-    "pipeline.sim.commands",
-)
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "kafka": ("pipeline.commands.kafka", "start/stop a real local Apache Kafka broker (no Docker needed)"),
+    "topics": ("pipeline.commands.topics", "create missing topics, report drift"),
+    "sim": ("pipeline.sim.commands", "run a CloudTalk or Kustomer API simulator"),
+    "copy": ("pipeline.commands.copy", "copy a topic into another exactly once"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
         description="CloudTalk <-> Kustomer event-streaming pipeline. Every service and tool is a subcommand.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(sub)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:

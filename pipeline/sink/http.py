@@ -307,7 +307,7 @@ class HttpExecutor:
                 except orjson.JSONDecodeError:
                     parsed = None
                 return ApiResponse(resp.status, resp.headers, parsed, text)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise _Transient(None, f"{type(exc).__name__}: {exc}") from exc
         finally:
             metrics().http_seconds.labels(self.target, op, status_label).observe(time.perf_counter() - started)

@@ -1,0 +1,562 @@
+"""Kafka clients and the consume → transform → produce loop, written once.
+
+A :class:`Stage` turns a batch of records from one input partition into a :class:`BatchResult`
+(output records, rejections, how far the offsets may advance). :class:`TransactionalLoop` runs
+any stage with exactly-once semantics inside Kafka:
+
+* ``read_committed`` consumer in a group, manual offsets;
+* one transactional producer per assigned input partition (a :class:`Lane`). aiokafka sends no
+  group generation with ``send_offsets_to_transaction`` (no KIP-447), so zombies are fenced by
+  the transactional id itself: ``{group}.{topic}.{partition}``;
+* outputs, dead letters and the input offsets of a batch are committed in one transaction.
+
+Commit protocol for one batch of one partition (``_process_batch``):
+
+1. The stage handles the records and returns outputs + rejections (+ ``commit_upto``).
+   Abort path A: the stage raises → nothing was produced; seek back to the batch start,
+   back off, fetch again.
+2. When there is nothing to produce and the offsets would not move, stop: no empty
+   transaction is ever started.
+3. Begin a transaction on the partition's producer.
+4. Send the outputs, then the dead letters (original key, value and headers plus ``dlq.*``
+   error headers), and wait until every send is acknowledged.
+5. Add the input offsets (``commit_upto``) to the transaction for the group.
+6. Commit. Abort path B: any error in 3–6 → abort the transaction, seek back to the batch
+   start, back off, retry. Abort path C: the producer was fenced (another member owns the
+   partition now) → close the lane and stop fetching the partition; the rebalance that
+   follows settles ownership.
+7. If the stage asked to stop early (``commit_upto`` below the batch end), seek there so the
+   rest is fetched again.
+
+Rebalances: ``on_partitions_revoked`` waits for the batch in flight (a lock) and closes the
+lanes of revoked partitions, so no transaction outlives its partition. ``on_partitions_assigned``
+starts a lane per partition — its first producer id request fences any zombie and completes
+its open transaction — then re-reads the committed offset and seeks there, because aiokafka
+may have fetched it before the zombie's transaction was settled.
+
+Shutdown (SIGTERM): the batch in flight finishes (its transaction commits or aborts), then the
+consumer leaves the group and the producers close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import ConsumerRecord
+
+from pipeline.observability import get_logger, metrics
+
+log = get_logger(__name__)
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Records in and out
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: Headers = ()
+    partition: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record that cannot be processed; it goes to the dead-letter topic."""
+
+    record: ConsumerRecord
+    error_class: str
+    message: str
+
+
+@dataclass(slots=True)
+class BatchResult:
+    outputs: list[OutRecord] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    # Offset of the next record to read once this batch commits; None = after the last record.
+    commit_upto: int | None = None
+
+
+class Reject(Exception):
+    """Raised by a per-record function to reject a record with a named error class."""
+
+    def __init__(self, error_class: str, message: str) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
+
+
+Transform = Callable[[Sequence[ConsumerRecord]], BatchResult]
+
+
+def map_records(fn: Callable[[ConsumerRecord], Iterable[OutRecord]]) -> Transform:
+    """A batch transform from a per-record function; exceptions become rejections."""
+
+    def transform(records: Sequence[ConsumerRecord]) -> BatchResult:
+        result = BatchResult()
+        for record in records:
+            try:
+                result.outputs.extend(fn(record))
+            except Reject as exc:
+                result.rejections.append(Rejection(record, exc.error_class, exc.message))
+            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stream
+                result.rejections.append(Rejection(record, type(exc).__name__, str(exc)))
+        return result
+
+    return transform
+
+
+DLQ_STAGE = "dlq.stage"
+DLQ_ERROR_CLASS = "dlq.error.class"
+DLQ_ERROR_MESSAGE = "dlq.error.message"
+DLQ_SOURCE_TOPIC = "dlq.source.topic"
+DLQ_SOURCE_PARTITION = "dlq.source.partition"
+DLQ_SOURCE_OFFSET = "dlq.source.offset"
+DLQ_FAILED_AT = "dlq.failed.at"
+DLQ_HEADERS = (DLQ_STAGE, DLQ_ERROR_CLASS, DLQ_ERROR_MESSAGE, DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION,
+               DLQ_SOURCE_OFFSET, DLQ_FAILED_AT)
+
+
+def dead_letter(rejection: Rejection, stage: str, topic: str) -> OutRecord:
+    """The original key, value and headers, plus error headers (stage, class, message, source)."""
+    rec = rejection.record
+    original = tuple((k, v) for k, v in (rec.headers or ()) if not k.startswith("dlq."))
+    error_headers = (
+        (DLQ_STAGE, stage.encode()),
+        (DLQ_ERROR_CLASS, rejection.error_class.encode()),
+        (DLQ_ERROR_MESSAGE, rejection.message[:2000].encode()),
+        (DLQ_SOURCE_TOPIC, rec.topic.encode()),
+        (DLQ_SOURCE_PARTITION, str(rec.partition).encode()),
+        (DLQ_SOURCE_OFFSET, str(rec.offset).encode()),
+        (DLQ_FAILED_AT, datetime.now(UTC).isoformat().encode()),
+    )
+    return OutRecord(topic=topic, key=rec.key, value=rec.value, headers=original + error_headers)
+
+
+def header(record: ConsumerRecord, name: str) -> str | None:
+    for k, v in record.headers or ():
+        if k == name:
+            return v.decode() if isinstance(v, bytes) else v
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Stages and lanes
+# --------------------------------------------------------------------------------------------
+
+class Lane:
+    """One assigned input partition and its transactional producer."""
+
+    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer, transactional_id: str) -> None:
+        self.tp, self.producer, self.transactional_id = tp, producer, transactional_id
+        self.next_offset: int | None = None  # committed position
+        self.closed = False
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        """Commit ``records`` in a transaction of their own, without offsets.
+
+        For stages that must make something durable before they act on it (a sink's intents).
+        """
+        if not records:
+            return
+        await self.producer.begin_transaction()
+        try:
+            await _send_all(self.producer, records)
+            await self.producer.commit_transaction()
+        except BaseException:
+            await _abort_quietly(self.producer)
+            raise
+
+
+class Stage(Protocol):
+    name: str
+
+    async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None: ...
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
+
+    async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult: ...
+
+
+class TransformStage:
+    """A pure batch transform as a stage."""
+
+    def __init__(self, name: str, transform: Transform) -> None:
+        self.name, self.transform = name, transform
+
+    async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None:
+        return None
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+    async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
+        return self.transform(records)
+
+
+async def _send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord]) -> None:
+    futures = [await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers) or None,
+                                   partition=r.partition) for r in records]
+    if futures:
+        await asyncio.gather(*futures)
+
+
+async def _abort_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        txn = producer._txn_manager  # noqa: SLF001 - aiokafka exposes no public state query
+        if txn is not None and txn.is_in_transaction() and not txn.is_fatal_error():
+            await producer.abort_transaction()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("abort_failed", error=str(exc))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoopSettings:
+    bootstrap: str
+    group_id: str
+    input_topics: tuple[str, ...]
+    deadletter_topic: str
+    client_id: str = "ctk-pipeline"
+    max_batch: int = 1000
+    poll_timeout_ms: int = 200
+    transaction_timeout_ms: int = 60_000
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    producer_linger_ms: int = 0
+    producer_batch_bytes: int = 512 * 1024
+    fetch_max_bytes: int = 16 * 1024 * 1024
+    max_partition_fetch_bytes: int = 4 * 1024 * 1024
+    retry_backoff_max_s: float = 10.0
+
+
+class TransactionalLoop:
+    def __init__(self, settings: LoopSettings, stage: Stage) -> None:
+        self.settings, self.stage = settings, stage
+        self.lanes: dict[TopicPartition, Lane] = {}
+        self._lock = asyncio.Lock()
+        self._generation = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self._closing = False
+        self._joined = False
+        self._last_poll = 0.0
+        self._failures: dict[TopicPartition, int] = {}
+        self._fenced: set[TopicPartition] = set()
+        m = metrics()
+        s = stage.name
+        self._m_in = m.loop_records.labels(s, "in")
+        self._m_out = m.loop_records.labels(s, "out")
+        self._m_rejected = m.loop_records.labels(s, "rejected")
+        self._m_commit = m.loop_transactions.labels(s, "committed")
+        self._m_abort = m.loop_transactions.labels(s, "aborted")
+        self._m_batch = m.loop_batch_seconds.labels(s)
+        self._m_assigned = m.assigned_partitions.labels(settings.group_id)
+        self._m_deadletters: dict[str, Any] = {}
+        self.stats = {"in": 0, "out": 0, "rejected": 0, "committed": 0, "aborted": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap, group_id=s.group_id, client_id=f"{s.client_id}-{s.group_id}",
+            enable_auto_commit=False, isolation_level="read_committed", auto_offset_reset="earliest",
+            max_poll_records=s.max_batch, max_poll_interval_ms=s.max_poll_interval_ms,
+            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
+            rebalance_timeout_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe(list(s.input_topics), listener=_Listener(self))
+        log.info("loop_started", stage=self.stage.name, group=s.group_id, topics=list(s.input_topics))
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Fetch and commit batches until :meth:`request_stop`."""
+        assert self._consumer is not None, "start() first"
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            generation = self._generation
+            batches = await consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
+                                             max_records=self.settings.max_batch)
+            self._last_poll = time.monotonic()
+            if not batches:
+                self._update_lag()
+                continue
+            async with self._lock:
+                if generation != self._generation:
+                    continue  # fetched before a rebalance; positions were reset, fetch again
+                work = []
+                for tp, records in batches.items():
+                    lane = self.lanes.get(tp)
+                    if lane is None or lane.closed or not records:
+                        continue
+                    # Never below the committed position: records fetched before a seek are
+                    # stale (already committed). Gaps above it are normal (transaction markers).
+                    if lane.next_offset is not None and records[0].offset < lane.next_offset:
+                        records = [r for r in records if r.offset >= lane.next_offset]
+                        if not records:
+                            continue
+                    work.append((tp, records))
+                if work:
+                    await asyncio.gather(*(self._process_batch(self.lanes[tp], records) for tp, records in work))
+            self._update_lag()
+
+    async def stop(self) -> None:
+        """Finish the batch in flight, close every lane, leave the group."""
+        self._stopping.set()
+        async with self._lock:  # the batch in flight commits or aborts first
+            self._closing = True
+            if self.lanes:
+                await self.stage.on_revoked(set(self.lanes))
+            for lane in list(self.lanes.values()):
+                await self._close_lane(lane)
+            self.lanes.clear()
+        # Not under the lock: leaving may wait for a rebalance whose callbacks take the lock.
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        log.info("loop_stopped", stage=self.stage.name, **self.stats)
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        fresh = time.monotonic() - self._last_poll < max(30.0, self.settings.poll_timeout_ms / 1000 * 10)
+        ok = self._consumer is not None and self._joined and fresh
+        return ok, {"stage": self.stage.name, "assigned": sorted(f"{tp.topic}:{tp.partition}" for tp in self.lanes),
+                    "lag": self.total_lag()}
+
+    def total_lag(self) -> int:
+        if self._consumer is None:
+            return 0
+        total = 0
+        for tp, lane in self.lanes.items():
+            end = self._consumer.last_stable_offset(tp)
+            if end is not None and lane.next_offset is not None:
+                total += max(0, end - lane.next_offset)
+        return total
+
+    # -- one batch -----------------------------------------------------------------------------
+    async def _process_batch(self, lane: Lane, records: list[ConsumerRecord]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        tp = lane.tp
+        first, end = records[0].offset, records[-1].offset + 1
+        started = time.perf_counter()
+        self._m_in.inc(len(records))
+        self.stats["in"] += len(records)
+
+        # 1. the stage handles the batch
+        try:
+            result = await self.stage.handle(lane, records)
+        except Exception as exc:  # abort path A: nothing produced yet
+            log.exception("stage_failed", stage=self.stage.name, partition=f"{tp.topic}:{tp.partition}",
+                          offset=first, error=str(exc))
+            await self._retry_later(tp, first)
+            return
+        upto = end if result.commit_upto is None else min(max(result.commit_upto, first), end)
+
+        # 2. nothing to produce and nothing to commit: no transaction at all
+        if upto == first and not result.outputs and not result.rejections:
+            await self._retry_later(tp, first)
+            return
+
+        dead = [dead_letter(r, self.stage.name, self.settings.deadletter_topic) for r in result.rejections]
+        producer = lane.producer
+        try:
+            # 3. begin
+            await producer.begin_transaction()
+            # 4. outputs, then dead letters; every send acknowledged
+            await _send_all(producer, [*result.outputs, *dead])
+            # 5. the input offsets join the transaction
+            if upto > first:
+                await producer.send_offsets_to_transaction({tp: upto}, self.settings.group_id)
+            # 6. commit
+            await producer.commit_transaction()
+        except ProducerFenced:  # abort path C: another member owns this partition now
+            log.warning("producer_fenced", stage=self.stage.name, transactional_id=lane.transactional_id)
+            self._m_abort.inc()
+            self.stats["aborted"] += 1
+            self._fenced.add(tp)
+            consumer.pause(tp)
+            await self._close_lane(lane)
+            return
+        except Exception as exc:  # abort path B: abort, seek back, retry
+            log.warning("transaction_aborted", stage=self.stage.name, partition=f"{tp.topic}:{tp.partition}",
+                        offset=first, error=f"{type(exc).__name__}: {exc}")
+            self._m_abort.inc()
+            self.stats["aborted"] += 1
+            await _abort_quietly(producer)
+            if lane.producer._txn_manager is not None and lane.producer._txn_manager.is_fatal_error():  # noqa: SLF001
+                await self._restart_lane(lane)
+            await self._retry_later(tp, first)
+            return
+
+        self._m_commit.inc()
+        self.stats["committed"] += 1
+        self._failures.pop(tp, None)
+        lane.next_offset = upto
+        self._m_out.inc(len(result.outputs))
+        self.stats["out"] += len(result.outputs)
+        if dead:
+            self._m_rejected.inc(len(dead))
+            self.stats["rejected"] += len(dead)
+            for r in result.rejections:
+                self._deadletter_counter(r.error_class).inc()
+                log.warning("dead_lettered", stage=self.stage.name, error_class=r.error_class, error=r.message,
+                            source=f"{r.record.topic}:{r.record.partition}:{r.record.offset}")
+        # 7. the stage stopped early: fetch the rest again
+        if upto < end:
+            consumer.seek(tp, upto)
+        self._m_batch.observe(time.perf_counter() - started)
+
+    def _deadletter_counter(self, reason: str) -> Any:
+        c = self._m_deadletters.get(reason)
+        if c is None:
+            c = self._m_deadletters[reason] = metrics().deadletters.labels(self.stage.name, reason)
+        return c
+
+    async def _retry_later(self, tp: TopicPartition, offset: int) -> None:
+        if self._consumer is None:
+            return
+        self._consumer.seek(tp, offset)
+        n = self._failures[tp] = self._failures.get(tp, 0) + 1
+        delay = min(self.settings.retry_backoff_max_s, 0.1 * 2 ** min(n, 10)) * random.uniform(0.5, 1.0)
+        await asyncio.sleep(delay)
+
+    # -- lanes ---------------------------------------------------------------------------------
+    def _transactional_id(self, tp: TopicPartition) -> str:
+        return f"{self.settings.group_id}.{tp.topic}.{tp.partition}"
+
+    async def _open_lane(self, tp: TopicPartition) -> Lane:
+        s = self.settings
+        tid = self._transactional_id(tp)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap, client_id=f"{s.client_id}-{tid}", transactional_id=tid,
+            enable_idempotence=True, acks="all", transaction_timeout_ms=s.transaction_timeout_ms,
+            linger_ms=s.producer_linger_ms, max_batch_size=s.producer_batch_bytes,
+            max_request_size=max(s.producer_batch_bytes, 1024 * 1024),
+        )
+        await producer.start()
+        # The first producer-id request fences an older producer with this id and settles its
+        # open transaction; an empty begin/abort waits for it without a broker-side transaction.
+        await producer.begin_transaction()
+        await producer.abort_transaction()
+        return Lane(tp, producer, tid)
+
+    async def _close_lane(self, lane: Lane) -> None:
+        if lane.closed:
+            return
+        lane.closed = True
+        await _abort_quietly(lane.producer)
+        try:
+            await lane.producer.stop()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("producer_stop_failed", error=str(exc))
+
+    async def _restart_lane(self, lane: Lane) -> None:
+        await self._close_lane(lane)
+        fresh = await self._open_lane(lane.tp)
+        fresh.next_offset = lane.next_offset
+        self.lanes[lane.tp] = fresh
+
+    # -- rebalance callbacks (called by the consumer's coordinator task) -------------------------
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:  # waits for the batch in flight
+            self._generation += 1
+            if self._closing:
+                return
+            gone = [tp for tp in revoked if tp in self.lanes]
+            if gone:
+                try:
+                    await self.stage.on_revoked(set(gone))
+                finally:
+                    for tp in gone:
+                        await self._close_lane(self.lanes.pop(tp))
+            log.info("partitions_revoked", stage=self.stage.name, partitions=sorted(f"{t.topic}:{t.partition}" for t in gone))
+            self._m_assigned.set(len(self.lanes))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        async with self._lock:
+            self._generation += 1
+            if self._closing or consumer is None:
+                return
+            self._joined = True
+            new = [tp for tp in assigned if tp not in self.lanes or self.lanes[tp].closed]
+            lanes = await asyncio.gather(*(self._open_lane(tp) for tp in new))
+            for lane in lanes:
+                self.lanes[lane.tp] = lane
+            # positions from a fresh offset fetch, now that zombies are fenced
+            if new and consumer is not None:
+                committed = await asyncio.gather(*(consumer.committed(tp) for tp in new))
+                for tp, offset in zip(new, committed, strict=True):
+                    if offset is None:
+                        await consumer.seek_to_beginning(tp)
+                        self.lanes[tp].next_offset = await consumer.position(tp)
+                    else:
+                        consumer.seek(tp, offset)
+                        self.lanes[tp].next_offset = offset
+            for tp in list(self._fenced):
+                if tp in assigned:
+                    consumer.resume(tp)  # type: ignore[union-attr]
+                self._fenced.discard(tp)
+            await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
+            self._generation += 1  # batches fetched before these seeks are stale
+            self._m_assigned.set(len(self.lanes))
+            log.info("partitions_assigned", stage=self.stage.name,
+                     partitions=sorted(f"{t.topic}:{t.partition}" for t in new))
+
+    def _update_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        gauge = metrics().consumer_lag
+        for tp, lane in self.lanes.items():
+            end = consumer.last_stable_offset(tp)
+            if end is not None and lane.next_offset is not None:
+                gauge.labels(self.settings.group_id, tp.topic, str(tp.partition)).set(max(0, end - lane.next_offset))
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, loop: TransactionalLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.loop._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.loop._on_assigned(set(assigned))
+
+
+# --------------------------------------------------------------------------------------------
+# Plain producer for ingest (durable acks, idempotent)
+# --------------------------------------------------------------------------------------------
+
+def durable_producer(bootstrap: str, client_id: str, linger_ms: int = 2) -> AIOKafkaProducer:
+    """acks=all + idempotence: a send that resolves is stored on the broker."""
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, acks="all",
+                            enable_idempotence=True, linger_ms=linger_ms, request_timeout_ms=15_000,
+                            max_batch_size=256 * 1024)
+
+
+__all__ = [
+    "BatchResult", "DLQ_HEADERS", "KafkaError", "Lane", "LoopSettings", "OutRecord", "Reject", "Rejection",
+    "Stage", "TransactionalLoop", "TransformStage", "dead_letter", "durable_producer", "header", "map_records",
+]

@@ -1,0 +1,215 @@
+"""The transactional loop on the real broker: copies, rejects, kill -9, rebalances, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from pipeline.commands.copy import copy_transform
+from pipeline.kafka import DLQ_HEADERS, LoopSettings, TransactionalLoop, TransformStage
+from tests.conftest import REPO, KafkaIO, pipeline_env
+
+pytestmark = pytest.mark.kafka
+
+
+def _settings(bootstrap: str, group: str, src: str, dlq: str, **kw) -> LoopSettings:
+    return LoopSettings(bootstrap=bootstrap, group_id=group, input_topics=(src,), deadletter_topic=dlq,
+                        poll_timeout_ms=100, **kw)
+
+
+async def _run_until(loop: TransactionalLoop, condition, timeout: float = 60.0) -> None:
+    await loop.start()
+    task = asyncio.create_task(loop.run())
+    try:
+        deadline = time.monotonic() + timeout
+        while not await condition():
+            if task.done():
+                task.result()
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            await asyncio.sleep(0.2)
+    finally:
+        loop.request_stop()
+        await task
+        await loop.stop()
+
+
+async def _committed_count(kafka: KafkaIO, topic: str) -> int:
+    return sum((await kafka.end_offsets(topic)).values())
+
+
+async def test_ten_thousand_records_copied_exactly_once(kafka: KafkaIO, topic_prefix: str):
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=6)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    sent = {f"r{i}".encode() for i in range(10_000)}
+    await kafka.produce(src, ((v, v) for v in sorted(sent)))
+    assert sum((await kafka.end_offsets(src)).values()) == 10_000, "the input itself must hold no duplicates"
+
+    loop = TransactionalLoop(_settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq),
+                             TransformStage("copy", copy_transform(dst, None)))
+
+    async def all_copied() -> bool:
+        return loop.stats["out"] >= 10_000
+
+    await _run_until(loop, all_copied, timeout=120)
+    got = await kafka.read_all(dst, expect=10_000, timeout=60)
+    values = Counter(r.value for r in got)
+    assert set(values) == sent
+    assert max(values.values()) == 1, "duplicates in read_committed output"
+    assert len(got) == 10_000
+    assert await kafka.read_all(dlq, timeout=2) == []
+    assert loop.stats["committed"] >= 1 and loop.stats["rejected"] == 0
+
+
+async def test_rejected_records_go_to_deadletter_with_error_headers(kafka: KafkaIO, topic_prefix: str):
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=3)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=3)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    records = [(f"k{i}".encode(), (b"BAD-" if i % 7 == 0 else b"ok-") + str(i).encode()) for i in range(700)]
+    await kafka.produce(src, records, headers=[("trace", b"abc")])
+    bad = {v for _, v in records if v.startswith(b"BAD-")}
+    good = {v for _, v in records if v.startswith(b"ok-")}
+
+    loop = TransactionalLoop(_settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq),
+                             TransformStage("copy", copy_transform(dst, re.compile(rb"^BAD-"))))
+
+    async def done() -> bool:
+        return loop.stats["in"] >= 700
+
+    await _run_until(loop, done)
+    out = await kafka.read_all(dst, expect=len(good))
+    dead = await kafka.read_all(dlq, expect=len(bad))
+    assert {r.value for r in out} == good and len(out) == len(good)
+    assert {r.value for r in dead} == bad and len(dead) == len(bad)
+    for r in dead:
+        h = dict(r.headers)
+        assert set(DLQ_HEADERS) <= set(h), h.keys()
+        assert h["dlq.stage"] == b"copy"
+        assert h["dlq.error.class"] == b"RejectedByPattern"
+        assert h["dlq.source.topic"] == src.encode()
+        assert int(h["dlq.source.offset"]) >= 0 and int(h["dlq.source.partition"]) in range(3)
+        assert h["trace"] == b"abc", "original headers are kept"
+        assert r.key is not None and r.key.startswith(b"k"), "original key is kept"
+
+
+def _start_copy(kafka: KafkaIO, prefix: str, src: str, dst: str, group: str, log) -> subprocess.Popen:
+    env = pipeline_env(kafka.bootstrap, prefix, LOOP_MAX_BATCH="300")
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "copy", src, dst, "--group", group],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka: KafkaIO, topic_prefix: str, tmp_path):
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=4)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=4)
+    await kafka.create_topic(f"{topic_prefix}deadletter")
+    group = f"{topic_prefix}g"
+    total = 24_000
+    sent = [f"m{i:06d}".encode() for i in range(total)]
+    rng = random.Random(int(os.environ.get("KILL_SEED", "7")))
+    log = open(tmp_path / "copy.log", "ab")  # noqa: SIM115
+    kills = 0
+    producer_task = asyncio.create_task(_produce_slowly(kafka, src, sent))
+    proc = _start_copy(kafka, topic_prefix, src, dst, group, log)
+    try:
+        for _ in range(4):
+            # let it copy for a random while (reading committed output grows), then kill -9
+            await asyncio.sleep(rng.uniform(2.5, 5.0))
+            before = await _committed_count(kafka, dst)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            kills += 1
+            assert before < total, "the kill must land mid-stream"
+            proc = _start_copy(kafka, topic_prefix, src, dst, group, log)
+        await producer_task
+        got = await kafka.read_all(dst, expect=total, timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    counts = Counter(r.value for r in got)
+    assert kills == 4
+    assert set(counts) == set(sent), f"missing {len(set(sent) - set(counts))}"
+    dups = {v: c for v, c in counts.items() if c > 1}
+    assert not dups, f"{len(dups)} duplicates, e.g. {list(dups.items())[:3]}"
+    # the killed transactions really left data behind: visible without read_committed isolation
+    uncommitted = await kafka.read_all(dst, isolation="read_uncommitted", expect=total, timeout=30)
+    assert len(uncommitted) >= total
+
+
+async def _produce_slowly(kafka: KafkaIO, topic: str, values: list[bytes]) -> None:
+    for i in range(0, len(values), 2000):
+        chunk = values[i:i + 2000]
+        await kafka.produce(topic, ((v, v) for v in chunk))
+        await asyncio.sleep(0.5)
+
+
+async def test_sigterm_finishes_the_batch_and_leaves_the_group(kafka: KafkaIO, topic_prefix: str, tmp_path):
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=2)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=2)
+    await kafka.create_topic(f"{topic_prefix}deadletter")
+    values = [f"s{i}".encode() for i in range(5000)]
+    await kafka.produce(src, ((v, v) for v in values))
+    group = f"{topic_prefix}g"
+    with open(tmp_path / "copy.log", "ab") as log:
+        proc = _start_copy(kafka, topic_prefix, src, dst, group, log)
+        deadline = time.monotonic() + 60
+        while await _committed_count(kafka, dst) == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        stopped_in = time.monotonic() - started
+    assert rc == 0
+    assert stopped_in < 15
+    # a second member joins at once and copies the rest: the first one left the group
+    with open(tmp_path / "copy2.log", "ab") as log:
+        proc = _start_copy(kafka, topic_prefix, src, dst, group, log)
+        try:
+            got = await kafka.read_all(dst, expect=len(values), timeout=60)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    counts = Counter(r.value for r in got)
+    assert set(counts) == set(values) and max(counts.values()) == 1
+    text = (tmp_path / "copy.log").read_text()
+    assert '"event": "loop_stopped"' in text or '"event":"loop_stopped"' in text
+
+
+async def test_two_members_share_partitions_and_survive_one_killed(kafka: KafkaIO, topic_prefix: str, tmp_path):
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=6)
+    await kafka.create_topic(f"{topic_prefix}deadletter")
+    group = f"{topic_prefix}g"
+    values = [f"p{i:05d}".encode() for i in range(12_000)]
+    producer_task = asyncio.create_task(_produce_slowly(kafka, src, values))
+    logs = [open(tmp_path / f"m{i}.log", "ab") for i in range(2)]  # noqa: SIM115
+    a = _start_copy(kafka, topic_prefix, src, dst, group, logs[0])
+    b = _start_copy(kafka, topic_prefix, src, dst, group, logs[1])
+    try:
+        await asyncio.sleep(4)
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        await producer_task
+        got = await kafka.read_all(dst, expect=len(values), timeout=120)
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        for f in logs:
+            f.close()
+    counts = Counter(r.value for r in got)
+    assert set(counts) == set(values)
+    assert max(counts.values()) == 1
+    log_b = (tmp_path / "m1.log").read_text()
+    assert "partitions_assigned" in log_b
