@@ -87,6 +87,8 @@ class BatchResult:
     rejections: list[Rejection] = field(default_factory=list)
     # Offset of the next record to read once this batch commits; None = after the last record.
     commit_upto: int | None = None
+    # Whatever the stage wants back in ``after_commit`` (e.g. ledger entries to make visible).
+    context: Any = None
 
 
 class Reject(Exception):
@@ -188,6 +190,8 @@ class Stage(Protocol):
     async def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
 
     async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult: ...
+
+    # optional: ``after_commit(lane, result)`` runs once the batch's transaction committed
 
 
 class TransformStage:
@@ -410,6 +414,9 @@ class TransactionalLoop:
 
         self._m_commit.inc()
         self.stats["committed"] += 1
+        after_commit = getattr(self.stage, "after_commit", None)
+        if after_commit is not None:
+            after_commit(lane, result)
         self._failures.pop(tp, None)
         lane.next_offset = upto
         self._m_out.inc(len(result.outputs))

@@ -1,0 +1,320 @@
+"""Pollers and backfills: the source APIs paged into the raw topics.
+
+* ``pipeline poll calls`` — the CloudTalk call history (``GET /calls/index.json`` by date window)
+  every ``calls_poll_interval_seconds``, from the cursor minus an overlap to now minus
+  ``calls_poll_lag_seconds``. It finds calls whose webhook never arrived; calls already ingested
+  get the same event id and are recognised downstream.
+* ``pipeline backfill calls --from T --to T`` — the same for any window, once, with progress.
+
+Cursors live in the compacted ``poller.cursors`` topic (key = poller name), never on local disk.
+Pollers leave ``poller_reserve`` requests of CloudTalk's company-wide window to the sink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.envelope import Envelope, parse_time
+from pipeline.ingest.cloudtalk import cloudtalk_envelope
+from pipeline.kafka import durable_producer
+from pipeline.observability import HealthServer, get_logger, metrics
+from pipeline.schemas import SchemaError
+from pipeline.service import install_stop_handlers, start_logging
+from pipeline.settings import ServiceSettings, env_int
+from pipeline.sink.http import RateWindow, RetryPolicy
+from pipeline.topics import Topics
+
+log = get_logger(__name__)
+
+ACCOUNT = "*"  # envelope integration of account-wide sources
+
+
+# --------------------------------------------------------------------------------------------
+# CDR → canonical call-ended body (pure)
+# --------------------------------------------------------------------------------------------
+
+def _int(value: Any) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _digits(value: Any) -> int | str | None:
+    if value in (None, ""):
+        return None
+    text = str(value).strip()
+    return int(text) if text.isdigit() else text
+
+
+def cdr_to_call_ended(item: dict[str, Any]) -> dict[str, Any] | None:
+    """A call-history record as the canonical call-ended body; None for calls still active."""
+    cdr = item.get("Cdr") or {}
+    if not cdr.get("ended_at"):
+        return None
+    contact = item.get("Contact") or {}
+    agent = item.get("Agent") or {}
+    number = item.get("CallNumber") or {}
+    talking = _int(cdr.get("talking_time"))
+    answered_at = cdr.get("answered_at") or None
+    ratings = item.get("Ratings") or []
+    rating = next((_int(r.get("rating")) for r in ratings if r.get("type") == "agent"),
+                  _int(ratings[0].get("rating")) if ratings else None)
+    recorded = bool(cdr.get("recorded"))
+    link = cdr.get("recording_link")
+    body = {
+        "event": "call.ended",
+        "call_id": int(cdr["id"]),
+        "call_uuid": cdr.get("uuid"),
+        "direction": cdr.get("type") or "incoming",
+        "status": "answered" if answered_at and (talking or 0) > 0 else "missed",
+        "internal_number": _digits(cdr.get("public_internal")) or _digits(number.get("caller_id_e164")),
+        "internal_number_name": number.get("internal_name") or None,
+        "external_number": _digits(cdr.get("public_external")),
+        "contact_id": _int(contact.get("id")),
+        "contact_name": contact.get("name") or None,
+        "agent_id": _int(agent.get("id") or cdr.get("user_id")),
+        "agent_first_name": agent.get("firstname") or None,
+        "agent_last_name": agent.get("lastname") or None,
+        "agent_email": agent.get("email") or None,
+        "started_at": cdr.get("started_at"),
+        "answered_at": answered_at,
+        "ended_at": cdr["ended_at"],
+        "waiting_time": _int(cdr.get("waiting_time")),
+        "talking_time": talking,
+        "wrapup_time": _int(cdr.get("wrapup_time")),
+        "is_voicemail": bool(cdr.get("is_voicemail")),
+        "recording_url": link if recorded and isinstance(link, str) and link else None,
+        "call_tags": [t["name"] for t in item.get("Tags") or [] if t.get("name")],
+        "call_notes": [n.get("name") or n.get("note") for n in item.get("Notes") or [] if n.get("name") or n.get("note")],
+        "rating": rating,
+    }
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# Cursors in Kafka
+# --------------------------------------------------------------------------------------------
+
+class CursorStore:
+    """Latest value per poller name in the compacted cursor topic (one partition)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+
+    async def read(self, name: str) -> dict[str, Any] | None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                                    isolation_level="read_committed", auto_offset_reset="earliest")
+        await consumer.start()
+        latest = None
+        try:
+            tp = TopicPartition(self.topic, 0)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                for r in batch.get(tp, []):
+                    if r.key == name.encode():
+                        latest = orjson.loads(r.value) if r.value else None
+        finally:
+            await consumer.stop()
+        return latest
+
+    async def write(self, producer: AIOKafkaProducer, name: str, value: dict[str, Any]) -> None:
+        await (await producer.send(self.topic, key=name.encode(), value=orjson.dumps(value), partition=0))
+
+
+# --------------------------------------------------------------------------------------------
+# Call history
+# --------------------------------------------------------------------------------------------
+
+def _utc(dt: datetime) -> datetime:
+    return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+class CallHistoryPoller:
+    CURSOR = "cloudtalk.calls"
+
+    def __init__(self, client: Any, producer: AIOKafkaProducer, topics: Topics, cursors: CursorStore,
+                 *, lag_s: int, overlap_s: int = 900, initial_lookback_s: int = 3600) -> None:
+        self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
+        self.lag_s, self.overlap_s, self.initial_lookback_s = lag_s, overlap_s, initial_lookback_s
+        self._pages = metrics().poller_pages.labels("calls")
+        self._events = metrics().events_in
+
+    async def publish_window(self, date_from: datetime, date_to: datetime, via: str,
+                             progress: bool = False) -> dict[str, int]:
+        """Every finished call started in [date_from, date_to] into the raw calls topic."""
+        counts = {"pages": 0, "calls": 0, "published": 0, "active": 0, "invalid": 0}
+        async for page in self.client.iter_calls(date_from=_utc(date_from).replace(tzinfo=None),
+                                                 date_to=_utc(date_to).replace(tzinfo=None)):
+            counts["pages"] += 1
+            self._pages.inc()
+            futures = []
+            for item in page.get("data") or []:
+                counts["calls"] += 1
+                body = cdr_to_call_ended(item)
+                if body is None:
+                    counts["active"] += 1
+                    continue
+                try:
+                    env: Envelope = cloudtalk_envelope(body, ACCOUNT, via)
+                except SchemaError as exc:
+                    counts["invalid"] += 1
+                    log.warning("call_record_invalid", call_id=body.get("call_id"), error=str(exc))
+                    continue
+                futures.append(await self.producer.send(self.topics.raw_calls, key=env.id.encode(),
+                                                        value=env.to_json(),
+                                                        headers=[("event_id", env.id.encode()),
+                                                                 ("type", b"call.ended")]))
+                self._events.labels("cloudtalk", "call.ended", via).inc()
+            await asyncio.gather(*futures)
+            counts["published"] += len(futures)
+            if progress:
+                print(f"  page {counts['pages']}/{page.get('pageCount', '?')}: {counts['published']} calls published",
+                      file=sys.stderr, flush=True)
+        return counts
+
+    async def poll_once(self, now: datetime | None = None) -> dict[str, Any]:
+        now = _utc(now or datetime.now(UTC))
+        cursor = await self.cursors.read(self.CURSOR)
+        if cursor and cursor.get("date_to"):
+            date_from = parse_time(cursor["date_to"]) - timedelta(seconds=self.overlap_s)
+        else:
+            date_from = now - timedelta(seconds=self.initial_lookback_s)
+        date_to = now - timedelta(seconds=self.lag_s)
+        if date_to <= date_from:
+            return {"skipped": "window empty"}
+        counts = await self.publish_window(date_from, date_to, "poller")
+        await self.cursors.write(self.producer, self.CURSOR,
+                                 {"date_to": date_to.isoformat(), "polled_at": now.isoformat(), **counts})
+        log.info("calls_polled", date_from=date_from.isoformat(), date_to=date_to.isoformat(), **counts)
+        return {"date_from": date_from.isoformat(), "date_to": date_to.isoformat(), **counts}
+
+
+def cloudtalk_poller_client(session: aiohttp.ClientSession, config: PipelineConfig) -> Any:
+    from pipeline.clients.cloudtalk import CloudTalkClient
+
+    ct = config.cloudtalk
+    window = RateWindow(reserve=ct.poller_reserve, fallback_per_minute=ct.rate_limit_per_minute)
+    return CloudTalkClient.from_credentials(session, ct.base_url, ct.key_id.value(), ct.key_secret.value(),
+                                            window=window, policy=RetryPolicy(deadline_s=300.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("poll", help="run a poller: calls (CloudTalk call history)")
+    p.add_argument("source", choices=["calls"])
+    p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
+    p.add_argument("--once", action="store_true", help="poll one window and exit")
+    p.set_defaults(func=run_poll)
+
+
+def register_backfill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("backfill", help="publish a time window of a source API into its raw topic")
+    p.add_argument("source", choices=["calls"])
+    p.add_argument("--from", dest="date_from", required=True, help="start, ISO-8601 (UTC when no offset)")
+    p.add_argument("--to", dest="date_to", required=True, help="end, ISO-8601 (inclusive)")
+    p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
+    p.set_defaults(func=run_backfill)
+
+
+def _window(args: argparse.Namespace) -> tuple[datetime, datetime]:
+    from pipeline.settings import SettingsError
+    try:
+        start, end = parse_time(args.date_from), parse_time(args.date_to)
+    except ValueError as exc:
+        raise SettingsError(f"--from/--to: not an ISO-8601 time ({exc})") from None
+    if end <= start:
+        raise SettingsError(f"--to ({end.isoformat()}) must be after --from ({start.isoformat()})")
+    return start, end
+
+
+def run_backfill(args: argparse.Namespace) -> int:
+    start, end = _window(args)
+    settings = ServiceSettings.from_env()
+    start_logging("backfill", settings)
+    config = load_config(args.config or settings.config_path)
+    topics = Topics(settings.kafka.topic_prefix)
+
+    async def main() -> dict[str, int]:
+        async with aiohttp.ClientSession() as session:
+            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-backfill")
+            await producer.start()
+            try:
+                poller = CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics,
+                                           CursorStore(settings.kafka.bootstrap, topics.cursors), lag_s=0)
+                print(f"backfill calls {start.isoformat()} .. {end.isoformat()}", file=sys.stderr, flush=True)
+                return await poller.publish_window(start, end, "backfill", progress=True)
+            finally:
+                await producer.stop()
+
+    counts = asyncio.run(main())
+    print(orjson.dumps(counts).decode())
+    return 0
+
+
+def run_poll(args: argparse.Namespace) -> int:
+    import os
+
+    settings = ServiceSettings.from_env()
+    start_logging("poll-calls", settings)
+    config = load_config(args.config or settings.config_path)
+    topics = Topics(settings.kafka.topic_prefix)
+    interval = config.cloudtalk.calls_poll_interval_seconds
+    lookback = env_int(os.environ, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600, minimum=0)
+    overlap = env_int(os.environ, "CALLS_POLL_OVERLAP_S", 900, minimum=0)
+
+    async def main() -> None:
+        last_ok = {"at": 0.0}
+
+        async def ready() -> tuple[bool, dict[str, Any]]:
+            fresh = time.monotonic() - last_ok["at"] < interval * 3 + 60
+            return fresh, {"last_poll_age_s": round(time.monotonic() - last_ok["at"], 1)}
+
+        health = HealthServer(settings.metrics_host, settings.metrics_port, ready)
+        await health.start()
+        stop = asyncio.Event()
+        install_stop_handlers(stop.set)
+        async with aiohttp.ClientSession() as session:
+            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-poll-calls")
+            await producer.start()
+            poller = CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics,
+                                       CursorStore(settings.kafka.bootstrap, topics.cursors),
+                                       lag_s=config.cloudtalk.calls_poll_lag_seconds, overlap_s=overlap,
+                                       initial_lookback_s=lookback)
+            try:
+                while not stop.is_set():
+                    try:
+                        await poller.poll_once()
+                        last_ok["at"] = time.monotonic()
+                    except Exception as exc:  # noqa: BLE001 - the next poll tries again
+                        log.error("poll_failed", error=f"{type(exc).__name__}: {exc}")
+                    if args.once:
+                        break
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=interval)
+                    except TimeoutError:
+                        pass
+            finally:
+                await producer.stop()
+                await health.stop()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,153 @@
+"""CloudTalk call ended → Kustomer conversation + note (reference 1.2, 1.4 rules 6–9, 1.7).
+
+For every integration, in this order (the first rule that drops names the audit record):
+
+1. the integration is Active;
+2. internal calls are never exported;
+3. the CloudTalk number is one of the integration's connected numbers (empty list = all);
+4. the call type is exported (incoming answered / incoming missed / voicemail / outgoing answered /
+   outgoing unanswered);
+5. a number that belongs to no CloudTalk contact is logged only when "create customers for
+   unknown numbers" is on.
+
+Otherwise a ``kustomer.log_conversation`` command: find or create the customer by the external
+number, create a conversation (name, open/done status of the call type, direction, externalId
+``cloudtalk-call-{id}``) and add the call note.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import Integration, PipelineConfig
+from pipeline.envelope import Envelope, command_id
+from pipeline.kafka import Reject
+from pipeline.process import notes
+from pipeline.process.decisions import (
+    RULE_CALL_TYPE_DISABLED,
+    RULE_INACTIVE,
+    RULE_INTERNAL_CALL,
+    RULE_NOT_CONNECTED,
+    RULE_UNKNOWN_NUMBER,
+    Command,
+    Decision,
+    Dropped,
+)
+from pipeline.process.phones import normalize_e164
+
+CONVERSATION_NAMES = {
+    "incoming_answered": "Incoming call from {number}",
+    "incoming_missed": "Missed call from {number}",
+    "voicemail": "Voicemail from {number}",
+    "outgoing_answered": "Outgoing call to {number}",
+    "outgoing_unanswered": "Unanswered call to {number}",
+}
+STATUS_LABELS = {"incoming_answered": "Answered", "incoming_missed": "Missed", "voicemail": "Missed (voicemail)",
+                 "outgoing_answered": "Answered", "outgoing_unanswered": "Not answered"}
+
+
+def is_answered(payload: dict[str, Any]) -> bool:
+    status = payload.get("status")
+    if status in ("answered", "missed"):
+        return status == "answered"
+    # no explicit status: answered when it was picked up and someone talked ([ASSUMPTION] reference 3.5)
+    return bool(payload.get("answered_at")) and (payload.get("talking_time") or 0) > 0
+
+
+def call_type(payload: dict[str, Any]) -> str | None:
+    """The workflow-settings call type; None for internal calls."""
+    direction = payload["direction"]
+    if direction == "internal":
+        return None
+    answered = is_answered(payload)
+    if direction == "incoming":
+        if answered:
+            return "incoming_answered"
+        return "voicemail" if payload.get("is_voicemail") else "incoming_missed"
+    return "outgoing_answered" if answered else "outgoing_unanswered"
+
+
+def note_values(payload: dict[str, Any], external: str, internal: str | None, ctype: str) -> dict[str, Any]:
+    first, last = payload.get("agent_first_name") or "", payload.get("agent_last_name") or ""
+    agent_name = f"{first} {last}".strip() or None
+    email = payload.get("agent_email") or None
+    agent = f"{agent_name} <{email}>" if agent_name and email else (agent_name or email)
+    number_name = payload.get("internal_number_name") or None
+    cloudtalk_number = f"{number_name} ({internal})" if number_name and internal else (internal or number_name)
+    duration = notes.seconds_between(payload.get("started_at"), payload.get("ended_at"))
+    tags = payload.get("call_tags") or []
+    call_notes = payload.get("call_notes") or []
+    return {
+        "call_id": payload["call_id"],
+        "call_uuid": payload.get("call_uuid"),
+        "call_type": ctype,
+        "direction": "Incoming" if payload["direction"] == "incoming" else "Outgoing",
+        "status": STATUS_LABELS[ctype],
+        "started": notes.human_time(payload.get("started_at")),
+        "answered": notes.human_time(payload.get("answered_at")),
+        "ended": notes.human_time(payload.get("ended_at")),
+        "duration": duration,
+        "talking_time": payload.get("talking_time"),
+        "waiting_time": payload.get("waiting_time"),
+        "wrapup_time": payload.get("wrapup_time"),
+        "agent": agent,
+        "agent_name": agent_name,
+        "agent_email": email,
+        "cloudtalk_number": cloudtalk_number,
+        "cloudtalk_number_name": number_name,
+        "customer_number": external,
+        "tags": ", ".join(tags) or None,
+        "notes": "; ".join(call_notes) or None,
+        "rating": payload.get("rating"),
+        "recording": payload.get("recording_url") or None,
+        "contact_id": payload.get("contact_id"),
+    }
+
+
+def decide(env: Envelope, integration: Integration, external: str | None, internal: str | None) -> Decision:
+    payload = env.payload
+    if not integration.active:
+        return Dropped(integration.name, RULE_INACTIVE)
+    ctype = call_type(payload)
+    if ctype is None or external is None:
+        return Dropped(integration.name, RULE_INTERNAL_CALL)
+    settings = integration.calls
+    if internal is None or not settings.number_connected(internal):
+        return Dropped(integration.name, RULE_NOT_CONNECTED, f"CloudTalk number {internal} is not connected")
+    type_setting = settings.types[ctype]
+    if not type_setting.export:
+        return Dropped(integration.name, RULE_CALL_TYPE_DISABLED, ctype)
+    known = payload.get("contact_id") is not None
+    if not known and not settings.create_customers_for_unknown_numbers:
+        return Dropped(integration.name, RULE_UNKNOWN_NUMBER, "no CloudTalk contact has this number")
+    call_id = payload["call_id"]
+    values = note_values(payload, external, internal, ctype)
+    body = notes.render(settings.note_template or notes.DEFAULT_CALL_TEMPLATE, values, notes.CALL_MARKER)
+    cid = command_id(integration.name, env.id)
+    return Command(integration.name, cid, f"{integration.name}|{external}", {
+        "command_id": cid,
+        "type": "kustomer.log_conversation",
+        "integration": integration.name,
+        "event_id": env.id,
+        "occurred_at": env.occurred_at,
+        "flow": "call",
+        "customer": {"phone": external, "name": payload.get("contact_name"), "create": True},
+        "conversation": {
+            "name": CONVERSATION_NAMES[ctype].format(number=external),
+            "status": type_setting.status,
+            "direction": "in" if payload["direction"] == "incoming" else "out",
+            "externalId": f"cloudtalk-call-{call_id}",
+        },
+        "note": {"body": body[:10240], "marker": notes.CALL_MARKER.format(call_id=call_id)},
+    })
+
+
+def process_call(env: Envelope, config: PipelineConfig) -> list[Decision]:
+    """Evaluate one call for every integration."""
+    payload = env.payload
+    external = normalize_e164(payload.get("external_number"))
+    internal = normalize_e164(payload.get("internal_number"))
+    if payload["direction"] != "internal" and external is None:
+        raise Reject("InvalidPhoneNumber",
+                     f"payload.external_number: {payload.get('external_number')!r} is not a possible phone number")
+    return [decide(env, integration, external, internal) for integration in config.integrations]

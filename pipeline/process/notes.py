@@ -1,0 +1,112 @@
+"""Note bodies for calls and SMS from line templates.
+
+A template is a list of lines with ``{placeholders}``; a line is left out when any placeholder
+in it has no value, so empty items never show. The first line of every note is the marker
+(``CloudTalk call 1002409191`` / ``CloudTalk SMS 88231977``) that identifies the source event; a
+custom template without it gets it prepended. Defaults follow the reference (1.7 and 1.8).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipeline.envelope import parse_time
+
+CALL_MARKER = "CloudTalk call {call_id}"
+SMS_MARKER = "CloudTalk SMS {sms_id}"
+
+DEFAULT_CALL_TEMPLATE: tuple[str, ...] = (
+    CALL_MARKER,
+    "Direction: {direction}",
+    "Status: {status}",
+    "Started: {started}",
+    "Answered: {answered}",
+    "Ended: {ended}",
+    "Duration: {duration} s",
+    "Talking time: {talking_time} s",
+    "Waiting time: {waiting_time} s",
+    "Wrap-up time: {wrapup_time} s",
+    "Agent: {agent}",
+    "CloudTalk number: {cloudtalk_number}",
+    "Customer number: {customer_number}",
+    "Tags: {tags}",
+    "Notes: {notes}",
+    "Rating: {rating}/5",
+    "Recording: {recording}",
+)
+
+DEFAULT_SMS_TEMPLATE: tuple[str, ...] = (
+    SMS_MARKER,
+    "Direction: {direction}",
+    "From: {sender}",
+    "To: {recipient}",
+    "CloudTalk number: {cloudtalk_number}",
+    "Agent: {agent}",
+    "Date: {sent}",
+    "Message:",
+    "{text}",
+)
+
+CALL_FIELDS = frozenset({"call_id", "call_uuid", "direction", "status", "call_type", "started", "answered", "ended",
+                         "duration", "talking_time", "waiting_time", "wrapup_time", "agent", "agent_name",
+                         "agent_email", "cloudtalk_number", "cloudtalk_number_name", "customer_number", "tags",
+                         "notes", "rating", "recording", "contact_id"})
+SMS_FIELDS = frozenset({"sms_id", "direction", "sender", "recipient", "cloudtalk_number", "customer_number", "agent",
+                        "sent", "text", "contact_id"})
+
+_FORMATTER = string.Formatter()
+
+
+def placeholders(line: str) -> list[str]:
+    return [name for _, name, _, _ in _FORMATTER.parse(line) if name is not None]
+
+
+def template_fields_problems(lines: Sequence[str], flow: str) -> list[str]:
+    """Problems of a custom template, each as ``[i]: message`` (for config errors)."""
+    allowed = CALL_FIELDS if flow == "calls" else SMS_FIELDS
+    problems = []
+    for i, line in enumerate(lines):
+        try:
+            names = placeholders(line)
+        except ValueError as exc:
+            problems.append(f"[{i}]: {exc} (rule: template)")
+            continue
+        for name in names:
+            if name not in allowed:
+                problems.append(f"[{i}]: unknown placeholder {{{name}}}; known: {', '.join(sorted(allowed))} "
+                                "(rule: template)")
+    return problems
+
+
+def render(template: Sequence[str], values: Mapping[str, Any], marker: str) -> str:
+    lines = list(template)
+    if marker not in lines:
+        lines.insert(0, marker)
+    out = []
+    for line in lines:
+        names = placeholders(line)
+        if any(values.get(n) in (None, "", []) for n in names):
+            continue
+        out.append(line.format_map(values))
+    return "\n".join(out)
+
+
+def human_time(value: str | None) -> str | None:
+    """``2026-03-02T09:14:05.000Z`` → ``2026-03-02 09:14:05 UTC``."""
+    if not value:
+        return None
+    try:
+        return parse_time(value).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:
+        return value
+
+
+def seconds_between(start: str | None, end: str | None) -> int | None:
+    if not start or not end:
+        return None
+    try:
+        return max(0, int((parse_time(end) - parse_time(start)).total_seconds()))
+    except ValueError:
+        return None

@@ -1,0 +1,121 @@
+"""The processors as services: a pure decide function inside the transactional loop.
+
+``decide(envelope, config) -> [Command | Dropped]`` is pure; :func:`decisions_transform` turns
+it into a batch transform: each record is decoded and validated (a bad record is rejected to the
+dead-letter topic), each command goes to its command topic keyed by its lane, and every
+decision — emitted or dropped, with its rule — leaves an audit record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+from aiokafka.structs import ConsumerRecord
+
+from pipeline.audit import audit_record
+from pipeline.config import PipelineConfig, load_config
+from pipeline.envelope import Envelope
+from pipeline.kafka import (
+    LoopSettings,
+    OutRecord,
+    Reject,
+    TransactionalLoop,
+    Transform,
+    TransformStage,
+    map_records,
+)
+from pipeline.observability import metrics
+from pipeline.process.calls import process_call
+from pipeline.process.decisions import Command, Decision
+from pipeline.process.sms import process_sms
+from pipeline.schemas import SchemaError
+from pipeline.service import run_loop_service, start_logging
+from pipeline.settings import ServiceSettings, env_int
+from pipeline.topics import Topics
+
+Decide = Callable[[Envelope, PipelineConfig], list[Decision]]
+
+
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    input_base: str  # attribute of Topics
+    output_base: str
+    decide: Decide
+    target: str
+
+
+FLOWS: dict[str, Flow] = {
+    "calls": Flow("calls", "raw_calls", "kustomer_commands", process_call, "kustomer"),
+    "sms": Flow("sms", "raw_sms", "kustomer_commands", process_sms, "kustomer"),
+}
+
+
+def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> Transform:
+    stage = f"process-{flow.name}"
+    output = getattr(topics, flow.output_base)
+    audit = topics.audit
+    m = metrics()
+    filtered = {}
+    emitted = {}
+
+    def one(record: ConsumerRecord) -> list[OutRecord]:
+        try:
+            env = Envelope.from_json(record.value)
+        except SchemaError as exc:
+            raise Reject("SchemaError", str(exc)) from None
+        out: list[OutRecord] = []
+        for decision in flow.decide(env, config):
+            if isinstance(decision, Command):
+                body = orjson.dumps(decision.body)
+                out.append(OutRecord(output, body, decision.key.encode(), (
+                    ("command_id", decision.command_id.encode()), ("event_id", env.id.encode()),
+                    ("type", decision.body["type"].encode()))))
+                out.append(audit_record(audit, event_id=env.id, integration=decision.integration, stage=stage,
+                                        decision="emitted", command_id=decision.command_id))
+                c = emitted.get(decision.body["type"])
+                if c is None:
+                    c = emitted[decision.body["type"]] = m.commands_out.labels(flow.target, decision.body["type"])
+                c.inc()
+            else:
+                out.append(audit_record(audit, event_id=env.id, integration=decision.integration, stage=stage,
+                                        decision="dropped", rule=decision.rule, detail=decision.detail or None))
+                key = (decision.integration, decision.rule)
+                c = filtered.get(key)
+                if c is None:
+                    c = filtered[key] = m.events_filtered.labels(*key)
+                c.inc()
+        return out
+
+    return map_records(one)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("process", help="run a processor (stateless, transactional, scales by replicas)")
+    p.add_argument("flow", choices=sorted(FLOWS), help="which raw events to process")
+    p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ServiceSettings.from_env()
+    start_logging(f"process-{args.flow}", settings)
+    config = load_config(args.config or settings.config_path)
+    flow = FLOWS[args.flow]
+    topics = Topics(settings.kafka.topic_prefix)
+    import os
+    loop = TransactionalLoop(
+        LoopSettings(bootstrap=settings.kafka.bootstrap, group_id=f"{settings.kafka.topic_prefix}process-{flow.name}",
+                     input_topics=(getattr(topics, flow.input_base),), deadletter_topic=topics.deadletter,
+                     client_id=settings.kafka.client_id, max_batch=settings.kafka.max_batch,
+                     poll_timeout_ms=settings.kafka.poll_timeout_ms,
+                     transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
+                     session_timeout_ms=env_int(os.environ, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000)),
+        TransformStage(f"process-{flow.name}", decisions_transform(flow, config, topics)),
+    )
+    asyncio.run(run_loop_service(f"process-{flow.name}", loop, settings))
+    return 0

@@ -1,0 +1,197 @@
+"""The sink contract and the stage that runs it with exactly-once bookkeeping.
+
+A target implements :class:`Effects`: ``perform(command, prior)`` makes the command's effects
+exist at the target and returns :class:`Done` with the ids it wrote. ``prior`` is the ledger
+entry when the command was started before (a crash between an HTTP call and the commit): the
+effects must then be *reconciled* — looked up before anything is written again.
+
+:class:`SinkStage` runs inside the transactional loop. For one batch of one command partition:
+
+1. decode and schema-check each command (bad ones → dead letter);
+2. skip commands the ledger knows as done (redeliveries, replays, backfills) or failed (unless
+   replayed from the dead-letter topic), and duplicates inside the batch;
+3. commit ``started`` ledger entries for the commands about to run, in a transaction of their
+   own, *before* any HTTP effect — so a crash later is always detectable;
+4. perform the effects: in order within a lane (the command key: one customer number, one
+   integration), lanes concurrently;
+5. hand back to the loop: ``done``/``failed`` ledger entries, audit records and dead letters,
+   committed with the offsets in one transaction. A command that could not finish (the target
+   kept failing past the retry deadline) stops the offsets there; done work after it is in the
+   ledger and is skipped when the rest is fetched again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from pipeline.audit import audit_record
+from pipeline.envelope import parse_time
+from pipeline.kafka import BatchResult, Lane, OutRecord, Rejection, header
+from pipeline.observability import get_logger, metrics
+from pipeline.schemas import SchemaError, validate
+from pipeline.sink.http import RejectedError
+from pipeline.sink.ledger import DONE, FAILED, STARTED, Ledger, LedgerEntry
+
+log = get_logger(__name__)
+
+REPLAYED_HEADER = "dlq.replayed"
+
+
+@dataclass(slots=True)
+class Done:
+    steps: dict[str, Any]
+    outcome: str = "created"  # created | reconciled | updated | skipped:<reason>
+    index: dict[str, Any] = field(default_factory=dict)
+
+
+class Effects(Protocol):
+    target: str
+    command_schemas: Mapping[str, str]  # command type -> schema name
+
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done: ...
+
+
+@dataclass(slots=True)
+class _Planned:
+    record: ConsumerRecord
+    command: dict[str, Any]
+    prior: LedgerEntry | None
+    attempt: int
+
+
+class SinkStage:
+    def __init__(self, name: str, effects: Effects, ledger: Ledger, audit_topic: str, concurrency: int = 16) -> None:
+        self.name, self.effects, self.ledger, self.audit_topic = name, effects, ledger, audit_topic
+        self.concurrency = concurrency
+        self.stats = {"done": 0, "skipped_duplicate": 0, "failed": 0, "unfinished": 0, "reconciled": 0}
+        m = metrics()
+        self._commands = m.commands
+        self._e2e = m.end_to_end_seconds
+
+    async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None:
+        await self.ledger.load(sorted(tp.partition for tp in lanes))
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        self.ledger.drop({tp.partition for tp in partitions})
+
+    def after_commit(self, lane: Lane, result: BatchResult) -> None:
+        if result.context:
+            self.ledger.apply(lane.tp.partition, result.context)
+
+    async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
+        partition = lane.tp.partition
+        rejections: list[Rejection] = []
+        planned: list[_Planned] = []
+        seen: set[str] = set()
+
+        # 1–2. decode, check, skip what the ledger already knows
+        for record in records:
+            try:
+                command = orjson.loads(record.value or b"")
+                schema = self.effects.command_schemas.get(command.get("type")) if isinstance(command, dict) else None
+                if schema is None:
+                    raise SchemaError(f"type: unknown command type {command.get('type') if isinstance(command, dict) else None!r}",
+                                      "type", "enum")
+                validate(schema, command)
+            except (orjson.JSONDecodeError, SchemaError) as exc:
+                rejections.append(Rejection(record, "SchemaError", str(exc)))
+                continue
+            cid = command["command_id"]
+            if cid in seen:
+                self.stats["skipped_duplicate"] += 1
+                continue
+            seen.add(cid)
+            prior = self.ledger.get(partition, cid)
+            if prior is not None and (prior.state == DONE or
+                                      (prior.state == FAILED and header(record, REPLAYED_HEADER) is None)):
+                self.stats["skipped_duplicate"] += 1
+                self._commands.labels(self.effects.target, command["type"], "duplicate").inc()
+                continue
+            attempt = prior.attempt + (0 if prior.state == STARTED else 1) if prior else 1
+            planned.append(_Planned(record, command, prior, attempt))
+
+        # 3. durable intents before any effect
+        intents = [LedgerEntry(p.command["command_id"], STARTED, attempt=p.attempt,
+                               steps=dict(p.prior.steps) if p.prior else {})
+                   for p in planned if p.prior is None or p.prior.state != STARTED]
+        if intents:
+            await lane.publish([self.ledger.record(partition, e) for e in intents])
+            self.ledger.apply(partition, intents)
+
+        # 4. effects: ordered per lane, lanes concurrently
+        results: dict[int, Done | Exception] = {}
+        lanes: dict[bytes | None, list[int]] = {}
+        for i, p in enumerate(planned):
+            lanes.setdefault(p.record.key, []).append(i)
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def run_lane(indexes: list[int]) -> None:
+            async with slots:
+                for i in indexes:
+                    p = planned[i]
+                    try:
+                        results[i] = await self.effects.perform(p.command, p.prior)  # the entry from before this batch
+                    except RejectedError as exc:
+                        results[i] = exc
+                    except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
+                        results[i] = exc
+                        log.warning("command_unfinished", command_id=p.command["command_id"],
+                                    error=f"{type(exc).__name__}: {exc}")
+                        return  # later commands of this lane wait for it
+
+        await asyncio.gather(*(run_lane(ix) for ix in lanes.values()))
+
+        # 5. ledger entries, audit, dead letters; offsets stop at the first unfinished command
+        outputs: list[OutRecord] = []
+        entries: list[LedgerEntry] = []
+        first_unfinished: int | None = None
+        now = time.time()
+        for i, p in enumerate(planned):
+            cid, ctype = p.command["command_id"], p.command["type"]
+            result = results.get(i)
+            event_id, integration = p.command.get("event_id", cid), p.command.get("integration", "")
+            if isinstance(result, Done):
+                entry = LedgerEntry(cid, DONE, attempt=p.attempt, steps=result.steps, outcome=result.outcome,
+                                    index=result.index)
+                self.stats["done"] += 1
+                if result.outcome == "reconciled":
+                    self.stats["reconciled"] += 1
+                self._commands.labels(self.effects.target, ctype, result.outcome.split(":")[0]).inc()
+                outputs.append(audit_record(self.audit_topic, event_id=event_id, integration=integration,
+                                            stage=self.name, decision="skipped" if result.outcome.startswith("skipped")
+                                            else "done", rule=result.outcome, command_id=cid,
+                                            detail=orjson.dumps(result.steps).decode()))
+                try:
+                    flow = p.command.get("flow") or ctype
+                    self._e2e.labels(flow).observe(max(0.0, now - parse_time(p.command["occurred_at"]).timestamp()))
+                except (KeyError, ValueError):
+                    pass
+            elif isinstance(result, RejectedError):
+                entry = LedgerEntry(cid, FAILED, attempt=p.attempt, steps=dict(p.prior.steps) if p.prior else {},
+                                    outcome=f"rejected:{result.status}")
+                self.stats["failed"] += 1
+                self._commands.labels(self.effects.target, ctype, "rejected").inc()
+                rejections.append(Rejection(p.record, "TargetRejected", str(result)))
+                outputs.append(audit_record(self.audit_topic, event_id=event_id, integration=integration,
+                                            stage=self.name, decision="dead_lettered", rule=f"http_{result.status}",
+                                            detail=str(result)[:500], command_id=cid))
+            else:
+                self.stats["unfinished"] += 1
+                if first_unfinished is None or p.record.offset < first_unfinished:
+                    first_unfinished = p.record.offset
+                continue
+            entries.append(entry)
+            outputs.append(self.ledger.record(partition, entry))
+        if first_unfinished is not None:
+            # records at or after the stop are fetched again: reject them then, not twice
+            rejections = [r for r in rejections if r.record.offset < first_unfinished
+                          or r.error_class == "TargetRejected"]
+        return BatchResult(outputs=outputs, rejections=rejections, commit_upto=first_unfinished, context=entries)

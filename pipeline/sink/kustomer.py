@@ -1,0 +1,125 @@
+"""Kustomer effects: conversations with their notes, and customers (export).
+
+``kustomer.log_conversation`` (calls and SMS):
+
+1. customer — the ledger's id, else ``GET /v1/customers/phone={phone}``, else create it (when
+   the command allows); a 409 (someone else created it meanwhile) is resolved by the lookup.
+   Commands for one number share a lane, so several events for a new number create it once.
+2. conversation — externalId ``cloudtalk-call-{id}`` / ``cloudtalk-sms-{id}``. When the command
+   was started before, the customer's conversations are searched for that externalId first.
+3. note — the marker line (``CloudTalk call {id}``) identifies it; when the conversation was
+   found rather than created, its notes are searched for the marker first.
+
+Creates of conversations and notes are paced to Kustomer's 120 per minute per customer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.clients.kustomer import ConflictError, KustomerClient
+from pipeline.sink.base import Done
+from pipeline.sink.http import KeyedLimiter, RejectedError
+from pipeline.sink.ledger import LedgerEntry
+
+
+class KustomerEffects:
+    target = "kustomer"
+    command_schemas: Mapping[str, str] = {
+        "kustomer.log_conversation": "command.kustomer.log_conversation",
+        "kustomer.upsert_customer": "command.kustomer.upsert_customer",
+    }
+
+    def __init__(self, clients: Mapping[str, KustomerClient], per_customer_per_minute: int = 120) -> None:
+        self.clients = clients
+        self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
+        self.note_limit = KeyedLimiter(per_customer_per_minute, 60.0)
+
+    def client(self, command: dict[str, Any]) -> KustomerClient:
+        client = self.clients.get(command["integration"])
+        if client is None:
+            raise RejectedError("kustomer", command["type"], None,
+                                f"integration {command['integration']!r} is not configured in this sink")
+        return client
+
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done:
+        if command["type"] == "kustomer.log_conversation":
+            return await self.log_conversation(command, prior)
+        from pipeline.sink.contacts import export_customer  # the contacts flow's effect
+        return await export_customer(self.client(command), command, prior)
+
+    # -- calls and SMS -------------------------------------------------------------------------
+    async def log_conversation(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done:
+        client = self.client(command)
+        steps: dict[str, Any] = dict(prior.steps) if prior else {}
+        reconcile = prior is not None
+        outcome = "created"
+        integration = command["integration"]
+
+        # 1. customer
+        customer_id = steps.get("customer_id")
+        if not customer_id:
+            wanted = command["customer"]
+            found = await client.find_customer_by_phone(wanted["phone"])
+            if found is not None:
+                customer_id = found["id"]
+            elif wanted["create"]:
+                attributes = {"name": wanted.get("name") or wanted["phone"],
+                              "phones": [{"type": "mobile", "phone": wanted["phone"]}]}
+                try:
+                    customer_id = (await client.create_customer(attributes))["id"]
+                    steps["customer_created"] = True
+                except ConflictError:
+                    found = await client.find_customer_by_phone(wanted["phone"])
+                    if found is None:
+                        raise
+                    customer_id = found["id"]
+            else:
+                return Done(steps, "skipped:customer_not_found")
+            steps["customer_id"] = customer_id
+
+        # 2. conversation
+        conv = command["conversation"]
+        conversation_id = steps.get("conversation_id")
+        found_existing = False
+        if not conversation_id and reconcile:
+            conversation_id = await self._find_conversation(client, customer_id, conv["externalId"])
+            found_existing = conversation_id is not None
+        if not conversation_id:
+            await self.conversation_limit.acquire(f"{integration}|{customer_id}")
+            created = await client.create_conversation({
+                "customer": customer_id, "name": conv["name"], "status": conv["status"],
+                "direction": conv["direction"], "externalId": conv["externalId"]})
+            conversation_id = created["id"]
+        steps["conversation_id"] = conversation_id
+
+        # 3. note
+        note = command["note"]
+        note_id = steps.get("note_id")
+        if not note_id and found_existing:
+            note_id = await self._find_note(client, conversation_id, note["marker"])
+        if found_existing:
+            outcome = "reconciled"
+        if not note_id:
+            await self.note_limit.acquire(f"{integration}|{customer_id}")
+            note_id = (await client.create_note(conversation_id, note["body"]))["id"]
+        steps["note_id"] = note_id
+        return Done(steps, outcome)
+
+    @staticmethod
+    async def _find_conversation(client: KustomerClient, customer_id: str, external_id: str) -> str | None:
+        async for page in client.iter_customer_conversations(customer_id):
+            for conversation in page:
+                if (conversation.get("attributes") or {}).get("externalId") == external_id:
+                    return conversation["id"]
+        return None
+
+    @staticmethod
+    async def _find_note(client: KustomerClient, conversation_id: str, marker: str) -> str | None:
+        async for page in client.iter_conversation_notes(conversation_id):
+            for note in page:
+                body = (note.get("attributes") or {}).get("body") or ""
+                if body.split("\n", 1)[0] == marker:
+                    return note["id"]
+        return None

@@ -1,0 +1,128 @@
+"""The sinks' exactly-once bookkeeping: a compacted topic keyed by command id.
+
+The ledger topic has as many partitions as its command topic and an entry for a command lives in
+the same partition number as the command (co-partitioning), so a sink that owns command
+partition *p* owns ledger partition *p* and loads only that on assignment.
+
+States of a :class:`LedgerEntry`:
+
+* ``started`` — written (and committed) *before* any HTTP effect of the command; if a sink finds
+  this state on assignment, the command may be half done and is reconciled against the target
+  before anything is written again;
+* ``done`` — every effect exists; ``steps`` holds the ids written (customer, conversation, note,
+  contact); a redelivery, replay or backfill of the command is skipped;
+* ``failed`` — the target refused it for good (4xx); the command went to the dead-letter topic.
+  Only a command replayed from the dead-letter topic is tried again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from pipeline.envelope import utc_now_iso
+from pipeline.kafka import OutRecord
+from pipeline.observability import get_logger, metrics
+
+log = get_logger(__name__)
+
+STARTED, DONE, FAILED = "started", "done", "failed"
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    command_id: str
+    state: str
+    at: str = field(default_factory=utc_now_iso)
+    attempt: int = 1
+    steps: dict[str, Any] = field(default_factory=dict)
+    outcome: str | None = None
+    index: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        data: dict[str, Any] = {"command_id": self.command_id, "state": self.state, "at": self.at,
+                                "attempt": self.attempt, "steps": self.steps, "outcome": self.outcome}
+        if self.index:
+            data["index"] = self.index
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> LedgerEntry:
+        d = orjson.loads(raw)
+        return cls(command_id=d["command_id"], state=d["state"], at=d.get("at", ""), attempt=d.get("attempt", 1),
+                   steps=d.get("steps") or {}, outcome=d.get("outcome"), index=d.get("index") or {})
+
+
+class Ledger:
+    """Entries of the partitions this member owns, loaded from the compacted topic."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.partitions: dict[int, dict[str, LedgerEntry]] = {}
+        self._gauge = metrics().ledger_entries.labels(topic)
+
+    def get(self, partition: int, command_id: str) -> LedgerEntry | None:
+        return self.partitions.get(partition, {}).get(command_id)
+
+    def entries(self, partition: int) -> dict[str, LedgerEntry]:
+        return self.partitions.setdefault(partition, {})
+
+    def record(self, partition: int, entry: LedgerEntry) -> OutRecord:
+        """The ledger record for ``entry`` (same partition number as its command)."""
+        return OutRecord(self.topic, entry.to_json(), entry.command_id.encode(), partition=partition)
+
+    def apply(self, partition: int, entries: list[LedgerEntry]) -> None:
+        """Make committed entries visible locally (call only after their transaction committed)."""
+        part = self.partitions.setdefault(partition, {})
+        for e in entries:
+            part[e.command_id] = e
+        self._gauge.set(sum(len(p) for p in self.partitions.values()))
+
+    def drop(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self.partitions.pop(p, None)
+        self._gauge.set(sum(len(p) for p in self.partitions.values()))
+
+    async def load(self, partitions: list[int]) -> dict[int, int]:
+        """Read each partition from the beginning to its last stable offset (read_committed)."""
+        if not partitions:
+            return {}
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, isolation_level="read_committed",
+                                    enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
+                                    max_partition_fetch_bytes=8 * 1024 * 1024)
+        await consumer.start()
+        counts: dict[int, int] = {}
+        try:
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            loaded: dict[int, dict[str, LedgerEntry]] = {p: {} for p in partitions}
+            pending = {tp for tp in tps if ends[tp] > 0}
+            for tp in tps:
+                if tp in pending and await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+            while pending:
+                batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
+                for tp, records in batch.items():
+                    part = loaded[tp.partition]
+                    for r in records:
+                        if r.value is None:  # tombstone
+                            part.pop(r.key.decode(), None)
+                            continue
+                        entry = LedgerEntry.from_json(r.value)
+                        part[entry.command_id] = entry
+                for tp in list(pending):
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+            for p, part in loaded.items():
+                self.partitions[p] = part
+                counts[p] = len(part)
+        finally:
+            await consumer.stop()
+        self._gauge.set(sum(len(p) for p in self.partitions.values()))
+        log.info("ledger_loaded", topic=self.topic, entries=counts)
+        return counts

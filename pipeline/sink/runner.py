@@ -1,0 +1,111 @@
+"""The sinks as services: ``pipeline sink kustomer`` and ``pipeline sink cloudtalk``.
+
+Each consumes its command topic in a consumer group (replicas share partitions), keeps its
+ledger partitions, and performs the effects through the typed API clients. Requests to one
+Kustomer org share one rate window (integrations on the same org share its budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.kafka import LoopSettings, TransactionalLoop
+from pipeline.service import run_loop_service, start_logging
+from pipeline.settings import ServiceSettings, env_float, env_int
+from pipeline.sink.base import SinkStage
+from pipeline.sink.http import RateWindow, RetryPolicy
+from pipeline.sink.ledger import Ledger
+from pipeline.topics import Topics
+
+
+def retry_policy_from_env() -> RetryPolicy:
+    env = os.environ
+    return RetryPolicy(initial_s=env_float(env, "SINK_RETRY_INITIAL_S", 0.2, minimum=0.0),
+                       max_backoff_s=env_float(env, "SINK_RETRY_MAX_BACKOFF_S", 10.0, minimum=0.0),
+                       max_attempts=env_int(env, "SINK_RETRY_MAX_ATTEMPTS", 12, minimum=1),
+                       deadline_s=env_float(env, "SINK_RETRY_DEADLINE_S", 120.0, minimum=0.1),
+                       timeout_s=env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1))
+
+
+def kustomer_clients(session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy) -> dict[str, Any]:
+    from pipeline.clients.kustomer import KustomerClient
+
+    windows: dict[str, RateWindow] = {}
+    clients = {}
+    for integ in config.integrations:
+        k = integ.kustomer
+        window = windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
+        clients[integ.name] = KustomerClient.from_credentials(session, k.base_url, k.api_key.value(),
+                                                              window=window, policy=policy)
+    return clients
+
+
+async def build_kustomer_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
+                               topics: Topics) -> SinkStage:
+    from pipeline.sink.kustomer import KustomerEffects
+
+    effects = KustomerEffects(kustomer_clients(session, config, retry_policy_from_env()),
+                              per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120,
+                                                              minimum=1))
+    return SinkStage("sink-kustomer", effects, Ledger(settings.kafka.bootstrap, topics.kustomer_ledger), topics.audit,
+                     concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1))
+
+
+async def build_cloudtalk_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
+                                topics: Topics) -> SinkStage:
+    from pipeline.sink.contacts import build_cloudtalk_effects
+
+    effects = await build_cloudtalk_effects(session, config, retry_policy_from_env())
+    return SinkStage("sink-cloudtalk", effects, Ledger(settings.kafka.bootstrap, topics.cloudtalk_ledger),
+                     topics.audit, concurrency=1)
+
+
+SINKS: dict[str, tuple[str, Callable[..., Awaitable[SinkStage]]]] = {
+    "kustomer": ("kustomer_commands", build_kustomer_stage),
+    "cloudtalk": ("cloudtalk_commands", build_cloudtalk_stage),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sink", help="run a sink: kustomer | cloudtalk")
+    p.add_argument("target", choices=sorted(SINKS))
+    p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ServiceSettings.from_env()
+    start_logging(f"sink-{args.target}", settings)
+    config = load_config(args.config or settings.config_path)
+    topics = Topics(settings.kafka.topic_prefix)
+    input_attr, build = SINKS[args.target]
+    env = os.environ
+
+    async def main() -> None:
+        session = aiohttp.ClientSession()
+        try:
+            stage = await build(session, config, settings, topics)
+            loop = TransactionalLoop(
+                LoopSettings(bootstrap=settings.kafka.bootstrap,
+                             group_id=f"{settings.kafka.topic_prefix}sink-{args.target}",
+                             input_topics=(getattr(topics, input_attr),), deadletter_topic=topics.deadletter,
+                             client_id=settings.kafka.client_id,
+                             max_batch=env_int(env, "SINK_MAX_BATCH", 200, minimum=1),
+                             poll_timeout_ms=settings.kafka.poll_timeout_ms,
+                             transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
+                             max_poll_interval_ms=env_int(env, "SINK_MAX_POLL_INTERVAL_MS", 900_000, minimum=10_000),
+                             session_timeout_ms=env_int(env, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000)),
+                stage)
+            await run_loop_service(f"sink-{args.target}", loop, settings)
+        finally:
+            await session.close()
+
+    asyncio.run(main())
+    return 0
