@@ -209,9 +209,12 @@ class FixedWindow:
 # Middleware and inspection routes
 # --------------------------------------------------------------------------------------------
 
+EFFECT = web.RequestKey("sim_effect", str)
+
+
 def set_effect(request: web.Request, effect: str) -> None:
     """Handlers call this when a request changed state, so the log shows distinct effects."""
-    request["sim_effect"] = effect
+    request[EFFECT] = effect
 
 
 def make_middleware(log: RequestLog, faults: FaultPlan) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -252,10 +255,10 @@ def make_middleware(log: RequestLog, faults: FaultPlan) -> Callable[..., Awaitab
             entry.status = response.status
         except web.HTTPException as exc:
             entry.status = exc.status
-            entry.effect = request.get("sim_effect")
+            entry.effect = request.get(EFFECT)
             log.add(entry)
             raise
-        entry.effect = request.get("sim_effect")
+        entry.effect = request.get(EFFECT)
         log.add(entry)
         return response
 

@@ -18,10 +18,18 @@ from pipeline.sim.base import SimServer
 SIMULATORS = {"kustomer": "pipeline.sim.kustomer", "cloudtalk": "pipeline.sim.cloudtalk"}
 
 
+HELP = {"kustomer": "Kustomer REST API simulator", "cloudtalk": "CloudTalk REST API simulator"}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sim", help="run a CloudTalk or Kustomer API simulator")
     platforms = p.add_subparsers(dest="platform", metavar="<platform>", required=True)
+    chosen = next((a for a in sys.argv[sys.argv.index("sim") + 1:] if a in SIMULATORS), None) \
+        if "sim" in sys.argv else None
     for name, module_name in SIMULATORS.items():
+        if chosen is not None and name != chosen:  # only the chosen simulator is imported
+            platforms.add_parser(name, help=HELP[name], add_help=False)
+            continue
         module = importlib.import_module(module_name)
         sp = platforms.add_parser(name, help=module.HELP)
         sp.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")

@@ -222,14 +222,15 @@ class HttpExecutor:
 
     def __init__(self, session: aiohttp.ClientSession, target: str, account: str,
                  rate_headers: RateLimitHeaders, window: RateWindow | None = None,
-                 policy: RetryPolicy | None = None, auth: aiohttp.BasicAuth | None = None,
+                 policy: RetryPolicy | None = None, basic_auth: tuple[str, str] | None = None,
                  default_headers: Mapping[str, str] | None = None) -> None:
         self.session, self.target, self.account = session, target, account
         self.rate_headers = rate_headers
         self.window = window or RateWindow()
         self.policy = policy or RetryPolicy()
-        self.auth = auth
         self.default_headers = dict(default_headers or {})
+        if basic_auth is not None:
+            self.default_headers["Authorization"] = aiohttp.encode_basic_auth(*basic_auth)
         m = metrics()
         self._remaining_gauge = m.ratelimit_remaining.labels(target, account)
         self._retry_rate = m.http_retries.labels(target, "rate_limited")
@@ -292,7 +293,7 @@ class HttpExecutor:
         status_label = "error"
         try:
             async with self.session.request(
-                method, url, data=data, params=params, headers=headers, auth=self.auth,
+                method, url, data=data, params=params, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s),
             ) as resp:
                 raw = await resp.read()
