@@ -21,12 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "topics": ("pipeline.commands.topics", "create missing topics, report drift"),
     "sim": ("pipeline.sim.commands", "run a CloudTalk or Kustomer API simulator"),
     "copy": ("pipeline.commands.copy", "copy a topic into another exactly once"),
-    "process": ("pipeline.process.runner", "run a processor: calls | sms"),
+    "process": ("pipeline.process.runner", "run a processor: calls | sms | contacts-import | contacts-export"),
     "config": ("pipeline.commands.config", "check an integrations file"),
     "ingest": ("pipeline.ingest.app", "run the webhook ingest service"),
     "sink": ("pipeline.sink.runner", "run a sink: kustomer | cloudtalk"),
     "poll": ("pipeline.ingest.pollers", "run a poller: calls"),
     "backfill": ("pipeline.commands.backfill", "publish a time window of a source API into its raw topic"),
+    "lag": ("pipeline.lag", "consumer-group lag in records"),
+    "demo": ("pipeline.demo", "run everything locally with a scripted day and print a summary"),
 }
 
 

@@ -30,6 +30,8 @@ from pipeline.kafka import (
 )
 from pipeline.observability import metrics
 from pipeline.process.calls import process_call
+from pipeline.process.contacts_export import process_contact
+from pipeline.process.contacts_import import process_customer
 from pipeline.process.decisions import Command, Decision
 from pipeline.process.sms import process_sms
 from pipeline.schemas import SchemaError
@@ -52,6 +54,8 @@ class Flow:
 FLOWS: dict[str, Flow] = {
     "calls": Flow("calls", "raw_calls", "kustomer_commands", process_call, "kustomer"),
     "sms": Flow("sms", "raw_sms", "kustomer_commands", process_sms, "kustomer"),
+    "contacts-import": Flow("contacts-import", "raw_customers", "cloudtalk_commands", process_customer, "cloudtalk"),
+    "contacts-export": Flow("contacts-export", "raw_contacts", "kustomer_commands", process_contact, "kustomer"),
 }
 
 
