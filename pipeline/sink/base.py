@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,7 +57,10 @@ class Effects(Protocol):
     target: str
     command_schemas: Mapping[str, str]  # command type -> schema name
 
-    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done: ...
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None,
+                      index: Mapping[str, Any]) -> Done: ...
+    # ``index``: the partition's ledger index as of this command (committed entries plus the
+    # updates of the commands before it in this batch). ``Done.index`` adds to it.
 
 
 @dataclass(slots=True)
@@ -84,7 +88,9 @@ class SinkStage:
 
     def after_commit(self, lane: Lane, result: BatchResult) -> None:
         if result.context:
-            self.ledger.apply(lane.tp.partition, result.context)
+            entries, index_updates = result.context
+            self.ledger.apply(lane.tp.partition, entries)
+            self.ledger.apply_index(lane.tp.partition, index_updates)
 
     async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
         partition = lane.tp.partition
@@ -126,8 +132,10 @@ class SinkStage:
             await lane.publish([self.ledger.record(partition, e) for e in intents])
             self.ledger.apply(partition, intents)
 
-        # 4. effects: ordered per lane, lanes concurrently
+        # 4. effects: ordered per lane, lanes concurrently; each sees the index so far
         results: dict[int, Done | Exception] = {}
+        overlay: dict[str, Any] = {}
+        index_view = ChainMap(overlay, self.ledger.index(partition))
         lanes: dict[bytes | None, list[int]] = {}
         for i, p in enumerate(planned):
             lanes.setdefault(p.record.key, []).append(i)
@@ -138,7 +146,9 @@ class SinkStage:
                 for i in indexes:
                     p = planned[i]
                     try:
-                        results[i] = await self.effects.perform(p.command, p.prior)  # the entry from before this batch
+                        # prior: the entry from before this batch (not this batch's intent)
+                        done = results[i] = await self.effects.perform(p.command, p.prior, index_view)
+                        overlay.update(done.index)
                     except RejectedError as exc:
                         results[i] = exc
                     except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
@@ -152,6 +162,7 @@ class SinkStage:
         # 5. ledger entries, audit, dead letters; offsets stop at the first unfinished command
         outputs: list[OutRecord] = []
         entries: list[LedgerEntry] = []
+        index_updates: dict[str, Any] = {}
         first_unfinished: int | None = None
         now = time.time()
         for i, p in enumerate(planned):
@@ -159,8 +170,8 @@ class SinkStage:
             result = results.get(i)
             event_id, integration = p.command.get("event_id", cid), p.command.get("integration", "")
             if isinstance(result, Done):
-                entry = LedgerEntry(cid, DONE, attempt=p.attempt, steps=result.steps, outcome=result.outcome,
-                                    index=result.index)
+                entry = LedgerEntry(cid, DONE, attempt=p.attempt, steps=result.steps, outcome=result.outcome)
+                index_updates.update(result.index)
                 self.stats["done"] += 1
                 if result.outcome == "reconciled":
                     self.stats["reconciled"] += 1
@@ -190,8 +201,10 @@ class SinkStage:
                 continue
             entries.append(entry)
             outputs.append(self.ledger.record(partition, entry))
+        outputs.extend(self.ledger.index_record(partition, k, v) for k, v in index_updates.items())
         if first_unfinished is not None:
             # records at or after the stop are fetched again: reject them then, not twice
             rejections = [r for r in rejections if r.record.offset < first_unfinished
                           or r.error_class == "TargetRejected"]
-        return BatchResult(outputs=outputs, rejections=rejections, commit_upto=first_unfinished, context=entries)
+        return BatchResult(outputs=outputs, rejections=rejections, commit_upto=first_unfinished,
+                           context=(entries, index_updates))

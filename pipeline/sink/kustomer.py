@@ -43,11 +43,11 @@ class KustomerEffects:
                                 f"integration {command['integration']!r} is not configured in this sink")
         return client
 
-    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done:
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
         if command["type"] == "kustomer.log_conversation":
             return await self.log_conversation(command, prior)
         from pipeline.sink.contacts import export_customer  # the contacts flow's effect
-        return await export_customer(self.client(command), command, prior)
+        return await export_customer(self.client(command), command, prior, index)
 
     # -- calls and SMS -------------------------------------------------------------------------
     async def log_conversation(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done:

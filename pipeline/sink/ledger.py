@@ -56,13 +56,32 @@ class LedgerEntry:
                    steps=d.get("steps") or {}, outcome=d.get("outcome"), index=d.get("index") or {})
 
 
+INDEX_PREFIX = "index|"
+
+
 class Ledger:
-    """Entries of the partitions this member owns, loaded from the compacted topic."""
+    """Entries of the partitions this member owns, loaded from the compacted topic.
+
+    Besides one entry per command, a partition holds *index* records (key ``index|…``): what a
+    sink needs to find its earlier effects — e.g. which CloudTalk contact a Kustomer customer
+    became, which contact holds a phone, the version last applied. They are written in the same
+    transactions as the command entries.
+    """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.bootstrap, self.topic = bootstrap, topic
         self.partitions: dict[int, dict[str, LedgerEntry]] = {}
+        self.indexes: dict[int, dict[str, Any]] = {}
         self._gauge = metrics().ledger_entries.labels(topic)
+
+    def index(self, partition: int) -> dict[str, Any]:
+        return self.indexes.setdefault(partition, {})
+
+    def index_record(self, partition: int, key: str, value: Any) -> OutRecord:
+        return OutRecord(self.topic, orjson.dumps(value), (INDEX_PREFIX + key).encode(), partition=partition)
+
+    def apply_index(self, partition: int, updates: dict[str, Any]) -> None:
+        self.index(partition).update(updates)
 
     def get(self, partition: int, command_id: str) -> LedgerEntry | None:
         return self.partitions.get(partition, {}).get(command_id)
@@ -84,6 +103,7 @@ class Ledger:
     def drop(self, partitions: set[int]) -> None:
         for p in partitions:
             self.partitions.pop(p, None)
+            self.indexes.pop(p, None)
         self._gauge.set(sum(len(p) for p in self.partitions.values()))
 
     async def load(self, partitions: list[int]) -> dict[int, int]:
@@ -101,6 +121,7 @@ class Ledger:
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             loaded: dict[int, dict[str, LedgerEntry]] = {p: {} for p in partitions}
+            indexes: dict[int, dict[str, Any]] = {p: {} for p in partitions}
             pending = {tp for tp in tps if ends[tp] > 0}
             for tp in tps:
                 if tp in pending and await consumer.position(tp) >= ends[tp]:
@@ -108,10 +129,17 @@ class Ledger:
             while pending:
                 batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
                 for tp, records in batch.items():
-                    part = loaded[tp.partition]
+                    part, idx = loaded[tp.partition], indexes[tp.partition]
                     for r in records:
+                        key = r.key.decode() if r.key else ""
+                        if key.startswith(INDEX_PREFIX):
+                            if r.value is None:
+                                idx.pop(key[len(INDEX_PREFIX):], None)
+                            else:
+                                idx[key[len(INDEX_PREFIX):]] = orjson.loads(r.value)
+                            continue
                         if r.value is None:  # tombstone
-                            part.pop(r.key.decode(), None)
+                            part.pop(key, None)
                             continue
                         entry = LedgerEntry.from_json(r.value)
                         part[entry.command_id] = entry
@@ -120,6 +148,7 @@ class Ledger:
                         pending.discard(tp)
             for p, part in loaded.items():
                 self.partitions[p] = part
+                self.indexes[p] = indexes[p]
                 counts[p] = len(part)
         finally:
             await consumer.stop()

@@ -1,0 +1,399 @@
+"""Contact effects: Kustomer customers into CloudTalk contacts (import) and back (export).
+
+**Import** (``cloudtalk.upsert_contact``, the CloudTalk sink; one lane per integration):
+
+1. a customer version written by this integration's own Kustomer API key (``modifiedBy`` is the
+   key's machine user) is the echo of an export: skipped (``own_write``);
+2. a version not newer than the one applied for this customer (``rev``, else ``updatedAt``) is
+   skipped (``stale_version``) — an older update never overwrites a newer one;
+3. the target contact: the one this customer became before (ledger index); else the contact the
+   customer was exported from (its ``externalId``); else a contact of an earlier import that
+   matches the integration's merge key (ledger index); else a CloudTalk contact found by keyword
+   lookup + exact match — one carrying this customer's link (left by a crash before the ledger
+   commit), then one matching the merge key;
+4. the contact's content: every source customer's phones and e-mails (union, with what the
+   contact already has — CloudTalk's edit replaces whole lists, so nothing is ever dropped), and
+   the newest source's value of every other field (reference 1.9); company name, favorite agent
+   ("Created by" user → CloudTalk agent with the same e-mail) and country id are resolved once;
+5. add the contact, or edit only the keys that differ; nothing differs → no request.
+
+**Export** (``kustomer.upsert_customer``, the Kustomer sink): the customer whose ``externalId`` is
+the contact id gets the changes (new phones/e-mails only when no other customer holds them);
+without one, a phone or e-mail that already belongs to a customer skips the contact (rule 4);
+otherwise the customer is created. Versions apply in order per contact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from pipeline.config import PipelineConfig
+from pipeline.observability import get_logger
+from pipeline.process.phones import normalize_e164
+from pipeline.sink.base import Done
+from pipeline.sink.http import RateWindow, RejectedError, RetryPolicy
+from pipeline.sink.ledger import LedgerEntry
+
+log = get_logger(__name__)
+
+SCALARS = ("name", "company", "website", "address", "city", "zip", "state", "country_id", "favorite_agent")
+
+
+def ikey(integration: str, kind: str, value: str) -> str:
+    return f"ct|{integration}|{kind}|{value}"
+
+
+def name_key(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def is_newer(version: Mapping[str, Any], known: Mapping[str, Any]) -> bool:
+    if version.get("rev") is not None and known.get("rev") is not None:
+        return int(version["rev"]) > int(known["rev"])
+    return str(version.get("updated_at") or "") > str(known.get("updated_at") or "")
+
+
+def _order(sources: Mapping[str, Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Sources newest first."""
+    return sorted(sources.values(), key=lambda s: (str(s.get("updated_at") or ""), s.get("rev") or 0), reverse=True)
+
+
+def merge_sources(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Union of phones and e-mails; the newest non-empty value of every other field (pure)."""
+    ordered = _order(sources)
+    merged: dict[str, Any] = {}
+    for field in SCALARS:
+        merged[field] = next((s["fields"].get(field) for s in ordered if s["fields"].get(field) not in (None, "")),
+                             None)
+    phones: list[str] = []
+    emails: list[str] = []
+    links: list[dict[str, str]] = []
+    for s in ordered:
+        for p in s["fields"].get("phones") or []:
+            if p not in phones:
+                phones.append(p)
+        for e in s["fields"].get("emails") or []:
+            if e.lower() not in {x.lower() for x in emails}:
+                emails.append(e)
+        link = s["fields"].get("link")
+        if link and link["url"] not in {x["url"] for x in links}:
+            links.append(link)
+    merged.update(phones=phones, emails=emails, links=links)
+    return merged
+
+
+def contact_body(merged: Mapping[str, Any], current: Mapping[str, Any] | None, tag: str | None) -> dict[str, Any]:
+    """The full add body, or — with ``current`` (a show ``responseData``) — the edit with only
+    the keys that differ. Lists keep everything the contact already has (pure)."""
+    cur = (current or {}).get("Contact") or {}
+    cur_numbers = [n for n in (normalize_e164(x) for x in cur.get("contact_numbers") or []) if n]
+    phones = list(dict.fromkeys(cur_numbers + list(merged["phones"])))
+    cur_emails = list(cur.get("contact_emails") or [])
+    emails = cur_emails + [e for e in merged["emails"] if e.lower() not in {x.lower() for x in cur_emails}]
+    ours = {link["url"] for link in merged["links"]}
+    cur_links = [{"name": x.get("name", ""), "url": x.get("url", "")} for x in (current or {}).get("ExternalUrl") or []]
+    foreign = [x for x in cur_links if x["url"] not in ours]
+    links = (foreign + [{"name": x["name"][:30], "url": x["url"]} for x in merged["links"]])[:3]
+    cur_tags = [t.get("name") for t in cur.get("tags") or [] if t.get("name")]
+    tags = cur_tags + ([tag] if tag and tag not in cur_tags else [])
+
+    body: dict[str, Any] = {}
+    for field in SCALARS:
+        value = merged.get(field)
+        if value in (None, ""):
+            continue  # never clear what the contact has
+        if current is None or str(cur.get(field) or "") != str(value):
+            body[field] = value
+    if current is None or set(phones) != set(cur_numbers):
+        body["ContactNumber"] = [{"public_number": p} for p in phones]
+    if current is None or {e.lower() for e in emails} != {e.lower() for e in cur_emails}:
+        if emails:
+            body["ContactEmail"] = [{"email": e} for e in emails]
+    if current is None or [(x["name"], x["url"]) for x in links] != [(x["name"], x["url"]) for x in cur_links]:
+        if links:
+            body["ExternalUrl"] = links
+    if current is None or set(tags) != set(cur_tags):
+        if tags:
+            body["ContactsTag"] = [{"name": t} for t in tags]
+    return body
+
+
+class CloudTalkEffects:
+    target = "cloudtalk"
+    command_schemas: Mapping[str, str] = {"cloudtalk.upsert_contact": "command.cloudtalk.upsert_contact"}
+
+    def __init__(self, cloudtalk: Any, kustomer: Mapping[str, Any], refresh_s: float = 600.0) -> None:
+        self.ct, self.kustomer = cloudtalk, kustomer
+        self.refresh_s = refresh_s
+        self._own_users: dict[str, str | None] = {}
+        self._companies: dict[tuple[str, str], str | None] = {}
+        self._users: dict[tuple[str, str], str | None] = {}
+        self._agents: dict[str, int] | None = None
+        self._agents_at = 0.0
+        self._countries: dict[str, int] | None = None
+
+    # -- lookups (cached) ------------------------------------------------------------------------
+    async def own_user(self, integration: str) -> str | None:
+        if integration not in self._own_users:
+            client = self.kustomer.get(integration)
+            self._own_users[integration] = await client.own_user_id() if client is not None else None
+        return self._own_users[integration]
+
+    async def company_name(self, integration: str, company_id: str) -> str | None:
+        key = (integration, company_id)
+        if key not in self._companies:
+            company = await self.kustomer[integration].get_company(company_id)
+            self._companies[key] = ((company or {}).get("attributes") or {}).get("name")
+        return self._companies[key]
+
+    async def favorite_agent(self, integration: str, user_id: str) -> int | None:
+        key = (integration, user_id)
+        if key not in self._users:
+            user = await self.kustomer[integration].get_user(user_id)
+            self._users[key] = (((user or {}).get("attributes") or {}).get("email") or "").lower() or None
+        email = self._users[key]
+        if not email:
+            return None
+        if self._agents is None or time.monotonic() - self._agents_at > self.refresh_s:
+            agents: dict[str, int] = {}
+            async for page in self.ct.iter_agents():
+                for item in page.get("data") or []:
+                    a = item.get("Agent") or item
+                    if a.get("email"):
+                        agents[a["email"].lower()] = int(a["id"])
+            self._agents, self._agents_at = agents, time.monotonic()
+        return self._agents.get(email)
+
+    async def country_id(self, country: Mapping[str, Any] | None) -> int | None:
+        if not country:
+            return None
+        if self._countries is None:
+            table: dict[str, int] = {}
+            for c in await self.ct.list_countries():
+                for k in (c.get("country_code"), c.get("iso3"), c.get("name")):
+                    if k:
+                        table[str(k).casefold()] = int(c["id"])
+            self._countries = table
+        for k in (country.get("code"), country.get("name")):
+            if k and str(k).casefold() in self._countries:
+                return self._countries[str(k).casefold()]
+        return None
+
+    async def resolve(self, integration: str, contact: Mapping[str, Any]) -> dict[str, Any]:
+        """The command's contact with company, favorite agent and country resolved."""
+        company = contact.get("company")
+        if not company and contact.get("company_ref"):
+            company = await self.company_name(integration, contact["company_ref"])
+        agent = await self.favorite_agent(integration, contact["created_by_ref"]) if contact.get("created_by_ref") else None
+        return {"name": contact["name"], "company": (company or None) and company[:100],
+                "website": contact.get("website"), "address": contact.get("address"), "city": contact.get("city"),
+                "zip": contact.get("zip"), "state": contact.get("state"),
+                "country_id": await self.country_id(contact.get("country")), "favorite_agent": agent,
+                "phones": list(contact["phones"]), "emails": list(contact["emails"]),
+                "link": contact.get("external_url")}
+
+    # -- finding the contact -----------------------------------------------------------------------
+    async def _candidates(self, keyword: str, accept: Any) -> list[dict[str, Any]]:
+        """Contacts found by ``keyword`` whose show ``responseData`` passes ``accept`` (oldest first)."""
+        page = await self.ct.list_contacts(keyword=keyword, limit=100)
+        out = []
+        for item in sorted(page.get("data") or [], key=lambda x: int(x["Contact"]["id"])):
+            shown = await self.ct.get_contact(item["Contact"]["id"])
+            if shown is not None and accept(shown):
+                out.append(shown)
+        return out
+
+    async def find_in_cloudtalk(self, merge_key: str, contact: Mapping[str, Any],
+                                link: str | None) -> tuple[str | None, str]:
+        phones = list(contact["phones"])
+        emails = [e.lower() for e in contact["emails"]]
+
+        def numbers(shown: Mapping[str, Any]) -> set[str]:
+            return {n for n in (normalize_e164(x) for x in shown["Contact"].get("contact_numbers") or []) if n}
+
+        def has_link(shown: Mapping[str, Any]) -> bool:
+            return bool(link) and any(x.get("url") == link for x in shown.get("ExternalUrl") or [])
+
+        for phone in phones:  # a contact of ours a crash left unrecorded, or one holding the number
+            found = await self._candidates(phone, lambda s, p=phone: p in numbers(s))
+            mine = [s for s in found if has_link(s)]
+            if mine:
+                return mine[0]["Contact"]["id"], "reconciled"
+            if merge_key in ("phone", "phone_or_name") and found:
+                return found[0]["Contact"]["id"], "merged"
+            if merge_key == "phone_and_email" and emails:
+                both = [s for s in found if {e.lower() for e in s["Contact"].get("contact_emails") or []} & set(emails)]
+                if both:
+                    return both[0]["Contact"]["id"], "merged"
+        if merge_key == "email":
+            for email in emails:
+                found = await self._candidates(email, lambda s, e=email: e in {x.lower() for x in
+                                                                            s["Contact"].get("contact_emails") or []})
+                if found:
+                    return found[0]["Contact"]["id"], "merged"
+        if merge_key == "phone_or_name" and contact.get("name"):
+            wanted = name_key(contact["name"])
+            found = await self._candidates(contact["name"], lambda s: name_key(s["Contact"].get("name") or "") == wanted)
+            if found:
+                return found[0]["Contact"]["id"], "merged"
+        return None, "created"
+
+    @staticmethod
+    def match_in_index(index: Mapping[str, Any], integration: str, merge_key: str,
+                       contact: Mapping[str, Any]) -> str | None:
+        phones = [index.get(ikey(integration, "phone", p)) for p in contact["phones"]]
+        emails = [index.get(ikey(integration, "email", e.lower())) for e in contact["emails"]]
+        if merge_key in ("phone", "phone_or_name"):
+            hit = next((c for c in phones if c), None)
+            if hit:
+                return hit
+        if merge_key == "email":
+            return next((c for c in emails if c), None)
+        if merge_key == "phone_and_email":
+            common = {c for c in phones if c} & {c for c in emails if c}
+            return min(common, key=int) if common else None
+        if merge_key == "phone_or_name" and contact.get("name"):
+            return index.get(ikey(integration, "name", name_key(contact["name"])))
+        return None
+
+    # -- the effect ----------------------------------------------------------------------------
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
+        integration, customer_id = command["integration"], command["customer_id"]
+        version, contact = command["version"], command["contact"]
+        if integration not in self.kustomer:
+            raise RejectedError("cloudtalk", command["type"], None, f"integration {integration!r} is not configured")
+        # 1. the echo of our own write to Kustomer
+        if command.get("modified_by") and command["modified_by"] == await self.own_user(integration):
+            return Done({}, "skipped:own_write")
+        # 2. versions apply in order
+        known = index.get(ikey(integration, "customer", customer_id))
+        if known and not is_newer(version, known):
+            return Done({"contact_id": known["contact_id"]}, "skipped:stale_version")
+        # 3. the target contact
+        target, how = (known["contact_id"], "updated") if known else (None, "")
+        current = None
+        if not target and (command.get("external_id") or "").isdigit():
+            current = await self.ct.get_contact(command["external_id"])
+            if current is not None:
+                target, how = command["external_id"], "updated"
+        if not target:
+            target = self.match_in_index(index, integration, command["merge_key"], contact)
+            how = "merged" if target else ""
+        link = (contact.get("external_url") or {}).get("url")
+        if not target:
+            target, how = await self.find_in_cloudtalk(command["merge_key"], contact, link)
+        if target and current is None:
+            current = await self.ct.get_contact(target)
+            if current is None:  # deleted in CloudTalk meanwhile: create it again
+                target, how = None, "created"
+        # 4. content
+        fields = await self.resolve(integration, contact)
+        sources = dict((index.get(ikey(integration, "contact", target)) or {}).get("sources") or {}) if target else {}
+        sources[customer_id] = {"rev": version.get("rev"), "updated_at": version["updated_at"], "fields": fields}
+        merged = merge_sources(sources)
+        body = contact_body(merged, current, contact.get("tag"))
+        # 5. write only what differs
+        if current is None:
+            target = str(await self.ct.add_contact(body))
+            outcome = "created"
+        elif body:
+            if not await self.ct.edit_contact(target, body):
+                raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
+            outcome = how or "updated"
+        else:
+            outcome = "skipped:unchanged" if how != "reconciled" else "reconciled"
+        updates: dict[str, Any] = {
+            ikey(integration, "customer", customer_id): {"contact_id": target, "rev": version.get("rev"),
+                                                         "updated_at": version["updated_at"]},
+            ikey(integration, "contact", target): {"sources": sources},
+            **{ikey(integration, "phone", p): target for p in merged["phones"]},
+            **{ikey(integration, "email", e.lower()): target for e in merged["emails"]},
+        }
+        if merged.get("name"):
+            updates[ikey(integration, "name", name_key(merged["name"]))] = target
+        return Done({"contact_id": target, "customers": sorted(sources), "sent": sorted(body)}, outcome, updates)
+
+
+# --------------------------------------------------------------------------------------------
+# Export: the Kustomer side
+# --------------------------------------------------------------------------------------------
+
+def _values(items: Any, field: str) -> list[str]:
+    return [str(x.get(field)) for x in items or [] if isinstance(x, dict) and x.get(field)]
+
+
+async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEntry | None,
+                          index: Mapping[str, Any]) -> Done:
+    from pipeline.clients.kustomer import ConflictError
+
+    integration, contact_id = command["integration"], command["contact_id"]
+    key = f"k|{integration}|contact|{contact_id}"
+    known = index.get(key)
+    if known and command["version"] <= known["version"]:
+        return Done({"customer_id": known.get("customer_id")}, "skipped:stale_version")
+    desired = command["customer"]
+    phones = _values(desired["phones"], "phone")
+    emails = _values(desired["emails"], "email")
+    existing = await client.find_customer_by_external_id(contact_id)
+    if existing is not None:
+        attrs = existing.get("attributes") or {}
+        have_phones = {normalize_e164(p) for p in _values(attrs.get("phones"), "phone")}
+        have_emails = {e.lower() for e in _values(attrs.get("emails"), "email")}
+        new_phones, new_emails, taken = [], [], []
+        for p in phones:
+            if p not in have_phones:
+                owner = await client.find_customer_by_phone(p)
+                (taken if owner is not None else new_phones).append(p)
+        for e in emails:
+            if e.lower() not in have_emails:
+                owner = await client.find_customer_by_email(e)
+                (taken if owner is not None else new_emails).append(e)
+        changes: dict[str, Any] = {}
+        if desired.get("name") and desired["name"] != attrs.get("name"):
+            changes["name"] = desired["name"]
+        if new_phones:
+            changes["phones"] = list(attrs.get("phones") or []) + [{"type": "work", "phone": p} for p in new_phones]
+        if new_emails:
+            changes["emails"] = list(attrs.get("emails") or []) + [{"type": "work", "email": e} for e in new_emails]
+        update = {key: {"customer_id": existing["id"], "version": command["version"]}}
+        if not changes:
+            return Done({"customer_id": existing["id"], "taken": taken}, "skipped:unchanged", update)
+        await client.update_customer(existing["id"], changes)
+        return Done({"customer_id": existing["id"], "changed": sorted(changes), "taken": taken}, "updated", update)
+    # rule 4: a phone or e-mail that already belongs to a customer skips the contact
+    for p in phones:
+        owner = await client.find_customer_by_phone(p)
+        if owner is not None:
+            return Done({"owner": owner["id"]}, "skipped:phone_exists")
+    for e in emails:
+        owner = await client.find_customer_by_email(e)
+        if owner is not None:
+            return Done({"owner": owner["id"]}, "skipped:email_exists")
+    body = {"name": desired.get("name") or (phones[0] if phones else emails[0] if emails else contact_id),
+            "externalId": contact_id, "phones": desired["phones"], "emails": desired["emails"]}
+    try:
+        created = await client.create_customer(body)
+    except ConflictError:
+        again = await client.find_customer_by_external_id(contact_id)
+        if again is None:  # a phone or e-mail was taken meanwhile
+            return Done({}, "skipped:phone_or_email_exists")
+        return Done({"customer_id": again["id"]}, "reconciled",
+                    {key: {"customer_id": again["id"], "version": command["version"]}})
+    return Done({"customer_id": created["id"]}, "created",
+                {key: {"customer_id": created["id"], "version": command["version"]}})
+
+
+async def build_cloudtalk_effects(session: aiohttp.ClientSession, config: PipelineConfig,
+                                  policy: RetryPolicy) -> CloudTalkEffects:
+    from pipeline.clients.cloudtalk import CloudTalkClient
+    from pipeline.sink.runner import kustomer_clients
+
+    ct = config.cloudtalk
+    window = RateWindow(reserve=0, fallback_per_minute=ct.rate_limit_per_minute)
+    cloudtalk = CloudTalkClient.from_credentials(session, ct.base_url, ct.key_id.value(), ct.key_secret.value(),
+                                                 window=window, policy=policy)
+    return CloudTalkEffects(cloudtalk, kustomer_clients(session, config, policy))
