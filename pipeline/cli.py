@@ -25,8 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("pipeline.commands.config", "check an integrations file"),
     "ingest": ("pipeline.ingest.app", "run the webhook ingest service"),
     "sink": ("pipeline.sink.runner", "run a sink: kustomer | cloudtalk"),
-    "poll": ("pipeline.ingest.pollers", "run a poller: calls"),
+    "poll": ("pipeline.ingest.pollers", "run a poller: calls | contacts | customers"),
     "backfill": ("pipeline.commands.backfill", "publish a time window of a source API into its raw topic"),
+    "replay": ("pipeline.commands.replay", "re-publish a raw-topic window, or dead letters to their source"),
     "lag": ("pipeline.lag", "consumer-group lag in records"),
     "demo": ("pipeline.demo", "run everything locally with a scripted day and print a summary"),
 }

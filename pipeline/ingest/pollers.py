@@ -1,5 +1,8 @@
 """Pollers and backfills: the source APIs paged into the raw topics.
 
+* ``pipeline poll contacts`` — CloudTalk contacts (initial export, reconciliation; see ContactsPoller).
+* ``pipeline poll customers`` — Kustomer customers per integration (initial import when an
+  integration has no cursor yet, then every ``reconcile_interval_seconds`` by ``updatedAt``).
 * ``pipeline poll calls`` — the CloudTalk call history (``GET /calls/index.json`` by date window)
   every ``calls_poll_interval_seconds``, from the cursor minus an overlap to now minus
   ``calls_poll_lag_seconds``. It finds calls whose webhook never arrived; calls already ingested
@@ -104,6 +107,34 @@ def cdr_to_call_ended(item: dict[str, Any]) -> dict[str, Any] | None:
     return body
 
 
+def show_to_contact_event(shown: dict[str, Any], event: str) -> dict[str, Any]:
+    """A contact ``show`` ``responseData`` as the canonical contact body (same as the workflow's)."""
+    c = shown.get("Contact") or {}
+    numbers = [_digits(str(n).lstrip("+")) for n in c.get("contact_numbers") or []]
+    return {
+        "event": event,
+        "contact_id": int(c["id"]),
+        "name": c.get("name") or None,
+        **{k: (c.get(k) or None) for k in ("title", "company", "industry", "website", "address", "city", "zip", "state")},
+        "country_id": _int(c.get("country_id")),
+        "favorite_agent": _int(c.get("favorite_agent")),
+        "contact_numbers": [n for n in numbers if n is not None],
+        "contact_emails": list(c.get("contact_emails") or []),
+        "tags": [t.get("name") for t in c.get("tags") or [] if t.get("name")],
+        "external_urls": [{"name": u.get("name", ""), "url": u.get("url", "")} for u in shown.get("ExternalUrl") or []],
+        "created_at": c.get("created") or None,
+        "modified_at": c.get("modified") or c.get("created"),
+    }
+
+
+def index_digest(item: dict[str, Any]) -> str:
+    """What the contacts index shows of a contact (name, first number, first e-mail)."""
+    import hashlib
+    c, n, e = item.get("Contact") or {}, item.get("ContactNumber") or {}, item.get("ContactEmail") or {}
+    raw = f"{c.get('name')}|{c.get('company')}|{n.get('public_number')}|{e.get('email')}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:12]
+
+
 # --------------------------------------------------------------------------------------------
 # Cursors in Kafka
 # --------------------------------------------------------------------------------------------
@@ -205,6 +236,116 @@ class CallHistoryPoller:
         return {"date_from": date_from.isoformat(), "date_to": date_to.isoformat(), **counts}
 
 
+class ContactsPoller:
+    """CloudTalk contacts (index + show) for the initial export and the reconciliation.
+
+    The index shows only a contact's name, company, first number and first e-mail and has no
+    modified filter, so the cursor keeps a digest of that summary per contact and only changed or
+    new contacts are fetched (``show``). Other edits reach the pipeline through the contact
+    workflow. The first pass publishes every contact (``via: import``).
+    """
+
+    CURSOR = "cloudtalk.contacts"
+
+    def __init__(self, client: Any, producer: AIOKafkaProducer, topics: Topics, cursors: CursorStore) -> None:
+        self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
+        self._pages = metrics().poller_pages.labels("contacts")
+        self._events = metrics().events_in
+
+    async def poll_once(self) -> dict[str, Any]:
+        cursor = await self.cursors.read(self.CURSOR)
+        seen: dict[str, str] = (cursor or {}).get("seen") or {}
+        via = "poller" if cursor else "import"
+        counts = {"pages": 0, "contacts": 0, "published": 0, "unchanged": 0}
+        fresh: dict[str, str] = {}
+        async for page in self.client.iter_contacts(limit=1000):
+            counts["pages"] += 1
+            self._pages.inc()
+            futures = []
+            for item in page.get("data") or []:
+                counts["contacts"] += 1
+                cid = str(item["Contact"]["id"])
+                digest = fresh[cid] = index_digest(item)
+                if seen.get(cid) == digest:
+                    counts["unchanged"] += 1
+                    continue
+                shown = await self.client.get_contact(cid)
+                if shown is None:
+                    fresh.pop(cid, None)
+                    continue
+                body = show_to_contact_event(shown, "contact.updated" if cid in seen else "contact.created")
+                try:
+                    env = cloudtalk_envelope(body, ACCOUNT, via)
+                except SchemaError as exc:
+                    log.warning("contact_record_invalid", contact_id=cid, error=str(exc))
+                    continue
+                futures.append(await self.producer.send(self.topics.raw_contacts, key=env.id.encode(),
+                                                        value=env.to_json(),
+                                                        headers=[("event_id", env.id.encode()),
+                                                                 ("type", env.type.encode())]))
+                self._events.labels("cloudtalk", env.type, via).inc()
+            await asyncio.gather(*futures)
+            counts["published"] += len(futures)
+        await self.cursors.write(self.producer, self.CURSOR,
+                                 {"seen": fresh, "polled_at": datetime.now(UTC).isoformat(), **counts})
+        log.info("contacts_polled", via=via, **counts)
+        return counts
+
+
+class CustomersPoller:
+    """Kustomer customers by ``updatedAt`` cursor: the initial full import of an integration
+    (no cursor yet: every customer, ``via: import``) and the periodic reconciliation.
+    Each customer version becomes the same event (and id) its webhook would have produced."""
+
+    def __init__(self, integration: str, client: Any, producer: AIOKafkaProducer, topics: Topics,
+                 cursors: CursorStore, overlap_s: int = 300) -> None:
+        self.integration, self.client, self.producer = integration, client, producer
+        self.topics, self.cursors, self.overlap_s = topics, cursors, overlap_s
+        self.cursor_name = f"kustomer.customers.{integration}"
+        self._pages = metrics().poller_pages.labels("customers")
+        self._events = metrics().events_in
+
+    async def poll_once(self) -> dict[str, Any]:
+        from pipeline.ingest.kustomer import kustomer_envelope
+
+        cursor = await self.cursors.read(self.cursor_name)
+        since = None
+        if cursor and cursor.get("updated_since"):
+            since = (parse_time(cursor["updated_since"]) - timedelta(seconds=self.overlap_s)).isoformat()
+        via = "poller" if cursor else "import"
+        counts = {"pages": 0, "customers": 0, "published": 0}
+        newest = cursor.get("updated_since") if cursor else None
+        async for page in self.client.iter_customers(updated_since=since, sort="updatedAt"):
+            counts["pages"] += 1
+            self._pages.inc()
+            futures = []
+            for customer in page:
+                counts["customers"] += 1
+                attrs = customer.get("attributes") or {}
+                updated = attrs.get("updatedAt") or attrs.get("createdAt")
+                event = {"id": f"poll:{customer['id']}:{attrs.get('rev', updated)}",
+                         "name": "kustomer.customer.update", "createdAt": updated, "client": "poller",
+                         "dataId": customer["id"], "data": customer}
+                try:
+                    env = kustomer_envelope(event, self.integration, via)
+                except SchemaError as exc:
+                    log.warning("customer_record_invalid", customer_id=customer.get("id"), error=str(exc))
+                    continue
+                futures.append(await self.producer.send(self.topics.raw_customers, key=env.id.encode(),
+                                                        value=env.to_json(),
+                                                        headers=[("event_id", env.id.encode()),
+                                                                 ("type", env.type.encode())]))
+                self._events.labels("kustomer", env.type, via).inc()
+                if updated and (newest is None or updated > newest):
+                    newest = updated
+            await asyncio.gather(*futures)
+            counts["published"] += len(futures)
+        await self.cursors.write(self.producer, self.cursor_name,
+                                 {"updated_since": newest, "polled_at": datetime.now(UTC).isoformat(), **counts})
+        log.info("customers_polled", integration=self.integration, via=via, **counts)
+        return counts
+
+
 def cloudtalk_poller_client(session: aiohttp.ClientSession, config: PipelineConfig) -> Any:
     from pipeline.clients.cloudtalk import CloudTalkClient
 
@@ -219,10 +360,10 @@ def cloudtalk_poller_client(session: aiohttp.ClientSession, config: PipelineConf
 # --------------------------------------------------------------------------------------------
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("poll", help="run a poller: calls (CloudTalk call history)")
-    p.add_argument("source", choices=["calls"])
+    p = sub.add_parser("poll", help="run a poller: calls | contacts (CloudTalk) | customers (Kustomer)")
+    p.add_argument("source", choices=["calls", "contacts", "customers"])
     p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
-    p.add_argument("--once", action="store_true", help="poll one window and exit")
+    p.add_argument("--once", action="store_true", help="poll once and exit")
     p.set_defaults(func=run_poll)
 
 
@@ -274,38 +415,52 @@ def run_poll(args: argparse.Namespace) -> int:
     import os
 
     settings = ServiceSettings.from_env()
-    start_logging("poll-calls", settings)
+    start_logging(f"poll-{args.source}", settings)
     config = load_config(args.config or settings.config_path)
     topics = Topics(settings.kafka.topic_prefix)
-    interval = config.cloudtalk.calls_poll_interval_seconds
-    lookback = env_int(os.environ, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600, minimum=0)
-    overlap = env_int(os.environ, "CALLS_POLL_OVERLAP_S", 900, minimum=0)
+    env = os.environ
+    cursors = CursorStore(settings.kafka.bootstrap, topics.cursors)
+    intervals = {"calls": config.cloudtalk.calls_poll_interval_seconds,
+                 "contacts": config.cloudtalk.contacts_poll_interval_seconds,
+                 "customers": min((i.contacts.reconcile_interval_seconds for i in config.active), default=900)}
+    interval = intervals[args.source]
 
     async def main() -> None:
-        last_ok = {"at": 0.0}
+        last_ok = {"at": time.monotonic() if args.source != "calls" else 0.0}
 
         async def ready() -> tuple[bool, dict[str, Any]]:
-            fresh = time.monotonic() - last_ok["at"] < interval * 3 + 60
-            return fresh, {"last_poll_age_s": round(time.monotonic() - last_ok["at"], 1)}
+            age = time.monotonic() - last_ok["at"]
+            return age < interval * 3 + 60, {"last_poll_age_s": round(age, 1)}
 
         health = HealthServer(settings.metrics_host, settings.metrics_port, ready)
         await health.start()
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
         async with aiohttp.ClientSession() as session:
-            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-poll-calls")
+            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-poll-{args.source}")
             await producer.start()
-            poller = CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics,
-                                       CursorStore(settings.kafka.bootstrap, topics.cursors),
-                                       lag_s=config.cloudtalk.calls_poll_lag_seconds, overlap_s=overlap,
-                                       initial_lookback_s=lookback)
+            if args.source == "calls":
+                pollers = [CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics, cursors,
+                                             lag_s=config.cloudtalk.calls_poll_lag_seconds,
+                                             overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 900, minimum=0),
+                                             initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600,
+                                                                        minimum=0))]
+            elif args.source == "contacts":
+                pollers = [ContactsPoller(cloudtalk_poller_client(session, config), producer, topics, cursors)]
+            else:
+                from pipeline.sink.runner import kustomer_clients
+                clients = kustomer_clients(session, config, RetryPolicy(deadline_s=300.0))
+                pollers = [CustomersPoller(i.name, clients[i.name], producer, topics, cursors,
+                                           overlap_s=env_int(env, "CUSTOMERS_POLL_OVERLAP_S", 300, minimum=0))
+                           for i in config.active if i.contacts.import_enabled]
             try:
                 while not stop.is_set():
-                    try:
-                        await poller.poll_once()
-                        last_ok["at"] = time.monotonic()
-                    except Exception as exc:  # noqa: BLE001 - the next poll tries again
-                        log.error("poll_failed", error=f"{type(exc).__name__}: {exc}")
+                    for poller in pollers:
+                        try:
+                            await poller.poll_once()
+                            last_ok["at"] = time.monotonic()
+                        except Exception as exc:  # noqa: BLE001 - the next poll tries again
+                            log.error("poll_failed", source=args.source, error=f"{type(exc).__name__}: {exc}")
                     if args.once:
                         break
                     try:
