@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from pipeline.observability import get_logger, metrics
@@ -210,11 +211,41 @@ class TransformStage:
         return self.transform(records)
 
 
+_PARTITIONER = DefaultPartitioner()
+
+
 async def _send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord]) -> None:
-    futures = [await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers) or None,
-                                   partition=r.partition) for r in records]
-    if futures:
-        await asyncio.gather(*futures)
+    """Send records as one batch per partition and wait until every batch is acknowledged.
+
+    Building batches directly (instead of one ``send`` and one future per record) keeps the
+    per-record cost low; keyed records go where the Java client would put them (murmur2).
+    """
+    if not records:
+        return
+    partitions: dict[str, list[int]] = {}
+    builders: dict[tuple[str, int], Any] = {}
+    futures = []
+    for r in records:
+        partition = r.partition
+        if partition is None:
+            parts = partitions.get(r.topic)
+            if parts is None:
+                parts = partitions[r.topic] = sorted(await producer.partitions_for(r.topic))
+            partition = _PARTITIONER(r.key, parts, parts)
+        slot = (r.topic, partition)
+        builder = builders.get(slot)
+        if builder is None:
+            builder = builders[slot] = producer.create_batch()
+        headers = list(r.headers)
+        if builder.append(timestamp=None, key=r.key, value=r.value, headers=headers) is None:
+            futures.append(await producer.send_batch(builder, r.topic, partition=partition))
+            builder = builders[slot] = producer.create_batch()
+            if builder.append(timestamp=None, key=r.key, value=r.value, headers=headers) is None:
+                raise ValueError(f"a record for {r.topic} is larger than the producer's batch size")
+    for (topic, partition), builder in builders.items():
+        if builder.record_count():
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+    await asyncio.gather(*futures)
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

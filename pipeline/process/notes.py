@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from pipeline.envelope import parse_time
@@ -80,16 +81,21 @@ def template_fields_problems(lines: Sequence[str], flow: str) -> list[str]:
     return problems
 
 
-def render(template: Sequence[str], values: Mapping[str, Any], marker: str) -> str:
+@lru_cache(maxsize=256)
+def _compiled(template: tuple[str, ...], marker: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Each line with the placeholders it needs, parsed once per template."""
     lines = list(template)
     if marker not in lines:
         lines.insert(0, marker)
+    return tuple((line, tuple(placeholders(line))) for line in lines)
+
+
+def render(template: Sequence[str], values: Mapping[str, Any], marker: str) -> str:
     out = []
-    for line in lines:
-        names = placeholders(line)
+    for line, names in _compiled(tuple(template), marker):
         if any(values.get(n) in (None, "", []) for n in names):
             continue
-        out.append(line.format_map(values))
+        out.append(line.format_map(values) if names else line)
     return "\n".join(out)
 
 
@@ -97,6 +103,8 @@ def human_time(value: str | None) -> str | None:
     """``2026-03-02T09:14:05.000Z`` → ``2026-03-02 09:14:05 UTC``."""
     if not value:
         return None
+    if len(value) == 24 and value[10] == "T" and value[-1] == "Z":  # the usual form, without parsing
+        return f"{value[:10]} {value[11:19]} UTC"
     try:
         return parse_time(value).strftime("%Y-%m-%d %H:%M:%S UTC")
     except ValueError:

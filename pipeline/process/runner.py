@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.audit import audit_record
+from pipeline.audit import audit_record, decision
 from pipeline.config import PipelineConfig, load_config
-from pipeline.envelope import Envelope
+from pipeline.envelope import Envelope, utc_now_iso
 from pipeline.kafka import (
+    BatchResult,
     LoopSettings,
     OutRecord,
     Reject,
+    Rejection,
     TransactionalLoop,
     Transform,
     TransformStage,
-    map_records,
 )
 from pipeline.observability import metrics
 from pipeline.process.calls import process_call
@@ -60,42 +62,55 @@ FLOWS: dict[str, Flow] = {
 
 
 def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> Transform:
+    """A batch transform: per record, the flow's decisions as commands plus one audit record."""
     stage = f"process-{flow.name}"
     output = getattr(topics, flow.output_base)
     audit = topics.audit
     m = metrics()
-    filtered = {}
-    emitted = {}
+    filtered: dict[tuple[str, str], Any] = {}
+    emitted: dict[str, Any] = {}
 
-    def one(record: ConsumerRecord) -> list[OutRecord]:
+    def one(record: ConsumerRecord, at: str, out: list[OutRecord]) -> None:
         try:
             env = Envelope.from_json(record.value)
         except SchemaError as exc:
             raise Reject("SchemaError", str(exc)) from None
-        out: list[OutRecord] = []
-        for decision in flow.decide(env, config):
-            if isinstance(decision, Command):
-                body = orjson.dumps(decision.body)
-                out.append(OutRecord(output, body, decision.key.encode(), (
-                    ("command_id", decision.command_id.encode()), ("event_id", env.id.encode()),
-                    ("type", decision.body["type"].encode()))))
-                out.append(audit_record(audit, event_id=env.id, integration=decision.integration, stage=stage,
-                                        decision="emitted", command_id=decision.command_id))
-                c = emitted.get(decision.body["type"])
+        trail = []
+        for d in flow.decide(env, config):
+            if isinstance(d, Command):
+                ctype = d.body["type"]
+                out.append(OutRecord(output, orjson.dumps(d.body), d.key.encode(), (
+                    ("command_id", d.command_id.encode()), ("event_id", env.id.encode()), ("type", ctype.encode()))))
+                trail.append(decision(d.integration, "emitted", command_id=d.command_id))
+                c = emitted.get(ctype)
                 if c is None:
-                    c = emitted[decision.body["type"]] = m.commands_out.labels(flow.target, decision.body["type"])
+                    c = emitted[ctype] = m.commands_out.labels(flow.target, ctype)
                 c.inc()
             else:
-                out.append(audit_record(audit, event_id=env.id, integration=decision.integration, stage=stage,
-                                        decision="dropped", rule=decision.rule, detail=decision.detail or None))
-                key = (decision.integration, decision.rule)
-                c = filtered.get(key)
+                trail.append(decision(d.integration, "dropped", d.rule, d.detail or None))
+                c = filtered.get((d.integration, d.rule))
                 if c is None:
-                    c = filtered[key] = m.events_filtered.labels(*key)
+                    c = filtered[(d.integration, d.rule)] = m.events_filtered.labels(d.integration, d.rule)
                 c.inc()
-        return out
+        out.append(audit_record(audit, event_id=env.id, stage=stage, at=at, decisions=trail))
 
-    return map_records(one)
+    def transform(records: Sequence[ConsumerRecord]) -> BatchResult:
+        result = BatchResult()
+        at = utc_now_iso()
+        for record in records:
+            out: list[OutRecord] = []
+            try:
+                one(record, at, out)
+            except Reject as exc:
+                result.rejections.append(Rejection(record, exc.error_class, exc.message))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bad record never stops the stream
+                result.rejections.append(Rejection(record, type(exc).__name__, str(exc)))
+                continue
+            result.outputs.extend(out)
+        return result
+
+    return transform
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -33,8 +33,8 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.audit import audit_record
-from pipeline.envelope import parse_time
+from pipeline.audit import audit_record, decision
+from pipeline.envelope import parse_time, utc_now_iso
 from pipeline.kafka import BatchResult, Lane, OutRecord, Rejection, header
 from pipeline.observability import get_logger, metrics
 from pipeline.schemas import SchemaError, validate
@@ -165,6 +165,7 @@ class SinkStage:
         index_updates: dict[str, Any] = {}
         first_unfinished: int | None = None
         now = time.time()
+        at = utc_now_iso()
         for i, p in enumerate(planned):
             cid, ctype = p.command["command_id"], p.command["type"]
             result = results.get(i)
@@ -176,10 +177,9 @@ class SinkStage:
                 if result.outcome == "reconciled":
                     self.stats["reconciled"] += 1
                 self._commands.labels(self.effects.target, ctype, result.outcome.split(":")[0]).inc()
-                outputs.append(audit_record(self.audit_topic, event_id=event_id, integration=integration,
-                                            stage=self.name, decision="skipped" if result.outcome.startswith("skipped")
-                                            else "done", rule=result.outcome, command_id=cid,
-                                            detail=orjson.dumps(result.steps).decode()))
+                what = "skipped" if result.outcome.startswith("skipped") else "done"
+                outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
+                    decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid)]))
                 try:
                     flow = p.command.get("flow") or ctype
                     self._e2e.labels(flow).observe(max(0.0, now - parse_time(p.command["occurred_at"]).timestamp()))
@@ -191,9 +191,8 @@ class SinkStage:
                 self.stats["failed"] += 1
                 self._commands.labels(self.effects.target, ctype, "rejected").inc()
                 rejections.append(Rejection(p.record, "TargetRejected", str(result)))
-                outputs.append(audit_record(self.audit_topic, event_id=event_id, integration=integration,
-                                            stage=self.name, decision="dead_lettered", rule=f"http_{result.status}",
-                                            detail=str(result)[:500], command_id=cid))
+                outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
+                    decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid)]))
             else:
                 self.stats["unfinished"] += 1
                 if first_unfinished is None or p.record.offset < first_unfinished:

@@ -71,7 +71,7 @@ def test_reference_call_body_is_valid_and_round_trips():
     (lambda d: d["payload"].update(call_id="abc"), "payload.call_id", "type"),
     (lambda d: d["payload"].pop("direction"), "payload", "required"),
     (lambda d: d["payload"].update(direction="sideways"), "payload.direction", "enum"),
-    (lambda d: d["payload"].update(rating=9), "payload.rating", "anyOf"),
+    (lambda d: d["payload"].update(rating=9), "payload.rating", "maximum"),
     (lambda d: d.update(source="zendesk"), "source", "enum"),
     (lambda d: d.update(integration="Bad Name!"), "integration", "pattern"),
     (lambda d: d.pop("occurred_at"), "(root)", "required"),
