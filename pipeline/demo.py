@@ -218,7 +218,7 @@ class Demo:
             await self._wait_idle(http, bootstrap, topics, urls, "[5/7]")
             self.say("      replaying the whole window as a backfill (must write nothing new) …")
             before = await self._kustomer_writes(http, urls)
-            window_from = (self.started_at - timedelta(minutes=1)).isoformat()
+            window_from = (self.started_at - timedelta(minutes=15)).isoformat()  # calls start before they end
             window_to = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "pipeline", "backfill", "calls", "--from", window_from, "--to", window_to,
@@ -361,8 +361,9 @@ class Demo:
         for r in audit:
             a = orjson.loads(r.value)
             if a["stage"].startswith("process-"):
-                decisions[(a["event_id"], a["integration"])] = (
-                    "emitted" if a["decision"] == "emitted" else f"dropped:{a['rule']}")
+                for d in a["decisions"]:
+                    decisions[(a["event_id"], d["integration"])] = (
+                        "emitted" if d["decision"] == "emitted" else f"dropped:{d['rule']}")
         got_dropped: dict[str, Counter] = defaultdict(Counter)
         got_emitted = Counter()
         for (_event, integration), d in decisions.items():

@@ -29,7 +29,9 @@ Commit protocol for one batch of one partition (``_process_batch``):
    rest is fetched again.
 
 Rebalances: ``on_partitions_revoked`` waits for the batch in flight (a lock) and closes the
-lanes of revoked partitions, so no transaction outlives its partition. ``on_partitions_assigned``
+lanes of revoked partitions, so no transaction outlives its partition. A lane never processes a
+record below its committed position, and no fetched batch is ever dropped (the consumer's
+position has already moved past it): this keeps batches that race a rebalance exact. ``on_partitions_assigned``
 starts a lane per partition — its first producer id request fences any zombie and completes
 its open transaction — then re-reads the committed offset and seeks there, because aiokafka
 may have fetched it before the zombie's transaction was settled.
@@ -286,7 +288,6 @@ class TransactionalLoop:
         self.settings, self.stage = settings, stage
         self.lanes: dict[TopicPartition, Lane] = {}
         self._lock = asyncio.Lock()
-        self._generation = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
         self._closing = False
@@ -329,7 +330,6 @@ class TransactionalLoop:
         assert self._consumer is not None, "start() first"
         consumer = self._consumer
         while not self._stopping.is_set():
-            generation = self._generation
             batches = await consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
                                              max_records=self.settings.max_batch)
             self._last_poll = time.monotonic()
@@ -337,8 +337,9 @@ class TransactionalLoop:
                 self._update_lag()
                 continue
             async with self._lock:
-                if generation != self._generation:
-                    continue  # fetched before a rebalance; positions were reset, fetch again
+                # A batch fetched before a rebalance is never dropped (the consumer's position
+                # has already moved past it): its records below the committed position are
+                # filtered out, the rest are exactly the next records of the partition.
                 work = []
                 for tp, records in batches.items():
                     lane = self.lanes.get(tp)
@@ -517,7 +518,6 @@ class TransactionalLoop:
     # -- rebalance callbacks (called by the consumer's coordinator task) -------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lock:  # waits for the batch in flight
-            self._generation += 1
             if self._closing:
                 return
             gone = [tp for tp in revoked if tp in self.lanes]
@@ -533,7 +533,6 @@ class TransactionalLoop:
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         consumer = self._consumer
         async with self._lock:
-            self._generation += 1
             if self._closing or consumer is None:
                 return
             self._joined = True
@@ -556,7 +555,6 @@ class TransactionalLoop:
                     consumer.resume(tp)  # type: ignore[union-attr]
                 self._fenced.discard(tp)
             await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
-            self._generation += 1  # batches fetched before these seeks are stale
             self._m_assigned.set(len(self.lanes))
             log.info("partitions_assigned", stage=self.stage.name,
                      partitions=sorted(f"{t.topic}:{t.partition}" for t in new))

@@ -186,10 +186,12 @@ class CallHistoryPoller:
         self._pages = metrics().poller_pages.labels("calls")
         self._events = metrics().events_in
 
-    async def publish_window(self, date_from: datetime, date_to: datetime, via: str,
-                             progress: bool = False) -> dict[str, int]:
-        """Every finished call started in [date_from, date_to] into the raw calls topic."""
-        counts = {"pages": 0, "calls": 0, "published": 0, "active": 0, "invalid": 0}
+    async def publish_window(self, date_from: datetime, date_to: datetime, via: str, progress: bool = False,
+                             skip: set[int] | None = None,
+                             published: list[tuple[int, str]] | None = None) -> dict[str, int]:
+        """Every finished call started in [date_from, date_to] into the raw calls topic, except
+        the call ids in ``skip``; ``published`` collects (call id, started_at) of what was sent."""
+        counts = {"pages": 0, "calls": 0, "published": 0, "active": 0, "invalid": 0, "seen_before": 0}
         async for page in self.client.iter_calls(date_from=_utc(date_from).replace(tzinfo=None),
                                                  date_to=_utc(date_to).replace(tzinfo=None)):
             counts["pages"] += 1
@@ -200,6 +202,9 @@ class CallHistoryPoller:
                 body = cdr_to_call_ended(item)
                 if body is None:
                     counts["active"] += 1
+                    continue
+                if skip and body["call_id"] in skip:
+                    counts["seen_before"] += 1
                     continue
                 try:
                     env: Envelope = cloudtalk_envelope(body, ACCOUNT, via)
@@ -212,6 +217,8 @@ class CallHistoryPoller:
                                                         headers=[("event_id", env.id.encode()),
                                                                  ("type", b"call.ended")]))
                 self._events.labels("cloudtalk", "call.ended", via).inc()
+                if published is not None:
+                    published.append((body["call_id"], body["started_at"]))
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
             if progress:
@@ -229,9 +236,16 @@ class CallHistoryPoller:
         date_to = now - timedelta(seconds=self.lag_s)
         if date_to <= date_from:
             return {"skipped": "window empty"}
-        counts = await self.publish_window(date_from, date_to, "poller")
+        # calls of the overlap this poller already published are not published again
+        recent = {int(c): t for c, t in ((cursor or {}).get("recent") or {}).items()}
+        sent: list[tuple[int, str]] = []
+        counts = await self.publish_window(date_from, date_to, "poller", skip=set(recent), published=sent)
+        recent.update(sent)
+        keep_after = date_to - timedelta(seconds=self.overlap_s)
+        recent = {c: t for c, t in recent.items() if parse_time(t) >= keep_after}
         await self.cursors.write(self.producer, self.CURSOR,
-                                 {"date_to": date_to.isoformat(), "polled_at": now.isoformat(), **counts})
+                                 {"date_to": date_to.isoformat(), "polled_at": now.isoformat(),
+                                  "recent": {str(c): t for c, t in recent.items()}, **counts})
         log.info("calls_polled", date_from=date_from.isoformat(), date_to=date_to.isoformat(), **counts)
         return {"date_from": date_from.isoformat(), "date_to": date_to.isoformat(), **counts}
 

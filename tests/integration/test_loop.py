@@ -213,3 +213,47 @@ async def test_two_members_share_partitions_and_survive_one_killed(kafka: KafkaI
     assert max(counts.values()) == 1
     log_b = (tmp_path / "m1.log").read_text()
     assert "partitions_assigned" in log_b
+
+
+async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate_nothing(kafka: KafkaIO,
+                                                                                         topic_prefix: str):
+    """Batches that race a rebalance (fetched before, committed after) must be neither dropped nor repeated."""
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=6)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    group = f"{topic_prefix}g"
+    values = [f"j{i:05d}".encode() for i in range(15_000)]
+
+    def member(name: str) -> TransactionalLoop:
+        # a long poll: one getmany spans a whole rebalance and returns what was fetched after it
+        settings = LoopSettings(bootstrap=kafka.bootstrap, group_id=group, input_topics=(src,), deadletter_topic=dlq,
+                                max_batch=200, poll_timeout_ms=3000, session_timeout_ms=6000,
+                                heartbeat_interval_ms=500)
+        return TransactionalLoop(settings, TransformStage(name, copy_transform(dst, None)))
+
+    steady = member("steady")
+    await steady.start()
+    steady_task = asyncio.create_task(steady.run())
+    producer_task = asyncio.create_task(_produce_slowly(kafka, src, values))
+    rebalances = 0
+    try:
+        for round_ in range(4):  # a second member joins, works a little, leaves: two rebalances each
+            await asyncio.sleep(1.0)
+            guest = member(f"guest{round_}")
+            await guest.start()
+            guest_task = asyncio.create_task(guest.run())
+            await asyncio.sleep(1.5)
+            guest.request_stop()
+            await guest_task
+            await guest.stop()
+            rebalances += 2
+        await producer_task
+        got = await kafka.read_all(dst, expect=len(values), timeout=90)
+    finally:
+        steady.request_stop()
+        await steady_task
+        await steady.stop()
+    counts = Counter(r.value for r in got)
+    assert rebalances == 8
+    assert set(counts) == set(values), f"lost {len(set(values) - set(counts))}"
+    assert max(counts.values()) == 1, f"duplicated {sum(1 for c in counts.values() if c > 1)}"
