@@ -175,7 +175,7 @@ class Demo:
         config_path = self.workdir / "integrations.yaml"
         config_path.write_text(integrations_yaml(urls["ct"], urls["k_support"], urls["k_sales"]))
         env = {"KAFKA_BOOTSTRAP": bootstrap, "TOPIC_PREFIX": self.prefix, "PIPELINE_CONFIG": str(config_path),
-               "LOG_LEVEL": "INFO", "CALLS_POLL_INITIAL_LOOKBACK_S": "900", "CALLS_POLL_OVERLAP_S": "120",
+               "LOG_LEVEL": "INFO", "CALLS_POLL_INITIAL_LOOKBACK_S": "1800", "CALLS_POLL_OVERLAP_S": "1800",
                **SECRETS}
         stack = Stack(self.workdir, env)
         try:

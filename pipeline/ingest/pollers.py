@@ -180,7 +180,7 @@ class CallHistoryPoller:
     CURSOR = "cloudtalk.calls"
 
     def __init__(self, client: Any, producer: AIOKafkaProducer, topics: Topics, cursors: CursorStore,
-                 *, lag_s: int, overlap_s: int = 900, initial_lookback_s: int = 3600) -> None:
+                 *, lag_s: int, overlap_s: int = 3600, initial_lookback_s: int = 3600) -> None:
         self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
         self.lag_s, self.overlap_s, self.initial_lookback_s = lag_s, overlap_s, initial_lookback_s
         self._pages = metrics().poller_pages.labels("calls")
@@ -456,7 +456,7 @@ def run_poll(args: argparse.Namespace) -> int:
             if args.source == "calls":
                 pollers = [CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics, cursors,
                                              lag_s=config.cloudtalk.calls_poll_lag_seconds,
-                                             overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 900, minimum=0),
+                                             overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 3600, minimum=0),
                                              initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600,
                                                                         minimum=0))]
             elif args.source == "contacts":
