@@ -281,6 +281,7 @@ class LoopSettings:
     fetch_max_bytes: int = 16 * 1024 * 1024
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     retry_backoff_max_s: float = 10.0
+    assign_attempts: int = 5  # tries of the stage's preparation of new partitions (e.g. ledger load)
 
 
 class TransactionalLoop:
@@ -290,6 +291,7 @@ class TransactionalLoop:
         self._lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = asyncio.Event()
+        self.fatal: Exception | None = None
         self._closing = False
         self._joined = False
         self._last_poll = 0.0
@@ -535,7 +537,6 @@ class TransactionalLoop:
         async with self._lock:
             if self._closing or consumer is None:
                 return
-            self._joined = True
             new = [tp for tp in assigned if tp not in self.lanes or self.lanes[tp].closed]
             lanes = await asyncio.gather(*(self._open_lane(tp) for tp in new))
             for lane in lanes:
@@ -554,7 +555,25 @@ class TransactionalLoop:
                 if tp in assigned:
                     consumer.resume(tp)  # type: ignore[union-attr]
                 self._fenced.discard(tp)
-            await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
+            # The stage's own preparation (a sink loads its ledger) must succeed before any record
+            # of these partitions is handled; aiokafka would only log an exception raised here.
+            attempts = self.settings.assign_attempts
+            for attempt in range(1, attempts + 1):
+                try:
+                    await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    log.error("assignment_preparation_failed", stage=self.stage.name, attempt=attempt,
+                              error=f"{type(exc).__name__}: {exc}")
+                    if attempt == attempts:
+                        # never handle records without the stage's state: stop, exit non-zero
+                        for tp in new:
+                            await self._close_lane(self.lanes.pop(tp))
+                        self.fatal = exc
+                        self.request_stop()
+                        return
+                    await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
+            self._joined = True  # ready: assigned, lanes open, positions set
             self._m_assigned.set(len(self.lanes))
             log.info("partitions_assigned", stage=self.stage.name,
                      partitions=sorted(f"{t.topic}:{t.partition}" for t in new))

@@ -16,31 +16,39 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from pipeline.settings import KafkaSettings
 
 
-async def _last_data_offset(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int, committed: int) -> int:
-    """Offset after the last committed data record in [committed, end); ``committed`` if none."""
-    if end <= committed:
-        return committed
-    back = 16
-    while True:
-        start = max(committed, end - back)
-        consumer.seek(tp, start)
-        last = None
-        while True:
-            batch = await consumer.getmany(tp, timeout_ms=300, max_records=5000)
-            records = batch.get(tp, [])
-            if records:
-                last = records[-1].offset
-            if await consumer.position(tp) >= end or not records:
-                break
-        if last is not None:
-            return last + 1
-        if start == committed:
-            return committed
-        back *= 8
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a short-lived consumer. aiokafka awaits its own cancelled offset task on stop and
+    lets that CancelledError out when the consumer stops right after starting; only a
+    cancellation of the calling task itself is passed on."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+async def _data_records(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int,
+                        deadline_s: float = 10.0) -> int:
+    """Data records in [start, end) read ``read_committed``: control markers and aborted records
+    do not count. A very long range is estimated by its offsets."""
+    if end <= start:
+        return 0
+    if end - start > 200_000:
+        return end - start
+    consumer.seek(tp, start)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline_s
+    n = 0
+    while await consumer.position(tp) < end and loop.time() < give_up:
+        batch = await consumer.getmany(tp, timeout_ms=500, max_records=10_000)
+        n += sum(1 for r in batch.get(tp, []) if r.offset < end)
+    return n
 
 
 async def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = None) -> dict[TopicPartition, int]:
@@ -48,11 +56,20 @@ async def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = N
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        committed = await admin.list_consumer_group_offsets(group)
+        for attempt in range(40):  # a fresh broker elects the group coordinator on first use
+            try:
+                committed = await admin.list_consumer_group_offsets(group)
+                break
+            except KafkaError as exc:
+                if not exc.retriable or attempt == 39:
+                    raise
+                await asyncio.sleep(0.25)
     finally:
         await admin.close()
     wanted = set(topics) if topics is not None else None
     tps = {tp: meta.offset for tp, meta in committed.items() if wanted is None or tp.topic in wanted}
+    if not tps and not wanted:
+        return {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 isolation_level="read_committed")
     await consumer.start()
@@ -68,26 +85,9 @@ async def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = N
         consumer.assign(list(tps))
         ends = await consumer.end_offsets(list(tps))
         for tp, offset in tps.items():
-            start = max(offset, 0)
-            if ends[tp] <= start:
-                lag[tp] = 0
-                continue
-            last = await _last_data_offset(consumer, tp, ends[tp], start)
-            if last <= start:
-                lag[tp] = 0
-                continue
-            # count data records in [start, last)
-            consumer.seek(tp, start)
-            n = 0
-            while await consumer.position(tp) < last:
-                batch = await consumer.getmany(tp, timeout_ms=300, max_records=10_000)
-                records = batch.get(tp, [])
-                if not records:
-                    break
-                n += sum(1 for r in records if r.offset < last)
-            lag[tp] = n
+            lag[tp] = await _data_records(consumer, tp, max(offset, 0), ends[tp])
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
     return lag
 
 
@@ -120,7 +120,7 @@ async def read_topic(bootstrap: str, topic: str, idle_s: float = 1.0) -> list:
             if loop.time() - last > idle_s * 5:
                 break
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
     return out
 
 

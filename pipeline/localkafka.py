@@ -211,7 +211,9 @@ class LocalKafka:
         if (self.data_dir / "meta.properties").exists():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: a leading '-' reads as an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties_file),
                          jvm=["-Xmx256m", f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}"])
         result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

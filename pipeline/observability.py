@@ -82,7 +82,12 @@ def mask_event(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[s
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
-    return orjson.dumps(obj, default=default or str).decode()
+    """Render a log event; logging never raises into the code that logs."""
+    try:
+        return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        return orjson.dumps({"event": str(obj.get("event", "?")) if isinstance(obj, dict) else "?",
+                             "log_error": f"unrenderable event: {exc}"}).decode()
 
 
 def configure_logging(service: str, level: str = "INFO", stream: Any = None) -> None:

@@ -39,6 +39,8 @@ async def run_loop_service(name: str, loop: TransactionalLoop, settings: Service
             await after_stop()
         await health.stop()
         log.info("service_stopped", service=name)
+    if loop.fatal is not None:
+        raise SystemExit(f"{name}: stopped: {type(loop.fatal).__name__}: {loop.fatal}")
 
 
 def start_logging(name: str, settings: ServiceSettings) -> None:

@@ -123,6 +123,8 @@ class Stack:
             if svc.running:
                 svc.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
+        self.stop_seconds: dict[str, float] = {}
+        started = time.monotonic()
         for svc in self.services.values():
             if svc.proc is None:
                 continue
@@ -131,4 +133,5 @@ class Stack:
             except subprocess.TimeoutExpired:
                 svc.proc.kill()
                 codes[svc.name] = svc.proc.wait(10)
+            self.stop_seconds[svc.name] = round(time.monotonic() - started, 1)
         return codes

@@ -300,11 +300,12 @@ class CloudTalkClient:
     # ---- plumbing ---------------------------------------------------------------------------
 
     async def _call(self, method: str, path: str, op: str, *, json: Any = None,
-                    params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = ()) -> ApiResponse:
+                    params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
+                    idempotent: bool = True) -> ApiResponse:
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         try:
             return await self.executor.request(method, f"{self.base_url}{path}", op, json=json,
-                                               params=query or None, accept=accept)
+                                               params=query or None, accept=accept, idempotent=idempotent)
         except RejectedError as exc:
             if exc.status == 406 and not isinstance(exc, ValidationError):
                 data = _response_data(exc.body)
@@ -354,7 +355,8 @@ class CloudTalkClient:
 
     async def add_contact(self, body: ContactBody) -> str:
         """``PUT /contacts/add.json`` → the new contact id (a string, as CloudTalk sends it)."""
-        response = await self._call("PUT", "/contacts/add.json", "contacts.add", json=body)
+        # not idempotent: an ambiguous failure raises AmbiguousOutcomeError (see create_or_find)
+        response = await self._call("PUT", "/contacts/add.json", "contacts.add", json=body, idempotent=False)
         return str(_response_data(response.body)["data"]["id"])
 
     async def edit_contact(self, contact_id: int | str, body: ContactBody) -> bool:

@@ -1,7 +1,9 @@
 """Typed async client of the Kustomer REST API (reference §2), shared by pollers and sinks.
 
 Every request goes through an :class:`~pipeline.sink.http.HttpExecutor` (pacing from the
-``x-ratelimit-*`` headers, 429 waits, backoff for 408/5xx). Methods return the JSON:API resource
+``x-ratelimit-*`` headers, 429 waits, backoff for 408/5xx). Creates are not idempotent: an
+ambiguous failure raises :class:`~pipeline.sink.http.AmbiguousOutcomeError` rather than a blind
+retry (callers use :func:`~pipeline.sink.http.create_or_find`). Methods return the JSON:API resource
 object (``data``); lookups return None on 404; ``create_customer`` raises :class:`ConflictError`
 on 409 (an email, phone, WhatsApp number or externalId that belongs to another customer).
 """
@@ -73,10 +75,11 @@ class KustomerClient:
         return cls(executor, base_url)
 
     async def _call(self, method: str, path: str, op: str, *, json: Any = None,
-                    params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = ()) -> ApiResponse:
+                    params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
+                    idempotent: bool = True) -> ApiResponse:
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         return await self.executor.request(method, f"{self.base_url}{path}", op, json=json, params=query or None,
-                                           accept=accept)
+                                           accept=accept, idempotent=idempotent)
 
     async def _pages(self, path: str, op: str, params: dict[str, Any], method: str = "GET",
                      json: Any = None) -> AsyncIterator[list[Resource]]:
@@ -128,7 +131,8 @@ class KustomerClient:
         return await self._find("externalId", external_id)
 
     async def create_customer(self, attributes: Mapping[str, Any]) -> Resource:
-        r = await self._call("POST", "/v1/customers", "customers.create", json=attributes, accept=(409,))
+        r = await self._call("POST", "/v1/customers", "customers.create", json=attributes, accept=(409,),
+                             idempotent=False)
         if r.status == 409:
             raise ConflictError("customers.create", r.body)
         return _data(r)
@@ -165,7 +169,8 @@ class KustomerClient:
 
     # -- conversations and notes -----------------------------------------------------------------
     async def create_conversation(self, attributes: Mapping[str, Any]) -> Resource:
-        return _data(await self._call("POST", "/v1/conversations", "conversations.create", json=attributes))
+        return _data(await self._call("POST", "/v1/conversations", "conversations.create", json=attributes,
+                                      idempotent=False))
 
     async def get_conversation(self, conversation_id: str) -> Resource | None:
         r = await self._call("GET", f"/v1/conversations/{conversation_id}", "conversations.get", accept=(404,))
@@ -186,7 +191,7 @@ class KustomerClient:
 
     async def create_note(self, conversation_id: str, body: str) -> Resource:
         return _data(await self._call("POST", "/v1/notes", "notes.create",
-                                      json={"conversation": conversation_id, "body": body}))
+                                      json={"conversation": conversation_id, "body": body}, idempotent=False))
 
     async def iter_conversation_notes(self, conversation_id: str, *, page_size: int = 100) -> AsyncIterator[list[Resource]]:
         async for page in self._pages(f"/v1/conversations/{conversation_id}/notes", "notes.by_conversation",
@@ -197,7 +202,7 @@ class KustomerClient:
     async def create_outbound_webhook(self, name: str, url: str, events: list[str],
                                       headers: list[dict[str, str]] | None = None) -> Resource:
         body = {"name": name, "url": url, "events": events, "headers": headers or []}
-        return _data(await self._call("POST", "/v1/outbound-webhooks", "webhooks.create", json=body))
+        return _data(await self._call("POST", "/v1/outbound-webhooks", "webhooks.create", json=body, idempotent=False))
 
     async def list_outbound_webhooks(self) -> list[Resource]:
         out: list[Resource] = []

@@ -11,7 +11,9 @@ effects must then be *reconciled* — looked up before anything is written again
 2. skip commands the ledger knows as done (redeliveries, replays, backfills) or failed (unless
    replayed from the dead-letter topic), and duplicates inside the batch;
 3. commit ``started`` ledger entries for the commands about to run, in a transaction of their
-   own, *before* any HTTP effect — so a crash later is always detectable;
+   own, *before* any HTTP effect — so a crash later is always detectable; commands found
+   ``started`` (their instance died) wait a settle time after that intent, so a request still in
+   flight at the target has landed before they are reconciled;
 4. perform the effects: in order within a lane (the command key: one customer number, one
    integration), lanes concurrently;
 5. hand back to the loop: ``done``/``failed`` ledger entries, audit records and dead letters,
@@ -63,6 +65,13 @@ class Effects(Protocol):
     # updates of the commands before it in this batch). ``Done.index`` adds to it.
 
 
+def _epoch(iso: str) -> float:
+    try:
+        return parse_time(iso).timestamp()
+    except (ValueError, TypeError):
+        return 0.0
+
+
 @dataclass(slots=True)
 class _Planned:
     record: ConsumerRecord
@@ -72,9 +81,11 @@ class _Planned:
 
 
 class SinkStage:
-    def __init__(self, name: str, effects: Effects, ledger: Ledger, audit_topic: str, concurrency: int = 16) -> None:
+    def __init__(self, name: str, effects: Effects, ledger: Ledger, audit_topic: str, concurrency: int = 16,
+                 settle_s: float = 20.0) -> None:
         self.name, self.effects, self.ledger, self.audit_topic = name, effects, ledger, audit_topic
         self.concurrency = concurrency
+        self.settle_s = settle_s
         self.stats = {"done": 0, "skipped_duplicate": 0, "failed": 0, "unfinished": 0, "reconciled": 0}
         m = metrics()
         self._commands = m.commands
@@ -131,6 +142,16 @@ class SinkStage:
         if intents:
             await lane.publish([self.ledger.record(partition, e) for e in intents])
             self.ledger.apply(partition, intents)
+
+        # A command another instance started before it died may still have a request in flight at
+        # the target: wait until the settle time after its intent before looking anything up.
+        crashed = [p.prior for p in planned if p.prior is not None and p.prior.state == STARTED]
+        if crashed:
+            newest = max(_epoch(e.at) for e in crashed)
+            wait = newest + self.settle_s - time.time()
+            if wait > 0:
+                log.info("reconcile_settle", partition=partition, commands=len(crashed), wait_s=round(wait, 1))
+                await asyncio.sleep(wait)
 
         # 4. effects: ordered per lane, lanes concurrently; each sees the index so far
         results: dict[int, Done | Exception] = {}

@@ -35,7 +35,7 @@ from pipeline.config import PipelineConfig
 from pipeline.observability import get_logger
 from pipeline.process.phones import normalize_e164
 from pipeline.sink.base import Done
-from pipeline.sink.http import RateWindow, RejectedError, RetryPolicy
+from pipeline.sink.http import RateWindow, RejectedError, RetryPolicy, create_or_find
 from pipeline.sink.ledger import LedgerEntry
 
 log = get_logger(__name__)
@@ -126,8 +126,10 @@ class CloudTalkEffects:
     target = "cloudtalk"
     command_schemas: Mapping[str, str] = {"cloudtalk.upsert_contact": "command.cloudtalk.upsert_contact"}
 
-    def __init__(self, cloudtalk: Any, kustomer: Mapping[str, Any], refresh_s: float = 600.0) -> None:
+    def __init__(self, cloudtalk: Any, kustomer: Mapping[str, Any], refresh_s: float = 600.0,
+                 settle_s: float = 20.0) -> None:
         self.ct, self.kustomer = cloudtalk, kustomer
+        self.settle_s = settle_s
         self.refresh_s = refresh_s
         self._own_users: dict[str, str | None] = {}
         self._companies: dict[tuple[str, str], str | None] = {}
@@ -298,8 +300,13 @@ class CloudTalkEffects:
         body = contact_body(merged, current, contact.get("tag"))
         # 5. write only what differs
         if current is None:
-            target = str(await self.ct.add_contact(body))
-            outcome = "created"
+            async def find_ours() -> str | None:
+                found_id, how_found = await self.find_in_cloudtalk("none", contact, link)
+                return found_id if how_found == "reconciled" else None
+
+            new_id, found = await create_or_find(lambda: self.ct.add_contact(body), find_ours, settle_s=self.settle_s)
+            target = str(new_id)
+            outcome = "reconciled" if found else "created"
         elif body:
             if not await self.ct.edit_contact(target, body):
                 raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
@@ -327,7 +334,7 @@ def _values(items: Any, field: str) -> list[str]:
 
 
 async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEntry | None,
-                          index: Mapping[str, Any]) -> Done:
+                          index: Mapping[str, Any], settle_s: float = 20.0) -> Done:
     from pipeline.clients.kustomer import ConflictError
 
     integration, contact_id = command["integration"], command["contact_id"]
@@ -376,7 +383,12 @@ async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEnt
     body = {"name": desired.get("name") or (phones[0] if phones else emails[0] if emails else contact_id),
             "externalId": contact_id, "phones": desired["phones"], "emails": desired["emails"]}
     try:
-        created = await client.create_customer(body)
+        created, found = await create_or_find(lambda: client.create_customer(body),
+                                               lambda: client.find_customer_by_external_id(contact_id),
+                                               settle_s=settle_s)
+        if found:
+            return Done({"customer_id": created["id"]}, "reconciled",
+                        {key: {"customer_id": created["id"], "version": command["version"]}})
     except ConflictError:
         again = await client.find_customer_by_external_id(contact_id)
         if again is None:  # a phone or e-mail was taken meanwhile
@@ -388,7 +400,7 @@ async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEnt
 
 
 async def build_cloudtalk_effects(session: aiohttp.ClientSession, config: PipelineConfig,
-                                  policy: RetryPolicy) -> CloudTalkEffects:
+                                  policy: RetryPolicy, settle_s: float = 20.0) -> CloudTalkEffects:
     from pipeline.clients.cloudtalk import CloudTalkClient
     from pipeline.sink.runner import kustomer_clients
 
@@ -396,4 +408,4 @@ async def build_cloudtalk_effects(session: aiohttp.ClientSession, config: Pipeli
     window = RateWindow(reserve=0, fallback_per_minute=ct.rate_limit_per_minute)
     cloudtalk = CloudTalkClient.from_credentials(session, ct.base_url, ct.key_id.value(), ct.key_secret.value(),
                                                  window=window, policy=policy)
-    return CloudTalkEffects(cloudtalk, kustomer_clients(session, config, policy))
+    return CloudTalkEffects(cloudtalk, kustomer_clients(session, config, policy), settle_s=settle_s)

@@ -22,9 +22,9 @@ import enum
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -40,6 +40,7 @@ from tenacity import (
 from pipeline.observability import get_logger, metrics
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 
 class Outcome(enum.Enum):
@@ -93,10 +94,19 @@ class RetryExhaustedError(ApiError):
     """Transient failures (408/5xx/timeouts/connection errors) lasted past the retry deadline."""
 
 
+class AmbiguousOutcomeError(ApiError):
+    """A create was sent but failed in a way that does not say whether it happened (timeout,
+    connection lost, 5xx). It is not retried blindly: see :func:`create_or_find`."""
+
+    def __init__(self, target: str, op: str, status: int | None, message: str, sent_at: float) -> None:
+        super().__init__(target, op, status, message)
+        self.sent_at = sent_at  # time.monotonic() when the request left
+
+
 class _Transient(Exception):
-    def __init__(self, status: int | None, message: str) -> None:
+    def __init__(self, status: int | None, message: str, sent: bool = True, sent_at: float = 0.0) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.sent, self.sent_at = status, sent, sent_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,9 +247,14 @@ class HttpExecutor:
         self._retry_transient = m.http_retries.labels(target, "transient")
         self.requests_sent = 0
         self.rate_limited = 0
+        self._sent_at = 0.0
 
     async def request(self, method: str, url: str, op: str, *, json: Any = None,
-                      params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = ()) -> ApiResponse:
+                      params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
+                      idempotent: bool = True) -> ApiResponse:
+        """``idempotent=False`` (creates): a failure after the request was sent raises
+        :class:`AmbiguousOutcomeError` instead of being retried; failures before it was sent (no
+        connection) and 429s are retried as usual."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Transient),
             wait=wait_random_exponential(multiplier=self.policy.initial_s, max=self.policy.max_backoff_s),
@@ -249,7 +264,12 @@ class HttpExecutor:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._until_not_rate_limited(method, url, op, json, params, accept)
+                    try:
+                        return await self._until_not_rate_limited(method, url, op, json, params, accept)
+                    except _Transient as exc:
+                        if not idempotent and exc.sent:
+                            raise AmbiguousOutcomeError(self.target, op, exc.status, str(exc), exc.sent_at) from None
+                        raise
         except RetryError as exc:
             last = exc.last_attempt.exception()
             status = last.status if isinstance(last, _Transient) else None
@@ -278,7 +298,7 @@ class HttpExecutor:
             if outcome is Outcome.SUCCESS or response.status in accept:
                 return response
             if outcome is Outcome.RETRY:
-                raise _Transient(response.status, f"HTTP {response.status}")
+                raise _Transient(response.status, f"HTTP {response.status}", True, self._sent_at)
             raise RejectedError(self.target, op, response.status, _error_message(response), response.body)
 
     async def _send_once(self, method: str, url: str, op: str, body: Any,
@@ -290,6 +310,7 @@ class HttpExecutor:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
+        self._sent_at = time.monotonic()
         status_label = "error"
         try:
             async with self.session.request(
@@ -308,8 +329,10 @@ class HttpExecutor:
                 except orjson.JSONDecodeError:
                     parsed = None
                 return ApiResponse(resp.status, resp.headers, parsed, text)
+        except aiohttp.ClientConnectorError as exc:  # never reached the target
+            raise _Transient(None, f"{type(exc).__name__}: {exc}", False) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _Transient(None, f"{type(exc).__name__}: {exc}") from exc
+            raise _Transient(None, f"{type(exc).__name__}: {exc}", True, self._sent_at) from exc
         finally:
             metrics().http_seconds.labels(self.target, op, status_label).observe(time.perf_counter() - started)
 
@@ -328,3 +351,33 @@ def _error_message(response: ApiResponse) -> str:
         if "message" in body:
             return str(body["message"])
     return response.text[:300]
+
+
+async def create_or_find(create: Callable[[], Awaitable[T]], find: Callable[[], Awaitable[T | None]], *,
+                         settle_s: float, deadline_s: float = 300.0) -> tuple[T, bool]:
+    """Make a resource exist exactly once without idempotency keys.
+
+    ``create`` is attempted; when its outcome is ambiguous (the request was sent, then a timeout,
+    a lost connection or a 5xx), the target may still finish it. So: wait until ``settle_s`` after
+    the request was sent, ``find`` it by its deterministic key, and create again only when it is
+    absent. Returns ``(resource, found)``. A request the target keeps working on for longer than
+    ``settle_s`` is the one case this cannot see.
+    """
+    started = time.monotonic()
+    delay = 0.5
+    while True:
+        try:
+            return await create(), False
+        except AmbiguousOutcomeError as exc:
+            wait = exc.sent_at + settle_s - time.monotonic()
+            log.warning("create_outcome_unknown", target=exc.target, op=exc.op, error=str(exc),
+                        settle_s=round(max(wait, 0.0), 1))
+            if wait > 0:
+                await asyncio.sleep(wait)
+            found = await find()
+            if found is not None:
+                return found, True
+            if time.monotonic() - started > deadline_s:
+                raise RetryExhaustedError(exc.target, exc.op, exc.status, "create kept failing") from None
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 10.0)

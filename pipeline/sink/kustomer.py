@@ -10,7 +10,9 @@
 3. note — the marker line (``CloudTalk call {id}``) identifies it; when the conversation was
    found rather than created, its notes are searched for the marker first.
 
-Creates of conversations and notes are paced to Kustomer's 120 per minute per customer.
+Creates of conversations and notes are paced to Kustomer's 120 per minute per customer. A create
+whose outcome is unknown (timeout, lost connection, 5xx) is never repeated blindly: after a settle
+time the resource is looked up by the same key, and created again only when it is absent.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from pipeline.clients.kustomer import ConflictError, KustomerClient
 from pipeline.sink.base import Done
-from pipeline.sink.http import KeyedLimiter, RejectedError
+from pipeline.sink.http import KeyedLimiter, RejectedError, create_or_find
 from pipeline.sink.ledger import LedgerEntry
 
 
@@ -31,8 +33,10 @@ class KustomerEffects:
         "kustomer.upsert_customer": "command.kustomer.upsert_customer",
     }
 
-    def __init__(self, clients: Mapping[str, KustomerClient], per_customer_per_minute: int = 120) -> None:
+    def __init__(self, clients: Mapping[str, KustomerClient], per_customer_per_minute: int = 120,
+                 settle_s: float = 20.0) -> None:
         self.clients = clients
+        self.settle_s = settle_s
         self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
         self.note_limit = KeyedLimiter(per_customer_per_minute, 60.0)
 
@@ -47,7 +51,7 @@ class KustomerEffects:
         if command["type"] == "kustomer.log_conversation":
             return await self.log_conversation(command, prior)
         from pipeline.sink.contacts import export_customer  # the contacts flow's effect
-        return await export_customer(self.client(command), command, prior, index)
+        return await export_customer(self.client(command), command, prior, index, self.settle_s)
 
     # -- calls and SMS -------------------------------------------------------------------------
     async def log_conversation(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done:
@@ -68,8 +72,11 @@ class KustomerEffects:
                 attributes = {"name": wanted.get("name") or wanted["phone"],
                               "phones": [{"type": "mobile", "phone": wanted["phone"]}]}
                 try:
-                    customer_id = (await client.create_customer(attributes))["id"]
-                    steps["customer_created"] = True
+                    customer, found_it = await create_or_find(
+                        lambda: client.create_customer(attributes),
+                        lambda: client.find_customer_by_phone(wanted["phone"]), settle_s=self.settle_s)
+                    customer_id = customer["id"]
+                    steps["customer_created"] = not found_it
                 except ConflictError:
                     found = await client.find_customer_by_phone(wanted["phone"])
                     if found is None:
@@ -88,9 +95,15 @@ class KustomerEffects:
             found_existing = conversation_id is not None
         if not conversation_id:
             await self.conversation_limit.acquire(f"{integration}|{customer_id}")
-            created = await client.create_conversation({
-                "customer": customer_id, "name": conv["name"], "status": conv["status"],
-                "direction": conv["direction"], "externalId": conv["externalId"]})
+            body = {"customer": customer_id, "name": conv["name"], "status": conv["status"],
+                    "direction": conv["direction"], "externalId": conv["externalId"]}
+
+            async def find_conversation() -> dict[str, Any] | None:
+                cid = await self._find_conversation(client, customer_id, conv["externalId"])
+                return {"id": cid} if cid else None
+
+            created, found_existing = await create_or_find(lambda: client.create_conversation(body),
+                                                           find_conversation, settle_s=self.settle_s)
             conversation_id = created["id"]
         steps["conversation_id"] = conversation_id
 
@@ -103,7 +116,16 @@ class KustomerEffects:
             outcome = "reconciled"
         if not note_id:
             await self.note_limit.acquire(f"{integration}|{customer_id}")
-            note_id = (await client.create_note(conversation_id, note["body"]))["id"]
+
+            async def find_note() -> dict[str, Any] | None:
+                nid = await self._find_note(client, conversation_id, note["marker"])
+                return {"id": nid} if nid else None
+
+            created_note, found_note = await create_or_find(lambda: client.create_note(conversation_id, note["body"]),
+                                                            find_note, settle_s=self.settle_s)
+            note_id = created_note["id"]
+            if found_note:
+                outcome = "reconciled"
         steps["note_id"] = note_id
         return Done(steps, outcome)
 

@@ -153,5 +153,5 @@ class Ledger:
         finally:
             await consumer.stop()
         self._gauge.set(sum(len(p) for p in self.partitions.values()))
-        log.info("ledger_loaded", topic=self.topic, entries=counts)
+        log.info("ledger_loaded", topic=self.topic, entries={str(p): n for p, n in counts.items()})
         return counts

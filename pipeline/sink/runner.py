@@ -34,6 +34,13 @@ def retry_policy_from_env() -> RetryPolicy:
                        timeout_s=env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1))
 
 
+def settle_from_env() -> float:
+    """How long after an ambiguous create (or a crash) to wait before looking the effect up."""
+    env = os.environ
+    timeout = env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1)
+    return env_float(env, "SINK_RECONCILE_SETTLE_S", 2 * timeout, minimum=0.0)
+
+
 def kustomer_clients(session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy) -> dict[str, Any]:
     from pipeline.clients.kustomer import KustomerClient
 
@@ -53,18 +60,18 @@ async def build_kustomer_stage(session: aiohttp.ClientSession, config: PipelineC
 
     effects = KustomerEffects(kustomer_clients(session, config, retry_policy_from_env()),
                               per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120,
-                                                              minimum=1))
+                                                              minimum=1), settle_s=settle_from_env())
     return SinkStage("sink-kustomer", effects, Ledger(settings.kafka.bootstrap, topics.kustomer_ledger), topics.audit,
-                     concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1))
+                     concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1), settle_s=settle_from_env())
 
 
 async def build_cloudtalk_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
                                 topics: Topics) -> SinkStage:
     from pipeline.sink.contacts import build_cloudtalk_effects
 
-    effects = await build_cloudtalk_effects(session, config, retry_policy_from_env())
+    effects = await build_cloudtalk_effects(session, config, retry_policy_from_env(), settle_from_env())
     return SinkStage("sink-cloudtalk", effects, Ledger(settings.kafka.bootstrap, topics.cloudtalk_ledger),
-                     topics.audit, concurrency=1)
+                     topics.audit, concurrency=1, settle_s=settle_from_env())
 
 
 SINKS: dict[str, tuple[str, Callable[..., Awaitable[SinkStage]]]] = {

@@ -257,3 +257,31 @@ async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate
     assert rebalances == 8
     assert set(counts) == set(values), f"lost {len(set(values) - set(counts))}"
     assert max(counts.values()) == 1, f"duplicated {sum(1 for c in counts.values() if c > 1)}"
+
+
+class _BrokenPreparation(TransformStage):
+    def __init__(self, dst: str) -> None:
+        super().__init__("broken", copy_transform(dst, None))
+        self.handled = 0
+
+    async def on_assigned(self, lanes) -> None:
+        raise RuntimeError("state store unreachable")
+
+    async def handle(self, lane, records):
+        self.handled += len(records)
+        return await super().handle(lane, records)
+
+
+async def test_a_stage_that_cannot_prepare_its_partitions_handles_nothing_and_stops(kafka: KafkaIO, topic_prefix: str):
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=2)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=2)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    await kafka.produce(src, [(b"k", b"v")] * 10)
+    stage = _BrokenPreparation(dst)
+    loop = TransactionalLoop(_settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq, assign_attempts=2), stage)
+    await loop.start()
+    await asyncio.wait_for(loop.run(), 30)  # returns by itself: the loop stops
+    await loop.stop()
+    assert isinstance(loop.fatal, RuntimeError) and "state store unreachable" in str(loop.fatal)
+    assert stage.handled == 0
+    assert await kafka.read_all(dst, timeout=2, idle=0.5) == []

@@ -37,7 +37,13 @@ from pipeline.sim.cloudtalk import (
     app_from_args,
     running_cloudtalk_sim,
 )
-from pipeline.sink.http import RejectedError, RetryExhaustedError, RetryPolicy
+from pipeline.sink.http import (
+    AmbiguousOutcomeError,
+    RejectedError,
+    RetryExhaustedError,
+    RetryPolicy,
+    create_or_find,
+)
 
 KEY_ID, KEY_SECRET = "test-key-id", "test-secret"
 AGENT = {"id": 493933, "firstname": "Max", "lastname": "Yellow", "email": "max.yellow@example.com",
@@ -722,18 +728,31 @@ async def test_rate_headers_only_on_429_when_so_configured(env: Env) -> None:
 # Faults
 # --------------------------------------------------------------------------------------------
 
-async def test_injected_5xx_are_retried_and_the_effect_happens_once(env: Env) -> None:
+async def test_injected_5xx_on_a_create_are_not_retried_blindly_and_the_effect_happens_once(env: Env) -> None:
     status, _ = await env.raw.sim("POST", "faults", [
         {"match": r"PUT /api/contacts/add\.json", "status": 500, "times": 1},
         {"match": r"PUT /api/contacts/add\.json", "status": 503, "times": 1},
     ])
     assert status == 201
-    cid = await env.client.add_contact({"name": "Retried"})
+    # a 5xx does not say whether the contact was added: the client reports it instead of retrying
+    with pytest.raises(AmbiguousOutcomeError) as info:
+        await env.client.add_contact({"name": "Retried"})
+    assert info.value.status == 500
+    assert [e.status for e in env.requests("PUT")] == [500]
+
+    async def find() -> str | None:
+        page = await env.client.list_contacts(keyword="Retried")
+        return page["data"][0]["Contact"]["id"] if page["data"] else None
+
+    cid, found = await create_or_find(lambda: env.client.add_contact({"name": "Retried"}), find, settle_s=0.0)
     adds = env.requests("PUT")
     assert [(e.status, e.fault) for e in adds] == [(500, "status"), (503, "status"), (201, None)]
-    assert [e.effect for e in adds] == [None, None, f"contact.add {cid}"]
+    assert [e.effect for e in adds] == [None, None, f"contact.add {cid}"] and found is False
     assert len(env.sim.company.contacts) == 1
 
+    # reads are idempotent: a 5xx is retried
+    await env.raw.sim("POST", "faults", {"match": "GET /api/contacts/show", "status": 500, "times": 1})
+    assert (await env.client.get_contact(cid))["Contact"]["name"] == "Retried"
     await env.raw.sim("POST", "faults", {"match": "GET /api/contacts/show", "status": 500, "times": 1})
     status, body, headers = await env.raw.call("GET", f"/contacts/show/{cid}.json")
     assert (status, body) == (500, {"responseData": {"status": 500, "message": "Something went wrong."}})

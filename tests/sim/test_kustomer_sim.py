@@ -21,7 +21,13 @@ from aiohttp.test_utils import TestServer
 
 from pipeline.clients.kustomer import ConflictError, KustomerClient
 from pipeline.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
-from pipeline.sink.http import RejectedError, RetryExhaustedError, RetryPolicy
+from pipeline.sink.http import (
+    AmbiguousOutcomeError,
+    RejectedError,
+    RetryExhaustedError,
+    RetryPolicy,
+    create_or_find,
+)
 from tests.conftest import REPO
 
 KEY = "test-key"
@@ -459,13 +465,16 @@ async def fault(raw: Raw, **spec: Any) -> None:
     assert status == 201
 
 
-async def test_injected_5xx_are_retried_but_4xx_are_not(env):
+async def test_injected_5xx_are_retried_on_reads_reported_on_creates_and_4xx_never_retried(env):
     sim, url, client, raw = env
     await fault(raw, match="POST /v1/customers$", kind="status", status=500, script=[True, True])
-    created = await client.create_customer(JANA)
+    with pytest.raises(AmbiguousOutcomeError):  # a 5xx does not say whether the customer exists
+        await client.create_customer(JANA)
+    created, found = await create_or_find(lambda: client.create_customer(JANA),
+                                          lambda: client.find_customer_by_phone("+421905123456"), settle_s=0.0)
     posts = [e for e in sim.log.entries if e.method == "POST" and e.path == "/v1/customers"]
     assert [e.status for e in posts] == [500, 500, 201] and len(sim.customers) == 1
-    assert created["id"] in sim.customers
+    assert created["id"] in sim.customers and found is False
     await fault(raw, match="GET /v1/customers/", kind="status", status=503, times=1)
     assert (await client.get_customer(created["id"]))["id"] == created["id"]
     sim.log.clear()

@@ -49,3 +49,11 @@ def test_log_lines_are_json_and_masked():
     assert "7700900" not in line["sender"]
     assert line["event_id"] == "cloudtalk:sms:1"
     assert "supersecret" not in stream.getvalue()
+
+
+def test_an_event_orjson_cannot_render_as_is_still_logs_and_never_raises():
+    stream = io.StringIO()
+    configure_logging("test-service", "INFO", stream=stream)
+    get_logger("x").info("ledger_loaded", entries={0: 3, 1: 5})
+    line = orjson.loads(stream.getvalue().strip().splitlines()[-1])
+    assert line["entries"] == {"0": 3, "1": 5}

@@ -1,0 +1,168 @@
+"""End-to-end harness: the services as separate processes, the simulators, the real broker.
+
+The simulators run inside the test (so a test reads their state, request logs and injects
+faults); ingest, processors and sinks are ``python -m pipeline …`` processes started with
+:class:`pipeline.stack.Stack`. Every test gets its own topics and consumer groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from pipeline.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
+from pipeline.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
+from pipeline.stack import Stack, free_port
+from pipeline.topics import Topics
+
+SUPPORT_LINE = "+442012345678"
+OTHER_LINE = "+442079460000"
+SECRETS = {"E2E_CT_ID": "e2e-key-id", "E2E_CT_SECRET": "e2e-key-secret", "E2E_K_KEY": "e2e-kustomer-key",
+           "E2E_HOOK_SECRET": "e2e-webhook-secret", "E2E_K_TOKEN": "e2e-kustomer-token"}
+
+
+def config_yaml(ct_api: str, kustomer_url: str, extra: str = "") -> str:
+    return f"""
+cloudtalk:
+  base_url: {ct_api}
+  key_id: {{env: E2E_CT_ID}}
+  key_secret: {{env: E2E_CT_SECRET}}
+  rate_limit_per_minute: 6000
+  poller_reserve: 0
+  calls_poll_interval_seconds: 5
+  calls_poll_lag_seconds: 0
+integrations:
+  - name: support
+    active: true
+    contact_tag: kustomer-support
+    kustomer: {{base_url: "{kustomer_url}", org_name: acme, api_key: {{env: E2E_K_KEY}}, webhook_token: {{env: E2E_K_TOKEN}}}}
+    cloudtalk_webhook_secret: {{env: E2E_HOOK_SECRET}}
+    calls:
+      create_customers_for_unknown_numbers: true
+      connected_numbers: ["{SUPPORT_LINE}"]
+    sms:
+      enabled: true
+{extra}
+"""
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool] | bool], timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.25)
+
+
+@dataclass
+class Flow:
+    stack: Stack
+    topics: Topics
+    bootstrap: str
+    ksim: Any
+    csim: Any
+    ct_root: str
+    k_url: str
+    ingest_url: str
+    http: aiohttp.ClientSession
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    async def end_call(self, **spec: Any) -> dict[str, Any]:
+        body = {"direction": "incoming", "status": "answered", "internal_number": SUPPORT_LINE,
+                "external_number": "+447700900123", **spec}
+        async with self.http.post(f"{self.ct_root}/_sim/calls", data=orjson.dumps(body),
+                                  headers={"Content-Type": "application/json"}) as r:
+            assert r.status < 300, await r.text()
+            call = await r.json()
+        self.calls.append(call)
+        return call
+
+    async def sms(self, **spec: Any) -> None:
+        body = {"direction": "incoming", "internal_number": SUPPORT_LINE, "external_number": "+447700900123",
+                "text": "Hi", **spec}
+        async with self.http.post(f"{self.ct_root}/_sim/sms", data=orjson.dumps(body),
+                                  headers={"Content-Type": "application/json"}) as r:
+            assert r.status < 300, await r.text()
+
+    async def fault(self, **spec: Any) -> None:
+        self.ksim.faults.add(**spec)
+
+    def conversations_by_external_id(self) -> Counter:
+        return Counter(c["attributes"]["externalId"] for c in self.ksim.conversations.values())
+
+    def notes_per_conversation(self) -> Counter:
+        return Counter(n["conversation"] for n in self.ksim.notes.values())
+
+    def creates(self, kind: str) -> int:
+        """Distinct effects of one kind in the Kustomer request log (e.g. conversation.create)."""
+        return sum(1 for e in self.ksim.log.entries if e.effect and e.effect.startswith(kind))
+
+    def assert_exactly_once(self, external_ids: list[str]) -> None:
+        convs = self.conversations_by_external_id()
+        assert {e: convs[e] for e in external_ids} == {e: 1 for e in external_ids}, convs
+        assert len(convs) == len(external_ids), f"unexpected conversations: {set(convs) - set(external_ids)}"
+        per_conv = self.notes_per_conversation()
+        for cid in self.ksim.conversations:
+            assert per_conv[cid] == 1, f"conversation {cid} has {per_conv[cid]} notes"
+        assert self.creates("conversation.create") == len(external_ids), "a conversation was created twice"
+        assert self.creates("note.create") == len(external_ids), "a note was created twice"
+
+
+@pytest.fixture
+async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: pytest.FixtureRequest):
+    marker = request.node.get_closest_marker("services")
+    services = marker.args if marker else ("ingest", "process-calls", "process-sms", "sink-kustomer")
+    kmarker = request.node.get_closest_marker("kustomer")
+    ksettings = KustomerSimSettings(webhook_allow_http=True, **(kmarker.kwargs if kmarker else {}))
+    csettings = CloudTalkSimSettings(key_id=SECRETS["E2E_CT_ID"], key_secret=SECRETS["E2E_CT_SECRET"], rate_limit=6000)
+    async with running_kustomer_sim(ksettings, keys={SECRETS["E2E_K_KEY"]: ALL_ROLES}) as (ksim, k_url), \
+            running_cloudtalk_sim(csettings) as (csim, ct_api), aiohttp.ClientSession() as http:
+        ct_root = ct_api.removesuffix("/api")
+        ingest_port = free_port()
+        ingest_url = f"http://127.0.0.1:{ingest_port}"
+        config = tmp_path / "integrations.yaml"
+        config.write_text(config_yaml(ct_api, k_url))
+        env = {"KAFKA_BOOTSTRAP": kafka_bootstrap, "TOPIC_PREFIX": topics.prefix, "PIPELINE_CONFIG": str(config),
+               "LOG_LEVEL": "INFO", "SINK_RETRY_DEADLINE_S": "20", "SINK_HTTP_TIMEOUT_S": "2",
+               "SINK_RECONCILE_SETTLE_S": "10",
+               "SINK_RETRY_MAX_BACKOFF_S": "1",
+               "CALLS_POLL_INITIAL_LOOKBACK_S": "1800", "CALLS_POLL_OVERLAP_S": "1800", **SECRETS}
+        env_marker = request.node.get_closest_marker("env")
+        env.update(env_marker.kwargs if env_marker else {})
+        stack = Stack(tmp_path, env)
+        commands = {"ingest": ["ingest", "--port", str(ingest_port)], "process-calls": ["process", "calls"],
+                    "process-calls-2": ["process", "calls"], "process-sms": ["process", "sms"],
+                    "sink-kustomer": ["sink", "kustomer"], "poll-calls": ["poll", "calls"]}
+        for name in services:
+            if name == "ingest":
+                stack.add(name, commands[name], health=f"{ingest_url}/readyz")
+            else:
+                stack.add(name, commands[name])
+        await stack.wait_ready(timeout=90)
+        await http.post(f"{ct_root}/_sim/workflows", data=orjson.dumps([
+            {"trigger": t, "url": f"{ingest_url}/ingest/cloudtalk/support/{path}",
+             "headers": {"X-Pipeline-Secret": SECRETS["E2E_HOOK_SECRET"]}}
+            for t, path in (("call.ended", "call-ended"), ("sms.received", "sms"), ("sms.sent", "sms"))]),
+            headers={"Content-Type": "application/json"})
+        f = Flow(stack, topics, kafka_bootstrap, ksim, csim, ct_root, k_url, ingest_url, http)
+        try:
+            yield f
+        finally:
+            codes = await asyncio.to_thread(stack.stop_all)
+            print(f"\nstop times: {stack.stop_seconds}")
+            crashed = {n: c for n, c in codes.items() if c not in (0, -9, -15, None)}
+            assert not crashed, {n: stack.tail(n) for n in crashed}
