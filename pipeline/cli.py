@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sink": ("pipeline.sink.runner", "run a sink: kustomer | cloudtalk"),
     "poll": ("pipeline.ingest.pollers", "run a poller: calls | contacts | customers"),
     "backfill": ("pipeline.commands.backfill", "publish a time window of a source API into its raw topic"),
+    "webhooks": ("pipeline.commands.webhooks", "register the Kustomer outbound webhook of an integration"),
     "replay": ("pipeline.commands.replay", "re-publish a raw-topic window, or dead letters to their source"),
     "lag": ("pipeline.lag", "consumer-group lag in records"),
     "demo": ("pipeline.demo", "run everything locally with a scripted day and print a summary"),

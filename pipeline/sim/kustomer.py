@@ -46,6 +46,7 @@ Inspection routes (no auth)::
     GET  /_sim/state                 customers, companies, users, conversations, notes, webhooks, deliveries
     POST /_sim/seed                  {"customers": [...], "companies": [...], "users": [...]} (no webhooks fire)
     POST /_sim/keys                  {"key", "roles": [...], "name"?}
+    POST /_sim/customers             an agent creates a customer: {"attributes": {...}, "user"?, "company"?} → webhook
     POST /_sim/customers/{id}/edit   an agent edits a customer: {"attributes": {...}, "user"?} → webhook
     GET  /_sim/deliveries            ?status=pending|delivered|failed
     POST /_sim/deliveries/{event_id}/redeliver
@@ -132,6 +133,8 @@ class KustomerSimSettings:
     search_limit: int = 100                    # [--search-limit] searches per window per key
     rate_headers_always: bool = True           # [--rate-headers always|429] [ASSUMPTION §2.8]
     create_status: int = 201                   # [--create-status] [ASSUMPTION §6.11] 200 or 201
+    unique_phones: str = "exact"               # [--unique-phones exact|e164] [ASSUMPTION §2.3.3] how phone
+                                               # uniqueness compares values; lookups match on E.164 either way
     patch_customers: bool = True               # [--no-patch-customers] [ASSUMPTION §2.2]
     legacy_notes_route: bool = True            # [--no-legacy-notes] [ASSUMPTION §2.2]
     max_page_size: int = 100
@@ -153,6 +156,8 @@ class KustomerSimSettings:
             problems.append("window_seconds must be > 0")
         if self.create_status not in (200, 201):
             problems.append("create_status must be 200 or 201")
+        if self.unique_phones not in ("exact", "e164"):
+            problems.append("unique_phones must be exact or e164")
         if self.webhook_attempts < 1:
             problems.append("webhook_attempts must be >= 1")
         if problems:
@@ -269,7 +274,8 @@ class KustomerSim:
         self.keys: dict[str, Key] = {}
         self.companies: dict[str, dict[str, Any]] = {}
         self.customers: dict[str, dict[str, Any]] = {}
-        self.unique: dict[tuple[str, str], str] = {}  # (kind, normalized value) -> customer id
+        self.unique: dict[tuple[str, str], str] = {}  # (kind, compared value) -> customer id
+        self.lookup: dict[tuple[str, str], str] = {}  # (kind, normalized value) -> customer id (first holder)
         self.conversations: dict[str, dict[str, Any]] = {}
         self.notes: dict[str, dict[str, Any]] = {}
         self.webhooks: dict[str, Webhook] = {}
@@ -362,14 +368,16 @@ class KustomerSim:
                                    f"/data/attributes/custom/{k}")
         return body
 
-    @staticmethod
-    def _unique_values(attrs: dict[str, Any]) -> list[tuple[str, str, str]]:
-        """(kind, normalized value, pointer) of every org-unique value."""
+    def _unique_values(self, attrs: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """(kind, compared value, pointer) of every org-unique value."""
         out = []
         for list_name, value_key in UNIQUE_LISTS.items():
             kind = UNIQUE_KINDS[list_name]
             for i, item in enumerate(attrs.get(list_name) or []):
-                out.append((kind, _unique_value(kind, item[value_key]), f"/data/attributes/{list_name}/{i}/{value_key}"))
+                value = item[value_key]
+                compared = value.strip() if kind == "phone" and self.settings.unique_phones == "exact" \
+                    else _unique_value(kind, value)
+                out.append((kind, compared, f"/data/attributes/{list_name}/{i}/{value_key}"))
         ext = [attrs["externalId"]] if attrs.get("externalId") else []
         ext += [x["externalId"] for x in attrs.get("externalIds") or []]
         for v in dict.fromkeys(ext):
@@ -388,10 +396,19 @@ class KustomerSim:
 
     def _index(self, customer: dict[str, Any], add: bool) -> None:
         for kind, value, _ in self._unique_values(customer["attributes"]):
+            normalized = (kind, _unique_value(kind, value))
             if add:
                 self.unique[(kind, value)] = customer["id"]
-            elif self.unique.get((kind, value)) == customer["id"]:
-                del self.unique[(kind, value)]
+                self.lookup.setdefault(normalized, customer["id"])
+            else:
+                if self.unique.get((kind, value)) == customer["id"]:
+                    del self.unique[(kind, value)]
+                if self.lookup.get(normalized) == customer["id"]:
+                    del self.lookup[normalized]
+                    other = next((cid for (k, v), cid in self.unique.items()
+                                  if k == kind and cid != customer["id"] and _unique_value(k, v) == normalized[1]), None)
+                    if other:
+                        self.lookup[normalized] = other
 
     def _normalize_lists(self, attrs: dict[str, Any]) -> None:
         for name in ("emails", "sharedEmails"):
@@ -492,7 +509,7 @@ class KustomerSim:
         return {"data": {"type": kind, "id": rid}, "links": {"self": f"/v1/{plural}/{rid}"}}
 
     def find_customer(self, kind: str, value: str) -> dict[str, Any] | None:
-        cid = self.unique.get((kind, _unique_value(kind, value)))
+        cid = self.lookup.get((kind, _unique_value(kind, value)))
         return self.customers.get(cid) if cid else None
 
     # -- webhooks --------------------------------------------------------------------------------
@@ -800,6 +817,7 @@ class _Routes:
         r.add_get(SIM_PREFIX + "state", self.state)
         r.add_post(SIM_PREFIX + "seed", self.seed)
         r.add_post(SIM_PREFIX + "keys", self.add_key)
+        r.add_post(SIM_PREFIX + "customers", self.agent_create)
         r.add_post(SIM_PREFIX + "customers/{id}/edit", self.agent_edit)
         r.add_get(SIM_PREFIX + "deliveries", self.deliveries)
         r.add_post(SIM_PREFIX + "deliveries/{event_id}/redeliver", self.redeliver)
@@ -1205,6 +1223,19 @@ class _Routes:
         key = self.sim.add_key(body["key"], tuple(body["roles"]), body.get("name"))
         return json_response({"user": key.user_id, "roles": list(key.roles)}, 201)
 
+    async def agent_create(self, request: web.Request) -> web.Response:
+        body = await request.json(loads=orjson.loads)
+        attrs = body.get("attributes") if isinstance(body, dict) else None
+        if not isinstance(attrs, dict):
+            return json_response({"error": "expected {attributes: {...}, user?, company?}"}, 400)
+        author = body.get("user") or self.sim.agent_id
+        try:
+            customer = self.sim._create_customer(attrs, author, company=body.get("company"))
+        except ApiError as exc:
+            return json_response(exc.body(), exc.status)
+        self.sim.customer_event(customer, "kustomer.customer.create", "web")
+        return json_response({"data": self.sim.customer_resource(customer)}, 201)
+
     async def agent_edit(self, request: web.Request) -> web.Response:
         customer = self.sim.customers.get(request.match_info["id"])
         if customer is None:
@@ -1291,6 +1322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--search-limit", type=int, default=d.search_limit)
     a("--rate-headers", choices=("always", "429"), default="always")
     a("--create-status", type=int, choices=(200, 201), default=d.create_status)
+    a("--unique-phones", choices=("exact", "e164"), default=d.unique_phones,
+      help="phone uniqueness compares the exact stored value (default) or E.164")
     a("--no-patch-customers", action="store_true")
     a("--no-legacy-notes", action="store_true")
     a("--webhook-allow-http", action="store_true", help="accept http:// webhook URLs (local runs)")
@@ -1307,6 +1340,7 @@ def app_from_args(args: argparse.Namespace) -> web.Application:
         org_name=args.org_name, rate_limit=args.rate_limit, window_seconds=args.window_seconds,
         per_customer_limit=args.per_customer_limit, search_limit=args.search_limit,
         rate_headers_always=args.rate_headers == "always", create_status=args.create_status,
+        unique_phones=args.unique_phones,
         patch_customers=not args.no_patch_customers, legacy_notes_route=not args.no_legacy_notes,
         webhook_allow_http=args.webhook_allow_http, webhook_attempts=args.webhook_attempts,
         webhook_base_delay_s=args.webhook_base_delay, webhook_timeout_s=args.webhook_timeout,

@@ -7,7 +7,8 @@
 2. a version not newer than the one applied for this customer (``rev``, else ``updatedAt``) is
    skipped (``stale_version``) — an older update never overwrites a newer one;
 3. the target contact: the one this customer became before (ledger index); else the contact the
-   customer was exported from (its ``externalId``); else a contact of an earlier import that
+   customer was exported from (its ``externalId``; such a contact gets no Kustomer link or tag — it
+   stays a CloudTalk contact whose own edits keep exporting); else a contact of an earlier import that
    matches the integration's merge key (ledger index); else a CloudTalk contact found by keyword
    lookup + exact match — one carrying this customer's link (left by a crash before the ledger
    commit), then one matching the merge key;
@@ -278,10 +279,16 @@ class CloudTalkEffects:
         # 3. the target contact
         target, how = (known["contact_id"], "updated") if known else (None, "")
         current = None
-        if not target and (command.get("external_id") or "").isdigit():
+        # a customer exported from a CloudTalk contact carries the contact id as its externalId:
+        # that contact is updated, and stays a CloudTalk contact (no Kustomer link, no tag), so
+        # its own later edits keep exporting
+        exported = (command.get("external_id") or "").isdigit()
+        if not target and exported:
             current = await self.ct.get_contact(command["external_id"])
             if current is not None:
                 target, how = command["external_id"], "updated"
+        if exported and target == command.get("external_id"):
+            contact = {**contact, "external_url": None, "tag": None}
         if not target:
             target = self.match_in_index(index, integration, command["merge_key"], contact)
             how = "merged" if target else ""

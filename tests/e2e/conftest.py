@@ -101,6 +101,39 @@ class Flow:
     async def fault(self, **spec: Any) -> None:
         self.ksim.faults.add(**spec)
 
+    async def _sim(self, method: str, url: str, body: Any = None) -> Any:
+        async with self.http.request(method, url, data=orjson.dumps(body) if body is not None else None,
+                                     headers={"Content-Type": "application/json"}) as r:
+            assert r.status < 300, f"{method} {url}: {r.status} {await r.text()}"
+            return await r.json()
+
+    async def person_creates_customer(self, **attributes: Any) -> dict[str, Any]:
+        """An agent creates a Kustomer customer (a webhook fires; createdBy is a person)."""
+        extra = {k: attributes.pop(k) for k in ("user", "company") if k in attributes}
+        return (await self._sim("POST", f"{self.k_url}/_sim/customers", {"attributes": attributes, **extra}))["data"]
+
+    async def person_edits_customer(self, customer_id: str, **attributes: Any) -> dict[str, Any]:
+        return (await self._sim("POST", f"{self.k_url}/_sim/customers/{customer_id}/edit",
+                                {"attributes": attributes}))["data"]
+
+    async def person_creates_contact(self, body: dict[str, Any]) -> str:
+        """An agent creates a CloudTalk contact (the contact.created workflow fires)."""
+        created = await self._sim("POST", f"{self.ct_root}/_sim/contacts", body)
+        return str(created.get("id") or created.get("contact_id") or created["Contact"]["id"])
+
+    async def person_edits_contact(self, contact_id: str, body: dict[str, Any]) -> None:
+        await self._sim("PATCH", f"{self.ct_root}/_sim/contacts/{contact_id}", body)
+
+    async def ct_state(self) -> dict[str, Any]:
+        return await self._sim("GET", f"{self.ct_root}/_sim/state")
+
+    def ct_writes(self) -> list[str]:
+        """State changes made through the CloudTalk API (the request log's effects)."""
+        return [e.effect for e in self.csim.log.entries if e.effect]
+
+    def k_writes(self) -> list[str]:
+        return [e.effect for e in self.ksim.log.entries if e.effect and not e.effect.startswith("webhook.")]
+
     def conversations_by_external_id(self) -> Counter:
         return Counter(c["attributes"]["externalId"] for c in self.ksim.conversations.values())
 
@@ -146,7 +179,18 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
         stack = Stack(tmp_path, env)
         commands = {"ingest": ["ingest", "--port", str(ingest_port)], "process-calls": ["process", "calls"],
                     "process-calls-2": ["process", "calls"], "process-sms": ["process", "sms"],
-                    "sink-kustomer": ["sink", "kustomer"], "poll-calls": ["poll", "calls"]}
+                    "sink-kustomer": ["sink", "kustomer"], "poll-calls": ["poll", "calls"],
+                    "process-contacts-import": ["process", "contacts-import"],
+                    "process-contacts-export": ["process", "contacts-export"],
+                    "sink-cloudtalk": ["sink", "cloudtalk"], "poll-customers": ["poll", "customers"],
+                    "poll-contacts": ["poll", "contacts"]}
+        if "process-contacts-import" in services:  # Kustomer signs its webhooks with the token it hands out
+            async with http.post(f"{k_url}/v1/outbound-webhooks", data=orjson.dumps({
+                    "name": "sync", "url": f"{ingest_url}/ingest/kustomer/support",
+                    "events": ["kustomer.customer.create", "kustomer.customer.update"]}),
+                    headers={"Authorization": f"Bearer {SECRETS['E2E_K_KEY']}",
+                             "Content-Type": "application/json"}) as r:
+                env["E2E_K_TOKEN"] = (await r.json())["data"]["attributes"]["token"]
         for name in services:
             if name == "ingest":
                 stack.add(name, commands[name], health=f"{ingest_url}/readyz")
@@ -156,7 +200,9 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
         await http.post(f"{ct_root}/_sim/workflows", data=orjson.dumps([
             {"trigger": t, "url": f"{ingest_url}/ingest/cloudtalk/support/{path}",
              "headers": {"X-Pipeline-Secret": SECRETS["E2E_HOOK_SECRET"]}}
-            for t, path in (("call.ended", "call-ended"), ("sms.received", "sms"), ("sms.sent", "sms"))]),
+            for t, path in (("call.ended", "call-ended"), ("sms.received", "sms"), ("sms.sent", "sms"),
+                            ("contact.created", "contact"), ("contact.updated", "contact"),
+                            ("contact.deleted", "contact"))]),
             headers={"Content-Type": "application/json"})
         f = Flow(stack, topics, kafka_bootstrap, ksim, csim, ct_root, k_url, ingest_url, http)
         try:

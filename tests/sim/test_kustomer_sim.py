@@ -132,7 +132,7 @@ async def test_lookups_by_email_phone_external_id_and_404(env):
 
 @pytest.mark.parametrize(("second", "pointer"), [
     ({"emails": [{"email": "Jana@Example.org"}]}, "/data/attributes/emails/0/email"),
-    ({"phones": [{"phone": "+421 905 123 456"}]}, "/data/attributes/phones/0/phone"),
+    ({"phones": [{"phone": "+421905123456"}]}, "/data/attributes/phones/0/phone"),
     ({"whatsapps": [{"phone": "whatsapp:+421905123456"}]}, "/data/attributes/whatsapps/0/phone"),
     ({"externalId": "ext-1"}, "/data/attributes/externalId"),
 ])
@@ -145,6 +145,23 @@ async def test_unique_values_conflict_with_409_and_nothing_is_written(env, secon
     assert len(sim.customers) == 1
     status, body, _ = await raw.call("POST", "/v1/customers", {"name": "Other", **second})
     assert status == 409 and body["errors"][0]["status"] == "409"
+
+
+async def test_phone_uniqueness_compares_stored_values_and_lookups_match_any_notation():
+    # [ASSUMPTION] setting unique_phones: "exact" (default) lets another notation of a number
+    # exist on a second customer; "e164" refuses it. Lookups match on E.164 either way.
+    async with running_kustomer_sim(settings(), keys={KEY: ALL_ROLES}) as (sim, url), aiohttp.ClientSession() as http:
+        client = KustomerClient.from_credentials(http, url, KEY)
+        first = await client.create_customer({"name": "A", "phones": [{"phone": "+421905123456"}]})
+        second = await client.create_customer({"name": "B", "phones": [{"phone": "+421 905 123 456"}]})
+        assert first["id"] != second["id"]
+        assert (await client.find_customer_by_phone("00421905123456"))["id"] == first["id"]
+    async with running_kustomer_sim(settings(unique_phones="e164"), keys={KEY: ALL_ROLES}) as (sim, url), \
+            aiohttp.ClientSession() as http:
+        client = KustomerClient.from_credentials(http, url, KEY)
+        await client.create_customer({"name": "A", "phones": [{"phone": "+421905123456"}]})
+        with pytest.raises(ConflictError):
+            await client.create_customer({"name": "B", "phones": [{"phone": "+421 905 123 456"}]})
 
 
 async def test_shared_lists_are_not_unique_and_updates_conflict_too(env):
