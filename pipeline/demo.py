@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from pipeline.demo_contacts import ContactsPart
 from pipeline.lag import group_lag, read_topic
 from pipeline.localkafka import LocalKafka
 from pipeline.stack import Stack, free_port
@@ -58,14 +59,15 @@ SECRETS = {
 }
 
 
-def integrations_yaml(ct_url: str, support_url: str, sales_url: str) -> str:
+def integrations_yaml(ct_url: str, support_url: str, sales_url: str, ct_rate: int = 60,
+                      token_file: str = "support-kustomer-webhook-token") -> str:
     return f"""\
 cloudtalk:
   base_url: {ct_url}/api
   key_id: {{env: DEMO_CLOUDTALK_KEY_ID}}
   key_secret: {{env: DEMO_CLOUDTALK_KEY_SECRET}}
-  rate_limit_per_minute: 60
-  poller_reserve: 10
+  rate_limit_per_minute: {ct_rate}
+  poller_reserve: {max(10, ct_rate // 6)}
   calls_poll_interval_seconds: 5
   calls_poll_lag_seconds: 0
 integrations:
@@ -73,7 +75,8 @@ integrations:
     custom_name: "Kustomer – Support team"
     active: true
     contact_tag: kustomer-support
-    kustomer: {{base_url: "{support_url}", org_name: acme, api_key: {{env: DEMO_SUPPORT_KUSTOMER_KEY}}}}
+    kustomer: {{base_url: "{support_url}", org_name: acme, api_key: {{env: DEMO_SUPPORT_KUSTOMER_KEY}},
+               webhook_token: {{file: "{token_file}"}}}}
     cloudtalk_webhook_secret: {{env: DEMO_SUPPORT_WEBHOOK_SECRET}}
     calls:
       types:
@@ -88,6 +91,7 @@ integrations:
       enabled: true
       types: {{incoming: {{export: true, status: open}}, outgoing: {{export: true, status: done}}}}
       connected_numbers: []
+    contacts: {{import: true, export: true, merge_key: phone_or_name}}
   - name: sales
     custom_name: "Kustomer – Sales"
     active: true
@@ -105,6 +109,7 @@ integrations:
       connected_numbers: ["{SALES_LINE}"]
     sms:
       enabled: false
+    contacts: {{import: false, export: false}}
 """
 
 
@@ -163,9 +168,14 @@ class Demo:
         print(text, flush=True)
 
     async def run(self) -> int:
-        broker = LocalKafka.from_env()
-        self.say(f"[1/7] Kafka broker at {broker.bootstrap} (state {broker.state_dir}) …")
-        bootstrap = await asyncio.to_thread(broker.up, 120.0, True)
+        given = os.environ.get("KAFKA_BOOTSTRAP")
+        broker = None if given else LocalKafka.from_env()
+        if broker is None:
+            self.say(f"[1/9] Kafka at {given} (KAFKA_BOOTSTRAP) …")
+            bootstrap = given
+        else:
+            self.say(f"[1/9] Kafka broker at {broker.bootstrap} (state {broker.state_dir}) …")
+            bootstrap = await asyncio.to_thread(broker.up, 120.0, True)
         topics = Topics(self.prefix)
         await ensure_topics(bootstrap, topics.specs())
         self.say(f"      topics with prefix {self.prefix!r} created; work dir {self.workdir}")
@@ -173,11 +183,14 @@ class Demo:
         ports = {n: free_port() for n in ("ct", "k_support", "k_sales", "ingest")}
         urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
         config_path = self.workdir / "integrations.yaml"
-        config_path.write_text(integrations_yaml(urls["ct"], urls["k_support"], urls["k_sales"]))
+        self.token_file = self.workdir / "secrets" / "support-kustomer-webhook-token"
+        config_path.write_text(integrations_yaml(urls["ct"], urls["k_support"], urls["k_sales"],
+                                                 self.args.cloudtalk_rate_limit, str(self.token_file)))
         env = {"KAFKA_BOOTSTRAP": bootstrap, "TOPIC_PREFIX": self.prefix, "PIPELINE_CONFIG": str(config_path),
                "LOG_LEVEL": "INFO", "CALLS_POLL_INITIAL_LOOKBACK_S": "1800", "CALLS_POLL_OVERLAP_S": "1800",
                **SECRETS}
         stack = Stack(self.workdir, env)
+        self.failed_stop = False
         try:
             return await self._run(stack, bootstrap, topics, urls, ports)
         finally:
@@ -187,35 +200,45 @@ class Demo:
             else:
                 codes = stack.stop_all()
                 bad = {k: v for k, v in codes.items() if v not in (0, None, -15)}
-                self.say(f"[7/7] stopped {len(codes)} processes" + (f" (non-zero exits: {bad})" if bad else ""))
-                if self.args.stop_broker:
+                self.say(f"[9/9] stopped {len(codes)} processes" + (f" (non-zero exits: {bad})" if bad else ""))
+                if bad:
+                    self.failed_stop = True
+                if self.args.stop_broker and broker is not None:
                     await asyncio.to_thread(broker.down, 30.0, True)
 
     async def _run(self, stack: Stack, bootstrap: str, topics: Topics, urls: dict[str, str],
                    ports: dict[str, int]) -> int:
         rate = str(self.args.kustomer_rate_limit)
-        self.say("[2/7] starting simulators and services as separate processes …")
+        self.say("[2/9] starting simulators and services as separate processes …")
         stack.add("sim-cloudtalk", ["sim", "cloudtalk", "--port", str(ports["ct"]), "--key-id", SECRETS["DEMO_CLOUDTALK_KEY_ID"],
-                                    "--key-secret", SECRETS["DEMO_CLOUDTALK_KEY_SECRET"]],
+                                    "--key-secret", SECRETS["DEMO_CLOUDTALK_KEY_SECRET"],
+                                    "--rate-limit", str(self.args.cloudtalk_rate_limit)],
                   health=f"{urls['ct']}/_sim/settings")
         for name in ("support", "sales"):
             key = SECRETS[f"DEMO_{name.upper()}_KUSTOMER_KEY"]
             stack.add(f"sim-kustomer-{name}", ["sim", "kustomer", "--port", str(ports[f"k_{name}"]), "--api-key", key,
-                                               "--rate-limit", rate, "--org-name", f"acme-{name}"],
+                                               "--rate-limit", rate, "--org-name", f"acme-{name}",
+                                               "--webhook-allow-http"],
                       health=f"{urls[f'k_{name}']}/_sim/settings")
+        await stack.wait_ready(timeout=60)
+        await self._register_kustomer_webhook(stack, urls)
         stack.add("ingest", ["ingest", "--port", str(ports["ingest"])], health=f"{urls['ingest']}/readyz")
         stack.add("process-calls-1", ["process", "calls"])
         stack.add("process-calls-2", ["process", "calls"])
         stack.add("process-sms", ["process", "sms"])
         stack.add("sink-kustomer", ["sink", "kustomer"])
         stack.add("poll-calls", ["poll", "calls"])
+        if self.args.contacts_part:
+            stack.add("process-contacts-import", ["process", "contacts-import"])
+            stack.add("process-contacts-export", ["process", "contacts-export"])
+            stack.add("sink-cloudtalk", ["sink", "cloudtalk"])
         await stack.wait_ready(timeout=120)
         self.say(f"      {len(stack.services)} processes ready: {', '.join(stack.services)}")
 
         async with aiohttp.ClientSession() as http:
             await self._configure_cloudtalk(http, urls)
             await self._drive_day(http, urls["ct"])
-            await self._wait_idle(http, bootstrap, topics, urls, "[5/7]")
+            await self._wait_idle(http, bootstrap, topics, urls, "[5/9]")
             self.say("      replaying the whole window as a backfill (must write nothing new) …")
             before = await self._kustomer_writes(http, urls)
             window_from = (self.started_at - timedelta(minutes=15)).isoformat()  # calls start before they end
@@ -227,10 +250,26 @@ class Demo:
             backfilled = orjson.loads(out.decode().strip().splitlines()[-1]) if out else {}
             await self._wait_idle(http, bootstrap, topics, urls, "      ")
             after = await self._kustomer_writes(http, urls)
-            return await self._summary(http, bootstrap, topics, urls, backfilled, before, after)
+            calls_rc = await self._summary(http, bootstrap, topics, urls, backfilled, before, after)
+            if not self.args.contacts_part:
+                return calls_rc
+            contacts_rc = await ContactsPart(self, stack, http, bootstrap, topics, urls).run()
+            return calls_rc or contacts_rc
+
+    async def _register_kustomer_webhook(self, stack: Stack, urls: dict[str, str]) -> None:
+        """What an operator does once per integration: ``pipeline webhooks register``."""
+        url = f"{urls['ingest']}/ingest/kustomer/support"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "webhooks", "register", "--integration", "support", "--url", url,
+            "--write-secret-file", env={**os.environ, **stack.base_env},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"pipeline webhooks register failed: {err.decode()[-500:]}")
+        self.say(f"      pipeline webhooks register: {err.decode().strip().splitlines()[0]}")
 
     async def _configure_cloudtalk(self, http: aiohttp.ClientSession, urls: dict[str, str]) -> None:
-        self.say("[3/7] seeding CloudTalk (numbers, agents, contacts) and its workflow automations …")
+        self.say("[3/9] seeding CloudTalk (numbers, agents, contacts) and its workflow automations …")
         self.known = [f"+4474009{n:05d}" for n in self.rng.sample(range(10_000, 99_999), 60)]
         self.known += [f"+1415555{n:04d}" for n in self.rng.sample(range(1000, 9999), 20)]
         self.unknown = [f"+4474008{n:05d}" for n in self.rng.sample(range(10_000, 99_999), 40)]
@@ -249,14 +288,19 @@ class Demo:
             {"trigger": "sms.sent", "url": f"{ingest}/ingest/cloudtalk/support/sms",
              "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}},
         ]
+        if self.args.contacts_part:
+            workflows += [{"trigger": t, "url": f"{ingest}/ingest/cloudtalk/support/contact",
+                           "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}}
+                          for t in ("contact.created", "contact.updated", "contact.deleted")]
         await _post(http, f"{urls['ct']}/_sim/seed", {"contacts": contacts, "agents": agents, "numbers": numbers,
                                                       "workflows": workflows})
         self.agent_ids = [a["id"] for a in agents]
-        self.say(f"      {len(contacts)} contacts, {len(agents)} agents, {len(numbers)} numbers; 3 workflows → ingest")
+        self.say(f"      {len(contacts)} contacts, {len(agents)} agents, {len(numbers)} numbers; "
+                 f"{len(workflows)} workflows → ingest")
 
     async def _drive_day(self, http: aiohttp.ClientSession, ct: str) -> None:
         n_calls, n_sms = self.args.calls, self.args.sms
-        self.say(f"[4/7] the scripted day: {n_calls} calls and {n_sms} SMS …")
+        self.say(f"[4/9] the scripted day: {n_calls} calls and {n_sms} SMS …")
         kinds = [k[1:] for k in CALL_KINDS]
         weights = [k[0] for k in CALL_KINDS]
         lines = [SUPPORT_LINE] * 55 + [SALES_LINE] * 30 + [BILLING_LINE] * 15
@@ -309,17 +353,24 @@ class Demo:
                 self.say(f"      {i}/{len(events)} events sent ({i / (time.monotonic() - t0):.0f}/s)")
 
     async def _wait_idle(self, http: aiohttp.ClientSession, bootstrap: str, topics: Topics, urls: dict[str, str],
-                         label: str) -> None:
+                         label: str, contacts: bool = False, quiet_s: float = 10.0) -> None:
         self.say(f"{label} waiting until the pipeline is idle …")
         groups = {f"{self.prefix}process-calls": [topics.raw_calls], f"{self.prefix}process-sms": [topics.raw_sms],
                   f"{self.prefix}sink-kustomer": [topics.kustomer_commands]}
+        if contacts:
+            groups |= {f"{self.prefix}process-contacts-import": [topics.raw_customers],
+                       f"{self.prefix}process-contacts-export": [topics.raw_contacts],
+                       f"{self.prefix}sink-cloudtalk": [topics.cloudtalk_commands]}
         deadline = time.monotonic() + self.args.idle_timeout
         quiet_since = None
         last = None
         while time.monotonic() < deadline:
             lag = {g: sum((await group_lag(bootstrap, g, t)).values()) for g, t in groups.items()}
-            state = await _get(http, f"{urls['ct']}/_sim/deliveries?status=pending")
-            pending = len(state.get("deliveries", [])) if isinstance(state, dict) else 0
+            pending = 0
+            for url in (f"{urls['ct']}/_sim/deliveries?status=pending",
+                        f"{urls['k_support']}/_sim/deliveries?status=pending"):
+                state = await _get(http, url)
+                pending += len(state.get("deliveries", [])) if isinstance(state, dict) else 0
             convs = await self._conversation_counts(http, urls)
             snapshot = (tuple(lag.values()), pending, tuple(convs.values()))
             busy = any(lag.values()) or pending
@@ -327,7 +378,7 @@ class Demo:
                      f"webhooks pending {pending}; conversations {dict(convs)}")
             if not busy and snapshot == last:
                 quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since >= 2 * 5:  # two poller periods without change
+                if time.monotonic() - quiet_since >= quiet_s:  # two poller periods without change
                     return
             else:
                 quiet_since = None
@@ -408,7 +459,7 @@ class Demo:
         if dead:
             problems.append(f"{len(dead)} dead letters")
 
-        self.say("[6/7] summary")
+        self.say("[6/9] summary of calls and SMS")
         self.say("  sent by the CloudTalk simulator: " + ", ".join(f"{k} {v}" for k, v in self.sent.items()))
         self.say(f"  raw events stored: calls {len(raw_calls)} ({', '.join(f'{k} {v}' for k, v in sorted(via.items()))}),"
                  f" SMS {len(raw_sms)}")
@@ -463,6 +514,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=20261123, help="random seed of the scripted day")
     p.add_argument("--kustomer-rate-limit", type=int, default=2000,
                    help="Kustomer org budget per minute in the simulators (default 2000, the Ultimate plan)")
+    p.add_argument("--customers", type=int, default=1000, help="Kustomer customers seeded for the contacts part")
+    p.add_argument("--contacts", type=int, default=300, help="CloudTalk contacts seeded for the contacts part")
+    p.add_argument("--cloudtalk-rate-limit", type=int, default=3000,
+                   help="CloudTalk requests per minute in the simulator and the pipeline (default 3000; the real "
+                        "API allows 60, at which the initial import of 1,000 customers takes about an hour)")
+    p.add_argument("--no-contacts", dest="contacts_part", action="store_false",
+                   help="only the calls and SMS part")
     p.add_argument("--idle-timeout", type=float, default=600.0)
     p.add_argument("--workdir", default=".run/demo", help="config and logs of each run (default .run/demo)")
     p.add_argument("--keep-running", action="store_true", help="leave the services running at the end")
@@ -471,4 +529,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(Demo(args).run())
+    demo = Demo(args)
+    rc = asyncio.run(demo.run())
+    if rc == 0 and demo.failed_stop:
+        print("RESULT: a service did not stop cleanly on SIGTERM (see the line above)", flush=True)
+        return 2
+    return rc

@@ -470,12 +470,24 @@ def run_poll(args: argparse.Namespace) -> int:
             try:
                 while not stop.is_set():
                     for poller in pollers:
+                        # a stop interrupts a pass (e.g. one retrying an unreachable API): its cursor
+                        # is written only at the end of a pass, so the next start repeats it — the
+                        # events it publishes again carry the same ids and are recognised downstream
+                        poll = asyncio.ensure_future(poller.poll_once())
+                        stopping = asyncio.ensure_future(stop.wait())
+                        await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                        stopping.cancel()
+                        if not poll.done():
+                            poll.cancel()
+                            await asyncio.gather(poll, return_exceptions=True)
+                            log.info("poll_interrupted", source=args.source)
+                            break
                         try:
-                            await poller.poll_once()
+                            poll.result()
                             last_ok["at"] = time.monotonic()
                         except Exception as exc:  # noqa: BLE001 - the next poll tries again
                             log.error("poll_failed", source=args.source, error=f"{type(exc).__name__}: {exc}")
-                    if args.once:
+                    if args.once or stop.is_set():
                         break
                     try:
                         await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -152,3 +152,42 @@ async def test_contacts_poller_exports_everything_once_then_only_changes(cloudta
     await receiver.close()
     assert [b["contact_id"] for b in received] == [int(cid)]
     assert last["id"] == contact_event_id(received[0]["contact_id"], received[0]["modified_at"])
+
+
+async def test_sigterm_stops_a_poller_in_the_middle_of_a_pass_without_writing_its_cursor(kafka: KafkaIO,
+                                                                                         topics: Topics, tmp_path):
+    """CloudTalk unreachable: the pass keeps retrying; SIGTERM must still stop the poller at once
+    (exit 0), and no cursor is written for the unfinished pass."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    config = tmp_path / "integrations.yaml"
+    config.write_text(f"""
+cloudtalk: {{base_url: "http://127.0.0.1:{dead}/api", key_id: {{env: CT_ID}}, key_secret: {{env: CT_ID}}}}
+integrations:
+  - name: support
+    active: true
+    kustomer: {{base_url: "http://127.0.0.1:9", api_key: {{env: CT_ID}}}}
+    cloudtalk_webhook_secret: {{env: CT_ID}}
+""")
+    env = pipeline_env(kafka.bootstrap, topics.prefix, PIPELINE_CONFIG=str(config), CT_ID="x")
+    log = tmp_path / "poll.log"
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline", "poll", "contacts", cwd=REPO,
+                                                    env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + 60
+        while b"http_retry" not in log.read_bytes():
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 20)
+    assert rc == 0, log.read_text()[-2000:]
+    assert time.monotonic() - t0 < 10
+    assert b"poll_interrupted" in log.read_bytes()
+    cursors = CursorStore(kafka.bootstrap, topics.cursors)
+    assert await cursors.read(ContactsPoller.CURSOR) is None
