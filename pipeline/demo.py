@@ -1,10 +1,11 @@
-"""``pipeline demo``: the whole pipeline on this machine, a scripted day, a summary to check.
+"""``pipeline demo``: the whole pipeline on this machine, scripted traffic, summaries to check.
 
-1. Starts (or reuses) the local Kafka broker and creates a fresh set of topics (a new prefix per
-   run, so every run starts empty).
+1. Starts (or reuses, or takes ``KAFKA_BOOTSTRAP``) a Kafka broker and creates a fresh set of
+   topics (a new prefix per run, so every run starts empty).
 2. Starts as separate processes: the CloudTalk simulator, one Kustomer simulator per integration
-   (each integration is its own Kustomer org), ingest, two replicas of the calls processor, the
-   SMS processor, the Kustomer sink and the call-history poller.
+   (each integration is its own Kustomer org); registers the Kustomer webhook the way an
+   operator does (``pipeline webhooks register``); then ingest, two replicas of the calls
+   processor, the SMS processor, both contact processors, both sinks and the call-history poller.
 3. Configures two integrations with different connected numbers and rules, seeds CloudTalk
    contacts, and points CloudTalk's workflow automations at the ingest endpoints.
 4. Drives a scripted day through the CloudTalk simulator: calls of every type and SMS both ways,
@@ -14,8 +15,13 @@
    write nothing new).
 6. Prints a summary: events in, conversations and notes per integration, drops per rule — each
    beside the count an independent model of the documented rules expects — dead letters, and
-   duplicates found in the Kustomer simulators (must be 0). Exit code 1 on any mismatch.
-7. Stops everything it started, unless ``--keep-running``.
+   duplicates found in the Kustomer simulators (must be 0).
+7. Contacts (:mod:`pipeline.demo_contacts`): seeds 1,000 Kustomer customers and 300 CloudTalk
+   contacts by category, runs the initial import (``poll customers``) until idle,
+8. then the initial export (``poll contacts``), makes live edits on both sides, and prints
+   imported / merged / exported / skipped per rule and field checks against its model.
+9. Stops everything it started, unless ``--keep-running``. Exit code 1 on any mismatch, 2 when
+   a service did not stop cleanly.
 """
 
 from __future__ import annotations
