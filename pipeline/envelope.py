@@ -86,17 +86,18 @@ class Envelope:
         return orjson.dumps(self.to_dict())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, check: bool = True) -> Envelope:
-        """Build from a decoded dict; with ``check`` the envelope and its payload are validated."""
+    def from_dict(cls, data: dict[str, Any], *, check: bool = True, payload: bool = True) -> Envelope:
+        """Build from a decoded dict; with ``check`` the envelope is validated, and with
+        ``payload`` its payload too (the edges do; see :func:`validate_envelope`)."""
         if check:
-            validate_envelope(data)
+            validate_envelope(data, payload=payload)
         return cls(id=data["id"], integration=data["integration"], source=data["source"], type=data["type"],
                    occurred_at=data["occurred_at"], received_at=data["received_at"], payload=data["payload"],
                    schema=data.get("schema", SCHEMA_VERSION), via=data.get("via", "webhook"),
                    meta=data.get("meta") or {})
 
     @classmethod
-    def from_json(cls, raw: bytes | None, *, check: bool = True) -> Envelope:
+    def from_json(cls, raw: bytes | None, *, check: bool = True, payload: bool = True) -> Envelope:
         if raw is None:
             raise SchemaError("record has no value (a tombstone?)", "value", "required")
         try:
@@ -105,7 +106,7 @@ class Envelope:
             raise SchemaError(f"not valid JSON: {exc}", "value", "json") from None
         if not isinstance(data, dict):
             raise SchemaError("envelope must be a JSON object", "value", "type")
-        return cls.from_dict(data, check=check)
+        return cls.from_dict(data, check=check, payload=payload)
 
 
 # payload schema per (source, type)
@@ -121,10 +122,11 @@ PAYLOAD_SCHEMAS: dict[tuple[str, str], str] = {
 }
 
 
-def validate_envelope(data: dict[str, Any]) -> None:
-    """The envelope schema, then the payload schema of its (source, type)."""
+def validate_envelope(data: dict[str, Any], payload: bool = True) -> None:
+    """The envelope schema, then (with ``payload``) the payload schema of its (source, type)."""
     validate("envelope", data)
     name = PAYLOAD_SCHEMAS.get((data["source"], data["type"]))
     if name is None:
         raise SchemaError(f"no event type {data['type']!r} for source {data['source']!r}", "type", "enum")
-    validate(name, data["payload"], prefix="payload")
+    if payload:
+        validate(name, data["payload"], prefix="payload")
