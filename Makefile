@@ -39,7 +39,10 @@ lint: install
 	$(VENV)/bin/ruff check pipeline tests bench
 
 bench: kafka-jars
-	$(PY) bench/loop_throughput.py
+	$(PY) bench/loop_throughput.py --records 100000 --rounds 2
+	$(PY) bench/processor_throughput.py --events 50000 --rounds 2
+	$(PY) bench/ingest_webhooks.py
+	$(PY) bench/end_to_end_latency.py --rate 50 --seconds 20
 
 clean:
 	rm -rf .run .pytest_cache .ruff_cache
