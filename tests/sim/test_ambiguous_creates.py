@@ -50,3 +50,28 @@ async def test_creates_are_retried_when_they_never_reached_the_target():
         from pipeline.sink.http import RetryExhaustedError
         with pytest.raises(RetryExhaustedError):  # connection refused: never sent, so retried, not ambiguous
             await dead.create_customer({"name": "x"})
+
+
+async def test_cloudtalk_429_waits_for_the_announced_reset_and_spends_no_retry_budget():
+    """The company budget is shared (a poller spent it): the sink's write gets a 429, waits until
+    X-CloudTalkAPI-ResetTime and then succeeds once — with a policy that allows a single attempt."""
+    import time
+
+    from pipeline.clients.cloudtalk import CloudTalkClient
+    from pipeline.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
+
+    settings = CloudTalkSimSettings(key_id="id", key_secret="secret", rate_limit=3, window_seconds=2.0)
+    async with running_cloudtalk_sim(settings) as (sim, api), aiohttp.ClientSession() as http:
+        poller = CloudTalkClient.from_credentials(http, api, "id", "secret")
+        sink = CloudTalkClient.from_credentials(http, api, "id", "secret",
+                                                policy=RetryPolicy(max_attempts=1, initial_s=0.01))
+        for _ in range(3):
+            await poller.list_contacts(limit=1)
+        started = time.monotonic()
+        contact_id = await sink.add_contact({"name": "Jana", "ContactNumber": [{"public_number": "+421905123456"}]})
+        waited = time.monotonic() - started
+        statuses = [e.status for e in sim.log.entries if e.path == "/api/contacts/add.json"]
+        assert statuses == [429, 201], statuses
+        assert sink.executor.rate_limited == 1
+        assert 0.2 < waited < 5.0, waited
+        assert (await poller.get_contact(contact_id))["Contact"]["name"] == "Jana"
