@@ -23,7 +23,6 @@ import asyncio
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -38,8 +37,8 @@ import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
+from bench.common import kafka, percentile_ms  # noqa: E402
 from pipeline.lag import group_lag  # noqa: E402
-from pipeline.localkafka import LocalKafka  # noqa: E402
 from pipeline.stack import Stack, free_port  # noqa: E402
 from pipeline.topics import Topics, TopicSpec, ensure_topics  # noqa: E402
 
@@ -58,8 +57,7 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000)[int(q * 10) - 1] * 1000 if len(values) > 1 else float("nan")
+pct = percentile_ms
 
 
 def describe(name: str, lat: list[float]) -> str:
@@ -191,28 +189,20 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--numbers", type=int, default=2000)
     args = ap.parse_args()
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = LocalKafka.ephemeral(Path(tempfile.mkdtemp(prefix="bench-kafka-")))
-        bootstrap = await asyncio.to_thread(broker.up, 90.0, True)
-    try:
+    async with kafka() as (bootstrap, broker_pid):
         print(f"{args.rate:.0f} calls/s for {args.seconds:.0f} s from {args.numbers:,} numbers", flush=True)
         hop = await kafka_hop(bootstrap, args.rate, args.seconds)
         print(describe("kafka hop", hop), flush=True)
-        broker_pid = int(broker.pid_file.read_text()) if broker is not None and broker.pid_file.exists() else None
         lat, per_call, sent, cpu = await pipeline_run(bootstrap, args, broker_pid)
         print(describe("pipeline", lat))
         print("CPU ms per call: " + ", ".join(f"{name} {ms:.1f}" for name, ms in
                                              sorted(cpu.items(), key=lambda kv: -kv[1])) +
               f"; total {sum(cpu.values()):.1f} → this machine's {os.cpu_count()} cores are saturated near "
-              f"{os.cpu_count() * 1000 / max(sum(cpu.values()), 0.001):.0f} calls/s")
+              f"{os.cpu_count() * 1000 / max(sum(cpu.values()), 0.001):.0f} calls/s"
+              + ("" if broker_pid else " (a KAFKA_BOOTSTRAP broker is not counted)"))
         dup = sum(1 for v in per_call.values() if v > 1)
         print(f"calls ended {sent:,}; with a note {len(lat):,}; with more than one note {dup}")
         print(f"ratio of p99 pipeline/kafka hop: {pct(lat, 99) / pct(hop, 99):.1f}")
-    finally:
-        if broker is not None:
-            await asyncio.to_thread(broker.down, 30.0, True)
 
 
 if __name__ == "__main__":

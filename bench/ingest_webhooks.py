@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -35,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 
+from bench.common import kafka, percentile_ms  # noqa: E402
 from bench.processor_throughput import call_envelope  # noqa: E402
 from pipeline.lag import read_topic  # noqa: E402
-from pipeline.localkafka import LocalKafka  # noqa: E402
 from pipeline.stack import Stack, free_port  # noqa: E402
 from pipeline.topics import Topics, ensure_topics  # noqa: E402
 
@@ -99,8 +97,7 @@ async def latency(url: str, payloads: list[bytes], rate: float) -> tuple[list[fl
     return out, failures
 
 
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000)[int(q * 10) - 1] * 1000 if len(values) > 1 else float("nan")
+pct = percentile_ms
 
 
 async def measure(name: str, url: str, args: argparse.Namespace, offset: int) -> dict[str, float]:
@@ -121,11 +118,11 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = LocalKafka.ephemeral(Path(tempfile.mkdtemp(prefix="bench-kafka-")))
-        bootstrap = await asyncio.to_thread(broker.up, 90.0, True)
+    async with kafka() as (bootstrap, _):
+        await run(bootstrap, args)
+
+
+async def run(bootstrap: str, args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     topics = Topics(f"bench{uuid.uuid4().hex[:6]}-")
     await ensure_topics(bootstrap, topics.specs())
@@ -163,8 +160,6 @@ async def main() -> None:
         await baseline.wait()
     finally:
         stack.stop_all()
-        if broker is not None:
-            await asyncio.to_thread(broker.down, 30.0, True)
 
 
 if __name__ == "__main__":

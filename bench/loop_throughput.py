@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -30,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
+from bench.common import kafka  # noqa: E402
 from pipeline.commands.copy import copy_transform  # noqa: E402
 from pipeline.kafka import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
-from pipeline.localkafka import LocalKafka  # noqa: E402
 
 
 async def create(bootstrap: str, name: str, partitions: int) -> str:
@@ -140,12 +138,7 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = LocalKafka.ephemeral(Path(tempfile.mkdtemp(prefix="bench-kafka-")))
-        bootstrap = await asyncio.to_thread(broker.up, 90.0, True)
-    try:
+    async with kafka() as (bootstrap, _):
         run = uuid.uuid4().hex[:6]
         src = await create(bootstrap, f"bench-{run}-in", args.partitions)
         dlq = await create(bootstrap, f"bench-{run}-dlq", 1)
@@ -168,9 +161,6 @@ async def main() -> None:
         ratios = [o / b for o, b in zip(ours, base, strict=True)]
         print(f"baseline median {statistics.median(base):,.0f} records/s; loop median {statistics.median(ours):,.0f} records/s")
         print(f"ratio loop/baseline: median {statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
-    finally:
-        if broker is not None:
-            await asyncio.to_thread(broker.down, 30.0, True)
 
 
 if __name__ == "__main__":

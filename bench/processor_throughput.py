@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiokafka import AIOKafkaProducer  # noqa: E402
 
+from bench.common import kafka  # noqa: E402
 from bench.loop_throughput import baseline_copy, create  # noqa: E402
 from pipeline.config import parse_config  # noqa: E402
 from pipeline.envelope import Envelope, call_event_id  # noqa: E402
 from pipeline.kafka import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
-from pipeline.localkafka import LocalKafka  # noqa: E402
 from pipeline.process.runner import FLOWS, decisions_transform  # noqa: E402
 from pipeline.topics import Topics, ensure_topics  # noqa: E402
 
@@ -117,12 +115,7 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--integrations", type=int, default=2)
     args = ap.parse_args()
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    if not bootstrap:
-        broker = LocalKafka.ephemeral(Path(tempfile.mkdtemp(prefix="bench-kafka-")))
-        bootstrap = await asyncio.to_thread(broker.up, 90.0, True)
-    try:
+    async with kafka() as (bootstrap, _):
         base_ratios, rates, bases = [], [], []
         for i in range(args.rounds):
             topics = Topics(f"bench{uuid.uuid4().hex[:6]}-")
@@ -146,9 +139,6 @@ async def main() -> None:
               f"{statistics.median(rates):,.0f} events/s (one process = one core)")
         print(f"ratio processor/baseline: median {statistics.median(base_ratios):.2f} "
               f"(rounds: {', '.join(f'{r:.2f}' for r in base_ratios)})")
-    finally:
-        if broker is not None:
-            await asyncio.to_thread(broker.down, 30.0, True)
 
 
 if __name__ == "__main__":
