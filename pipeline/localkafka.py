@@ -234,8 +234,12 @@ class LocalKafka:
         ensure_jars(quiet=quiet)
         self._write_config()
         self._format()
-        jvm = [f"-Xmx{self.heap}", f"-Xms{self.heap}", "-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-               "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
+        # A development broker lives for minutes on a small shared machine: C1 only (C2's compile
+        # work costs more CPU than it saves in such runs — half the broker's CPU per call in the
+        # end-to-end benchmark) and the serial collector (one small heap, no concurrent GC threads
+        # competing with the services). LOCAL_KAFKA_JVM_FLAGS replaces these two choices.
+        tuning = os.environ.get("LOCAL_KAFKA_JVM_FLAGS", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1").split()
+        jvm = [f"-Xmx{self.heap}", f"-Xms{self.heap}", "-server", *tuning,
                "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.log_dir}",
                f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}"]
         out = open(self.log_dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
