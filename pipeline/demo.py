@@ -180,7 +180,9 @@ class Demo:
             self.say(f"[1/9] Kafka at {given} (KAFKA_BOOTSTRAP) …")
             bootstrap = given
         else:
-            self.say(f"[1/9] Kafka broker at {broker.bootstrap} (state {broker.state_dir}) …")
+            self.started_broker = broker.pid() is None
+            self.say(f"[1/9] Kafka broker at {broker.bootstrap} (state {broker.state_dir}"
+                     f"{'' if self.started_broker else ', already running: left running at the end'}) …")
             bootstrap = await asyncio.to_thread(broker.up, 120.0, True)
         topics = Topics(self.prefix)
         await ensure_topics(bootstrap, topics.specs())
@@ -209,8 +211,9 @@ class Demo:
                 self.say(f"[9/9] stopped {len(codes)} processes" + (f" (non-zero exits: {bad})" if bad else ""))
                 if bad:
                     self.failed_stop = True
-                if self.args.stop_broker and broker is not None:
+                if broker is not None and (self.started_broker or self.args.stop_broker):
                     await asyncio.to_thread(broker.down, 30.0, True)
+                    self.say("      stopped the Kafka broker it started")
 
     async def _run(self, stack: Stack, bootstrap: str, topics: Topics, urls: dict[str, str],
                    ports: dict[str, int]) -> int:
@@ -530,7 +533,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=600.0)
     p.add_argument("--workdir", default=".run/demo", help="config and logs of each run (default .run/demo)")
     p.add_argument("--keep-running", action="store_true", help="leave the services running at the end")
-    p.add_argument("--stop-broker", action="store_true", help="stop the local broker at the end")
+    p.add_argument("--stop-broker", action="store_true",
+                   help="stop the local broker at the end even when it was already running "
+                        "(one the demo started is always stopped, unless --keep-running)")
     p.set_defaults(func=run)
 
 
