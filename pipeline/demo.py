@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from pipeline.demo_contacts import ContactsPart
+from pipeline.demo_contacts import Checks, ContactsPart, attr, sim
 from pipeline.lag import group_lag, read_topic
 from pipeline.localkafka import LocalKafka
 from pipeline.stack import Stack, free_port
@@ -301,7 +301,7 @@ class Demo:
             workflows += [{"trigger": t, "url": f"{ingest}/ingest/cloudtalk/support/contact",
                            "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}}
                           for t in ("contact.created", "contact.updated", "contact.deleted")]
-        await _post(http, f"{urls['ct']}/_sim/seed", {"contacts": contacts, "agents": agents, "numbers": numbers,
+        await sim(http, "POST", f"{urls['ct']}/_sim/seed", {"contacts": contacts, "agents": agents, "numbers": numbers,
                                                       "workflows": workflows})
         self.agent_ids = [a["id"] for a in agents]
         self.say(f"      {len(contacts)} contacts, {len(agents)} agents, {len(numbers)} numbers; "
@@ -341,7 +341,7 @@ class Demo:
                         "notes": ["Asked about the invoice"] if self.rng.random() < 0.3 else [],
                         "rating": self.rng.randint(1, 5) if self.rng.random() < 0.3 else None,
                         "deliver": deliver, "deliver_times": times}
-                call = await _post(http, f"{ct}/_sim/calls", spec)
+                call = await sim(http, "POST", f"{ct}/_sim/calls", spec)
                 self.call_ids.append(call.get("call_id") or call.get("id"))
                 self.expect.call(direction, status, voicemail, line, known)
             else:
@@ -351,7 +351,7 @@ class Demo:
                 twice = self.rng.random() < 0.05
                 self.sent["sms"] += 1
                 self.sent["sms delivered twice"] += twice
-                await _post(http, f"{ct}/_sim/sms", {
+                await sim(http, "POST", f"{ct}/_sim/sms", {
                     "direction": direction, "internal_number": sms_line, "external_number": number,
                     "text": self.rng.choice(["Hi, is my refund processed yet?", "Thanks!", "Call me back please",
                                              "Your ticket was updated."]),
@@ -378,7 +378,7 @@ class Demo:
             pending = 0
             for url in (f"{urls['ct']}/_sim/deliveries?status=pending",
                         f"{urls['k_support']}/_sim/deliveries?status=pending"):
-                state = await _get(http, url)
+                state = await sim(http, "GET", url)
                 pending += len(state.get("deliveries", [])) if isinstance(state, dict) else 0
             convs = await self._conversation_counts(http, urls)
             snapshot = (tuple(lag.values()), pending, tuple(convs.values()))
@@ -398,14 +398,14 @@ class Demo:
     async def _conversation_counts(self, http: aiohttp.ClientSession, urls: dict[str, str]) -> Counter:
         out = Counter()
         for name in ("support", "sales"):
-            state = await _get(http, f"{urls[f'k_{name}']}/_sim/state")
+            state = await sim(http, "GET", f"{urls[f'k_{name}']}/_sim/state")
             out[name] = len(state.get("conversations", []))
         return out
 
     async def _kustomer_writes(self, http: aiohttp.ClientSession, urls: dict[str, str]) -> dict[str, int]:
         writes = {}
         for name in ("support", "sales"):
-            log = await _get(http, f"{urls[f'k_{name}']}/_sim/requests")
+            log = await sim(http, "GET", f"{urls[f'k_{name}']}/_sim/requests")
             writes[name] = sum(1 for r in log.get("requests", []) if r["method"] in ("POST", "PUT", "PATCH")
                                and r.get("effect"))
         return writes
@@ -432,26 +432,23 @@ class Demo:
             else:
                 got_dropped[integration][d.split(":", 1)[1]] += 1
 
-        problems: list[str] = []
-        rows: list[tuple[str, str, str, str]] = []
+        checks = Checks()  # rows per integration
+        problems = checks.problems
 
         def check(label: str, integration: str, got: int, want: int | None) -> None:
-            ok = want is None or got == want
-            rows.append((label, integration, str(got), "" if want is None else ("ok" if ok else f"expected {want}")))
-            if not ok:
-                problems.append(f"{integration} {label}: {got}, expected {want}")
+            checks.check(integration, label, got, want)
 
         duplicates = 0
         for name in ("support", "sales"):
-            state = await _get(http, f"{urls[f'k_{name}']}/_sim/state")
+            state = await sim(http, "GET", f"{urls[f'k_{name}']}/_sim/state")
             conversations = state.get("conversations", [])
             notes = state.get("notes", [])
             customers = state.get("customers", [])
-            ext = Counter(_attr(c, "externalId") for c in conversations)
+            ext = Counter(attr(c, "externalId") for c in conversations)
             per_conv = Counter(_rel(n, "conversation") for n in notes)
             dup_conv = sum(n - 1 for n in ext.values() if n > 1)
             bad_notes = sum(1 for c in conversations if per_conv.get(c["id"], 0) != 1)
-            phones = Counter(p.get("phone") for c in customers for p in (_attr(c, "phones") or []))
+            phones = Counter(p.get("phone") for c in customers for p in (attr(c, "phones") or []))
             dup_phone = sum(n - 1 for n in phones.values() if n > 1)
             duplicates += dup_conv + bad_notes + dup_phone
             check("conversations", name, len(conversations), self.expect.emitted[name])
@@ -477,9 +474,9 @@ class Demo:
         self.say(f"  backfill replay of the window: {backfilled.get('published', 0)} calls republished, "
                  f"Kustomer writes caused: {sum(new_writes.values())}")
         self.say(f"  dead letters: {len(dead)}")
-        width = max(len(r[0]) for r in rows) + 2
+        width = max(len(r[1]) for r in checks.rows) + 2
         self.say(f"  {'':{width}}{'integration':12}{'count':>7}  check")
-        for label, integration, got, verdict in rows:
+        for integration, label, got, verdict in checks.rows:
             self.say(f"  {label:{width}}{integration:12}{got:>7}  {verdict}")
         self.say(f"  duplicates found in the Kustomer simulators: {duplicates}")
         if problems:
@@ -489,31 +486,11 @@ class Demo:
         return 0
 
 
-def _attr(resource: dict[str, Any], name: str) -> Any:
-    return (resource.get("attributes") or resource).get(name)
-
-
 def _rel(resource: dict[str, Any], name: str) -> Any:
     rel = (resource.get("relationships") or {}).get(name)
     if isinstance(rel, dict):
         return (rel.get("data") or {}).get("id")
-    return resource.get(name) or _attr(resource, name)
-
-
-async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> Any:
-    async with http.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}) as r:
-        text = await r.read()
-        if r.status >= 300:
-            raise RuntimeError(f"POST {url} -> {r.status}: {text[:300]!r}")
-        return orjson.loads(text) if text else None
-
-
-async def _get(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as r:
-        text = await r.read()
-        if r.status >= 300:
-            raise RuntimeError(f"GET {url} -> {r.status}: {text[:300]!r}")
-        return orjson.loads(text) if text else None
+    return resource.get(name) or attr(resource, name)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

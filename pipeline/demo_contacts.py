@@ -264,7 +264,7 @@ class ContactsModel:
         return max(members, key=lambda c: c["updatedAt"])["name"]
 
 
-def _attr(resource: dict[str, Any], name: str) -> Any:
+def attr(resource: dict[str, Any], name: str) -> Any:
     return (resource.get("attributes") or resource).get(name)
 
 
@@ -361,13 +361,10 @@ def import_and_export_checks(model: ContactsModel, imports: dict[str, str], expo
     copied = sum(1 for c in contacts for v in (contact_numbers(c) | set(c.get("contact_emails") or []))
                  if v in model.never_copied)
     checks.check(section, "shared / WhatsApp values copied", copied, 0)
-    for label, key in (("with a company", "company"), ("with a website", "website"),
-                       ("with a work address", "address"), ("with a country", "country_id"),
-                       ("with a favorite agent", "favorite_agent")):
-        want = {"with a company": "company", "with a website": "website", "with a work address": "work address",
-                "with a country": "country", "with a favorite agent": "favorite agent"}[label]
-        checks.check(section, f"linked contacts {label}", sum(1 for c in linked if c.get(key)),
-                     model.fields_expect[want])
+    for key, expected in (("company", "company"), ("website", "website"), ("address", "work address"),
+                          ("country_id", "country"), ("favorite_agent", "favorite agent")):
+        checks.check(section, f"linked contacts with a {expected}", sum(1 for c in linked if c.get(key)),
+                     model.fields_expect[expected])
 
     seeded_ct = {str(c["id"]) for c in contacts} - calls_day_ids
     got_export = Counter("exported" if v in ("created", "reconciled") else v for k, v in exports.items()
@@ -379,7 +376,7 @@ def import_and_export_checks(model: ContactsModel, imports: dict[str, str], expo
                             if k in calls_day_ids)
     for label in sorted(set(calls_day_expect) | set(got_calls_day)):
         checks.check(section, f"contacts of the calls part: {label}", got_calls_day[label], calls_day_expect[label])
-    ext = Counter(_attr(c, "externalId") for c in k_customers if str(_attr(c, "externalId") or "").isdigit())
+    ext = Counter(attr(c, "externalId") for c in k_customers if str(attr(c, "externalId") or "").isdigit())
     checks.check(section, "Kustomer customers with a CloudTalk contact id", len(ext),
                  model.export_expect["exported"] + calls_day_expect["exported"])
     checks.check(section, "duplicate customers (same externalId)", sum(n - 1 for n in ext.values() if n > 1), 0)
@@ -388,8 +385,8 @@ def import_and_export_checks(model: ContactsModel, imports: dict[str, str], expo
 
 def calls_day_export_model(calls_day: list[dict[str, Any]], k_customers: list[dict[str, Any]]) -> Counter:
     """What rule 4 and 5 say about the contacts of the calls part, given Kustomer's customers."""
-    phones = {e164(p["phone"]) for c in k_customers for p in _attr(c, "phones") or []}
-    emails = {e["email"].lower() for c in k_customers for e in _attr(c, "emails") or []}
+    phones = {e164(p["phone"]) for c in k_customers for p in attr(c, "phones") or []}
+    emails = {e["email"].lower() for c in k_customers for e in attr(c, "emails") or []}
     out = Counter()
     for c in calls_day:
         numbers = [n["public_number"] for n in c.get("ContactNumber") or []]
@@ -404,7 +401,7 @@ def calls_day_export_model(calls_day: list[dict[str, Any]], k_customers: list[di
     return out
 
 
-def monotonic_ms(t0: float) -> str:
+def since(t0: float) -> str:
     return f"{time.monotonic() - t0:.1f}s"
 
 
@@ -480,7 +477,7 @@ class ContactsPart:
         done = await self.first_pass("kustomer.customers.support")
         self.say(f"      first pass published {done.get('published')} customer versions")
         await self.idle("      ")
-        self.say(f"      import finished in {monotonic_ms(t0)}")
+        self.say(f"      import finished in {since(t0)}")
 
         t0 = time.monotonic()
         self.say("[8/9] contacts: initial export: `pipeline poll contacts` starts …")
@@ -489,7 +486,7 @@ class ContactsPart:
         done = await self.first_pass("cloudtalk.contacts")
         self.say(f"      first pass published {done.get('published')} contacts")
         await self.idle("      ")
-        self.say(f"      export finished in {monotonic_ms(t0)}")
+        self.say(f"      export finished in {since(t0)}")
 
         imports = await entity_outcomes(self.bootstrap, self.topics.raw_customers, self.topics.audit, "support",
                                         lambda p: p["data"]["id"], "process-contacts-import", "sink-cloudtalk",
@@ -516,7 +513,8 @@ class ContactsPart:
         n_ct, n_k = api_writes(ct), api_writes(k)
         return n_ct, n_k
 
-    async def wait(self, what: str, condition: Any, timeout: float = 60.0) -> str:
+    async def wait(self, condition: Any, timeout: float = 60.0) -> str:
+        """Polls ``condition`` (an async callable) until it returns something truthy."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if await condition():
@@ -542,24 +540,24 @@ class ContactsPart:
         phones = [*single["phones"], {"type": "work", "phone": new_number}]
         await sim(self.http, "POST", f"{self.k}/_sim/customers/{single['id']}/edit", {"attributes": {"phones": phones}})
         rows.append(("Kustomer: an agent adds a number to a customer → CloudTalk contact has it",
-                     await self.wait("edit", lambda: _truthy(ct_contact_with(new_number)))))
+                     await self.wait(lambda: ct_contact_with(new_number))))
         # 2. an agent creates a Kustomer customer → a new CloudTalk contact
         fresh = nums.new()
         await sim(self.http, "POST", f"{self.k}/_sim/customers",
                   {"attributes": {"name": "Walk-in Customer", "phones": [{"type": "mobile", "phone": fresh}]}})
         rows.append(("Kustomer: an agent creates a customer → new CloudTalk contact",
-                     await self.wait("create", lambda: _truthy(ct_contact_with(fresh)))))
+                     await self.wait(lambda: ct_contact_with(fresh))))
         # 3. an agent renames an exported CloudTalk contact → the Kustomer customer follows
-        exported = next(c for c in k_customers if str(_attr(c, "externalId") or "").isdigit())
-        contact_id = _attr(exported, "externalId")
+        exported = next(c for c in k_customers if str(attr(c, "externalId") or "").isdigit())
+        contact_id = attr(exported, "externalId")
         await sim(self.http, "PATCH", f"{self.ct}/_sim/contacts/{contact_id}", {"name": "Renamed In CloudTalk"})
 
         async def renamed() -> bool:
             state = await sim(self.http, "GET", f"{self.k}/_sim/state")
-            return any(c["id"] == exported["id"] and _attr(c, "name") == "Renamed In CloudTalk"
+            return any(c["id"] == exported["id"] and attr(c, "name") == "Renamed In CloudTalk"
                        for c in state["customers"])
         rows.append(("CloudTalk: an agent renames an exported contact → Kustomer customer renamed",
-                     await self.wait("rename", renamed)))
+                     await self.wait(renamed)))
         # 4. an agent creates a CloudTalk contact → a new Kustomer customer
         other = nums.new()
         await sim(self.http, "POST", f"{self.ct}/_sim/contacts",
@@ -567,8 +565,8 @@ class ContactsPart:
 
         async def created() -> bool:
             state = await sim(self.http, "GET", f"{self.k}/_sim/state")
-            return any(e164(p["phone"]) == other for c in state["customers"] for p in _attr(c, "phones") or [])
-        rows.append(("CloudTalk: an agent creates a contact → new Kustomer customer", await self.wait("new", created)))
+            return any(e164(p["phone"]) == other for c in state["customers"] for p in attr(c, "phones") or [])
+        rows.append(("CloudTalk: an agent creates a contact → new Kustomer customer", await self.wait(created)))
         await self.idle("      ")
         n_ct, n_k = await self.writes()
         checks.check("live edits (no ping-pong)", "CloudTalk writes (edit + add)", n_ct, 2)
@@ -596,6 +594,3 @@ class ContactsPart:
                  "live edits arrived once, nothing echoed back")
         return 0
 
-
-async def _truthy(awaitable: Any) -> bool:
-    return bool(await awaitable)

@@ -72,6 +72,7 @@ class ApiResponse:
     headers: Mapping[str, str]
     body: Any  # parsed JSON, or None when the body was empty / not JSON
     text: str
+    sent_at: float = 0.0  # time.monotonic() when the request left (for ambiguous outcomes)
 
     @property
     def outcome(self) -> Outcome:
@@ -247,7 +248,6 @@ class HttpExecutor:
         self._retry_transient = m.http_retries.labels(target, "transient")
         self.requests_sent = 0
         self.rate_limited = 0
-        self._sent_at = 0.0
 
     async def request(self, method: str, url: str, op: str, *, json: Any = None,
                       params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
@@ -298,7 +298,7 @@ class HttpExecutor:
             if outcome is Outcome.SUCCESS or response.status in accept:
                 return response
             if outcome is Outcome.RETRY:
-                raise _Transient(response.status, f"HTTP {response.status}", True, self._sent_at)
+                raise _Transient(response.status, f"HTTP {response.status}", True, response.sent_at)
             raise RejectedError(self.target, op, response.status, _error_message(response), response.body)
 
     async def _send_once(self, method: str, url: str, op: str, body: Any,
@@ -310,7 +310,7 @@ class HttpExecutor:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
-        self._sent_at = time.monotonic()
+        sent_at = time.monotonic()  # per request: concurrent lanes share this executor
         status_label = "error"
         try:
             async with self.session.request(
@@ -328,11 +328,11 @@ class HttpExecutor:
                     parsed = orjson.loads(raw) if raw else None
                 except orjson.JSONDecodeError:
                     parsed = None
-                return ApiResponse(resp.status, resp.headers, parsed, text)
+                return ApiResponse(resp.status, resp.headers, parsed, text, sent_at)
         except aiohttp.ClientConnectorError as exc:  # never reached the target
             raise _Transient(None, f"{type(exc).__name__}: {exc}", False) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _Transient(None, f"{type(exc).__name__}: {exc}", True, self._sent_at) from exc
+            raise _Transient(None, f"{type(exc).__name__}: {exc}", True, sent_at) from exc
         finally:
             metrics().http_seconds.labels(self.target, op, status_label).observe(time.perf_counter() - started)
 

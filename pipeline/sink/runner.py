@@ -58,20 +58,22 @@ async def build_kustomer_stage(session: aiohttp.ClientSession, config: PipelineC
                                topics: Topics) -> SinkStage:
     from pipeline.sink.kustomer import KustomerEffects
 
+    settle_s = settle_from_env()
     effects = KustomerEffects(kustomer_clients(session, config, retry_policy_from_env()),
                               per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120,
-                                                              minimum=1), settle_s=settle_from_env())
+                                                              minimum=1), settle_s=settle_s)
     return SinkStage("sink-kustomer", effects, Ledger(settings.kafka.bootstrap, topics.kustomer_ledger), topics.audit,
-                     concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1), settle_s=settle_from_env())
+                     concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1), settle_s=settle_s)
 
 
 async def build_cloudtalk_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
                                 topics: Topics) -> SinkStage:
     from pipeline.sink.contacts import build_cloudtalk_effects
 
-    effects = await build_cloudtalk_effects(session, config, retry_policy_from_env(), settle_from_env())
+    settle_s = settle_from_env()
+    effects = await build_cloudtalk_effects(session, config, retry_policy_from_env(), settle_s)
     return SinkStage("sink-cloudtalk", effects, Ledger(settings.kafka.bootstrap, topics.cloudtalk_ledger),
-                     topics.audit, concurrency=1, settle_s=settle_from_env())
+                     topics.audit, concurrency=1, settle_s=settle_s)
 
 
 SINKS: dict[str, tuple[str, Callable[..., Awaitable[SinkStage]]]] = {
