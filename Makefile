@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 kafka-jars: install
-	$(PY) -m pipeline kafka fetch
+	$(PY) -m devkit kafka fetch
 
 ## Run every test (unit, integration on a real broker, end-to-end with processes + simulators).
 test: kafka-jars
@@ -27,13 +27,13 @@ test: kafka-jars
 
 ## Run the demo: local broker, simulators, every service, a scripted day, a summary.
 demo: kafka-jars
-	$(PY) -m pipeline demo $(DEMO_ARGS)
+	$(PY) -m devkit demo $(DEMO_ARGS)
 
 kafka-up: kafka-jars
-	$(PY) -m pipeline kafka up
+	$(PY) -m devkit kafka up
 
 kafka-down: install
-	$(PY) -m pipeline kafka down
+	$(PY) -m devkit kafka down
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench

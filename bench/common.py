@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.localkafka import LocalKafka  # noqa: E402
+from devkit.localkafka import LocalKafka  # noqa: E402
 
 
 @asynccontextmanager

@@ -38,9 +38,10 @@ import orjson  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from bench.common import kafka, percentile_ms  # noqa: E402
-from pipeline.lag import group_lag  # noqa: E402
-from pipeline.stack import Stack, free_port  # noqa: E402
-from pipeline.topics import Topics, TopicSpec, ensure_topics  # noqa: E402
+from devkit.net import free_port
+from devkit.stack import Stack  # noqa: E402
+from pipeline.kafka.lag import group_lag  # noqa: E402
+from pipeline.kafka.topics import Topics, TopicSpec, ensure_topics  # noqa: E402
 
 LINE = "+442012345678"
 SECRETS = {"B_CT_ID": "bench-id", "B_CT_SECRET": "bench-secret", "B_K_KEY": "bench-kustomer-key",

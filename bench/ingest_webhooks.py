@@ -35,9 +35,10 @@ import orjson  # noqa: E402
 
 from bench.common import kafka, percentile_ms  # noqa: E402
 from bench.processor_throughput import call_envelope  # noqa: E402
-from pipeline.lag import read_topic  # noqa: E402
-from pipeline.stack import Stack, free_port  # noqa: E402
-from pipeline.topics import Topics, ensure_topics  # noqa: E402
+from devkit.net import free_port
+from devkit.stack import Stack  # noqa: E402
+from pipeline.kafka.lag import read_topic  # noqa: E402
+from pipeline.kafka.topics import Topics, ensure_topics  # noqa: E402
 
 SECRET = "bench-webhook-secret"
 BASELINE_APP = textwrap.dedent("""
@@ -151,7 +152,7 @@ async def run(bootstrap: str, args: argparse.Namespace) -> None:
         path = "/ingest/cloudtalk/support/call-ended"
         base = await measure("baseline", f"http://127.0.0.1:{ports['baseline']}{path}", args, 0)
         ing = await measure("ingest", f"http://127.0.0.1:{ports['ingest']}{path}", args, 10_000_000)
-        stored = len(await read_topic(bootstrap, topics.raw_calls, idle_s=0.5))
+        stored = len(await read_topic(bootstrap, topics.raw_calls))
         sent = 500 + args.requests + int(args.rate * args.seconds)
         print(f"stored in {topics.raw_calls}: {stored:,} of {sent:,} acknowledged webhooks")
         print(f"ratio ingest/baseline: throughput {ing['rps'] / base['rps']:.2f}; "

@@ -29,8 +29,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
 from bench.common import kafka  # noqa: E402
-from pipeline.commands.copy import copy_transform  # noqa: E402
-from pipeline.kafka import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
+from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
+from pipeline.ops.copy import copy_transform  # noqa: E402
 
 
 async def create(bootstrap: str, name: str, partitions: int) -> str:

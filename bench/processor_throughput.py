@@ -31,11 +31,11 @@ from aiokafka import AIOKafkaProducer  # noqa: E402
 
 from bench.common import kafka  # noqa: E402
 from bench.loop_throughput import baseline_copy, create  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.envelope import Envelope, call_event_id  # noqa: E402
-from pipeline.kafka import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
+from pipeline.core.config import parse_config  # noqa: E402
+from pipeline.core.envelope import Envelope, call_event_id  # noqa: E402
+from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
+from pipeline.kafka.topics import Topics, ensure_topics  # noqa: E402
 from pipeline.process.runner import FLOWS, decisions_transform  # noqa: E402
-from pipeline.topics import Topics, ensure_topics  # noqa: E402
 
 LINES = [442012345678, 14155550123, 442079460000]
 

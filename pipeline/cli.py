@@ -13,25 +13,27 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from pipeline.settings import SettingsError
+from pipeline import version
+from pipeline.core.settings import SettingsError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "kafka": ("pipeline.commands.kafka", "start/stop a real local Apache Kafka broker (no Docker needed)"),
-    "topics": ("pipeline.commands.topics", "create missing topics, report drift"),
-    "sim": ("pipeline.sim.commands", "run a CloudTalk or Kustomer API simulator"),
-    "copy": ("pipeline.commands.copy", "copy a topic into another exactly once"),
-    "process": ("pipeline.process.runner", "run a processor: calls | sms | contacts-import | contacts-export"),
-    "config": ("pipeline.commands.config", "check an integrations file"),
     "ingest": ("pipeline.ingest.app", "run the webhook ingest service"),
-    "sink": ("pipeline.sink.runner", "run a sink: kustomer | cloudtalk"),
     "poll": ("pipeline.ingest.pollers", "run a poller: calls | contacts | customers"),
-    "backfill": ("pipeline.commands.backfill", "publish a time window of a source API into its raw topic"),
-    "webhooks": ("pipeline.commands.webhooks", "register the Kustomer outbound webhook of an integration"),
-    "replay": ("pipeline.commands.replay", "re-publish a raw-topic window, or dead letters to their source"),
-    "lag": ("pipeline.lag", "consumer-group lag in records"),
-    "demo": ("pipeline.demo", "run everything locally with a scripted day and print a summary"),
+    "backfill": ("pipeline.ingest.backfill", "publish a time window of a source API into its raw topic"),
+    "process": ("pipeline.process.runner", "run a processor: calls | sms | contacts-import | contacts-export"),
+    "sink": ("pipeline.sink.runner", "run a sink: kustomer | cloudtalk"),
+    "config": ("pipeline.ops.config", "check an integrations file"),
+    "topics": ("pipeline.ops.topics", "create missing topics, report drift"),
+    "webhooks": ("pipeline.ops.webhooks", "register the Kustomer outbound webhook of an integration"),
+    "replay": ("pipeline.ops.replay", "re-publish a raw-topic window, or dead letters to their source"),
+    "lag": ("pipeline.ops.lag", "consumer-group lag in records"),
+    "copy": ("pipeline.ops.copy", "copy a topic into another exactly once"),
 }
+
+# the development kit's commands: not part of the product, they live in devkit/ of a clone
+DEVKIT_COMMANDS = {"kafka": "a local Apache Kafka broker", "sim": "the CloudTalk and Kustomer simulators",
+                   "demo": "the demo"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -39,6 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="pipeline",
         description="CloudTalk <-> Kustomer event-streaming pipeline. Every service and tool is a subcommand.",
     )
+    parser.add_argument("-V", "--version", action="version", version=f"pipeline {version()}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         if name == command:
@@ -50,7 +53,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"pipeline {version()}")
+        return 0
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in DEVKIT_COMMANDS:
+        print(f"pipeline {command}: {DEVKIT_COMMANDS[command]} belongs to the development kit, not the product; "
+              f"from a clone run `python -m devkit {command}` (after `make install`)", file=sys.stderr)
+        return 2
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

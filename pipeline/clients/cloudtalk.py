@@ -21,7 +21,7 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import aiohttp
 
-from pipeline.sink.http import (
+from pipeline.clients.http import (
     CLOUDTALK_RATE_HEADERS,
     ApiResponse,
     HttpExecutor,

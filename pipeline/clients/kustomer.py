@@ -16,7 +16,7 @@ from typing import Any, TypedDict
 
 import aiohttp
 
-from pipeline.sink.http import (
+from pipeline.clients.http import (
     KUSTOMER_RATE_HEADERS,
     ApiError,
     ApiResponse,
@@ -24,6 +24,7 @@ from pipeline.sink.http import (
     RateWindow,
     RetryPolicy,
 )
+from pipeline.core.config import PipelineConfig
 
 TARGET = "kustomer"
 
@@ -213,3 +214,14 @@ class KustomerClient:
     async def delete_outbound_webhook(self, webhook_id: str) -> bool:
         r = await self._call("DELETE", f"/v1/outbound-webhooks/{webhook_id}", "webhooks.delete", accept=(404,))
         return r.status != 404
+
+
+def kustomer_clients(session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy) -> dict[str, KustomerClient]:
+    windows: dict[str, RateWindow] = {}
+    clients = {}
+    for integ in config.integrations:
+        k = integ.kustomer
+        window = windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
+        clients[integ.name] = KustomerClient.from_credentials(session, k.base_url, k.api_key.value(),
+                                                              window=window, policy=policy)
+    return clients

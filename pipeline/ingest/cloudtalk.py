@@ -16,10 +16,16 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline.envelope import Envelope, call_event_id, contact_event_id, sms_event_id, utc_now_iso
-from pipeline.ingest.app import IngestApp, problem
-from pipeline.schemas import validate
-from pipeline.topics import Topics
+from pipeline.core.envelope import (
+    Envelope,
+    call_event_id,
+    contact_event_id,
+    sms_event_id,
+    utc_now_iso,
+)
+from pipeline.core.schemas import SchemaError, validate
+from pipeline.ingest.base import IngestApp, problem
+from pipeline.kafka.topics import Topics
 
 SECRET_HEADER = "X-Pipeline-Secret"
 
@@ -39,7 +45,6 @@ def cloudtalk_envelope(payload: dict[str, Any], integration: str, via: str) -> E
     event = payload.get("event")
     schema = PAYLOAD_SCHEMA.get(event)  # type: ignore[arg-type]
     if schema is None:
-        from pipeline.schemas import SchemaError
         raise SchemaError(f"payload.event: {event!r} is not one of {sorted(PAYLOAD_SCHEMA)} (rule: enum)",
                           "payload.event", "enum")
     validate(schema, payload, prefix="payload")

@@ -17,10 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline.envelope import Envelope, customer_event_id, utc_now_iso
-from pipeline.ingest.app import IngestApp, problem
-from pipeline.schemas import validate
-from pipeline.topics import Topics
+from pipeline.core.envelope import Envelope, customer_event_id, utc_now_iso
+from pipeline.core.schemas import validate
+from pipeline.ingest.base import IngestApp, problem
+from pipeline.kafka.topics import Topics
 
 SIGNATURE_HEADER = "X-Kustomer-Webhook-Signature"
 EVENT_HEADER = "X-Kustomer-Webhook-Event"

@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import os
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
-from pipeline.config import PipelineConfig, load_config
-from pipeline.envelope import Envelope, parse_time
+from pipeline.clients.cloudtalk import CloudTalkClient
+from pipeline.clients.http import RateWindow, RetryPolicy
+from pipeline.clients.kustomer import kustomer_clients
+from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.envelope import Envelope, parse_time
+from pipeline.core.observability import HealthServer, get_logger, metrics
+from pipeline.core.schemas import SchemaError
+from pipeline.core.settings import ServiceSettings, env_int
 from pipeline.ingest.cloudtalk import cloudtalk_envelope
-from pipeline.kafka import durable_producer
-from pipeline.observability import HealthServer, get_logger, metrics
-from pipeline.schemas import SchemaError
-from pipeline.service import install_stop_handlers, start_logging
-from pipeline.settings import ServiceSettings, env_int
-from pipeline.sink.http import RateWindow, RetryPolicy
-from pipeline.topics import Topics
+from pipeline.ingest.kustomer import kustomer_envelope
+from pipeline.kafka.clients import durable_producer
+from pipeline.kafka.cursors import CursorStore
+from pipeline.kafka.service import install_stop_handlers, start_logging
+from pipeline.kafka.topics import Topics
 
 log = get_logger(__name__)
 
@@ -129,43 +134,9 @@ def show_to_contact_event(shown: dict[str, Any], event: str) -> dict[str, Any]:
 
 def index_digest(item: dict[str, Any]) -> str:
     """What the contacts index shows of a contact (name, first number, first e-mail)."""
-    import hashlib
     c, n, e = item.get("Contact") or {}, item.get("ContactNumber") or {}, item.get("ContactEmail") or {}
     raw = f"{c.get('name')}|{c.get('company')}|{n.get('public_number')}|{e.get('email')}"
     return hashlib.sha1(raw.encode()).hexdigest()[:12]
-
-
-# --------------------------------------------------------------------------------------------
-# Cursors in Kafka
-# --------------------------------------------------------------------------------------------
-
-class CursorStore:
-    """Latest value per poller name in the compacted cursor topic (one partition)."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
-
-    async def read(self, name: str) -> dict[str, Any] | None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                    isolation_level="read_committed", auto_offset_reset="earliest")
-        await consumer.start()
-        latest = None
-        try:
-            tp = TopicPartition(self.topic, 0)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=500)
-                for r in batch.get(tp, []):
-                    if r.key == name.encode():
-                        latest = orjson.loads(r.value) if r.value else None
-        finally:
-            await consumer.stop()
-        return latest
-
-    async def write(self, producer: AIOKafkaProducer, name: str, value: dict[str, Any]) -> None:
-        await (await producer.send(self.topic, key=name.encode(), value=orjson.dumps(value), partition=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +291,6 @@ class CustomersPoller:
         self._events = metrics().events_in
 
     async def poll_once(self) -> dict[str, Any]:
-        from pipeline.ingest.kustomer import kustomer_envelope
 
         cursor = await self.cursors.read(self.cursor_name)
         since = None
@@ -361,7 +331,6 @@ class CustomersPoller:
 
 
 def cloudtalk_poller_client(session: aiohttp.ClientSession, config: PipelineConfig) -> Any:
-    from pipeline.clients.cloudtalk import CloudTalkClient
 
     ct = config.cloudtalk
     window = RateWindow(reserve=ct.poller_reserve, fallback_per_minute=ct.rate_limit_per_minute)
@@ -381,53 +350,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_poll)
 
 
-def register_backfill(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("backfill", help="publish a time window of a source API into its raw topic")
-    p.add_argument("source", choices=["calls"])
-    p.add_argument("--from", dest="date_from", required=True, help="start, ISO-8601 (UTC when no offset)")
-    p.add_argument("--to", dest="date_to", required=True, help="end, ISO-8601 (inclusive)")
-    p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
-    p.set_defaults(func=run_backfill)
-
-
-def _window(args: argparse.Namespace) -> tuple[datetime, datetime]:
-    from pipeline.settings import SettingsError
-    try:
-        start, end = parse_time(args.date_from), parse_time(args.date_to)
-    except ValueError as exc:
-        raise SettingsError(f"--from/--to: not an ISO-8601 time ({exc})") from None
-    if end <= start:
-        raise SettingsError(f"--to ({end.isoformat()}) must be after --from ({start.isoformat()})")
-    return start, end
-
-
-def run_backfill(args: argparse.Namespace) -> int:
-    start, end = _window(args)
-    settings = ServiceSettings.from_env()
-    start_logging("backfill", settings)
-    config = load_config(args.config or settings.config_path)
-    topics = Topics(settings.kafka.topic_prefix)
-
-    async def main() -> dict[str, int]:
-        async with aiohttp.ClientSession() as session:
-            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-backfill")
-            await producer.start()
-            try:
-                poller = CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics,
-                                           CursorStore(settings.kafka.bootstrap, topics.cursors), lag_s=0)
-                print(f"backfill calls {start.isoformat()} .. {end.isoformat()}", file=sys.stderr, flush=True)
-                return await poller.publish_window(start, end, "backfill", progress=True)
-            finally:
-                await producer.stop()
-
-    counts = asyncio.run(main())
-    print(orjson.dumps(counts).decode())
-    return 0
-
-
 def run_poll(args: argparse.Namespace) -> int:
-    import os
-
     settings = ServiceSettings.from_env()
     start_logging(f"poll-{args.source}", settings)
     config = load_config(args.config or settings.config_path)
@@ -462,7 +385,6 @@ def run_poll(args: argparse.Namespace) -> int:
             elif args.source == "contacts":
                 pollers = [ContactsPoller(cloudtalk_poller_client(session, config), producer, topics, cursors)]
             else:
-                from pipeline.sink.runner import kustomer_clients
                 clients = kustomer_clients(session, config, RetryPolicy(deadline_s=300.0))
                 pollers = [CustomersPoller(i.name, clients[i.name], producer, topics, cursors,
                                            overlap_s=env_int(env, "CUSTOMERS_POLL_OVERLAP_S", 300, minimum=0))

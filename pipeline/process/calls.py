@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Integration, PipelineConfig
-from pipeline.envelope import Envelope, command_id
-from pipeline.kafka import Reject
-from pipeline.process import notes
-from pipeline.process.decisions import (
+from pipeline.core import templates
+from pipeline.core.config import Integration, PipelineConfig
+from pipeline.core.decisions import (
     RULE_CALL_TYPE_DISABLED,
     RULE_INACTIVE,
     RULE_INTERNAL_CALL,
@@ -32,8 +30,11 @@ from pipeline.process.decisions import (
     Command,
     Decision,
     Dropped,
+    Reject,
 )
-from pipeline.process.phones import normalize_e164
+from pipeline.core.envelope import Envelope, command_id
+from pipeline.core.phones import normalize_e164
+from pipeline.process import notes
 
 CONVERSATION_NAMES = {
     "incoming_answered": "Incoming call from {number}",
@@ -122,7 +123,7 @@ def decide(env: Envelope, integration: Integration, external: str | None, intern
         return Dropped(integration.name, RULE_UNKNOWN_NUMBER, "no CloudTalk contact has this number")
     call_id = payload["call_id"]
     values = note_values(payload, external, internal, ctype)
-    body = notes.render(settings.note_template or notes.DEFAULT_CALL_TEMPLATE, values, notes.CALL_MARKER)
+    body = notes.render(settings.note_template or templates.DEFAULT_CALL_TEMPLATE, values, templates.CALL_MARKER)
     cid = command_id(integration.name, env.id)
     return Command(integration.name, cid, f"{integration.name}|{external}", {
         "command_id": cid,
@@ -138,7 +139,7 @@ def decide(env: Envelope, integration: Integration, external: str | None, intern
             "direction": "in" if payload["direction"] == "incoming" else "out",
             "externalId": f"cloudtalk-call-{call_id}",
         },
-        "note": {"body": body[:10240], "marker": notes.CALL_MARKER.format(call_id=call_id)},
+        "note": {"body": body[:10240], "marker": templates.CALL_MARKER.format(call_id=call_id)},
     })
 
 

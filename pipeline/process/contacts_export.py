@@ -17,10 +17,10 @@ that externalId.
 
 from __future__ import annotations
 
-from pipeline.config import Integration, PipelineConfig
-from pipeline.envelope import Envelope, command_id
-from pipeline.process.decisions import RULE_INACTIVE, Command, Decision, Dropped
-from pipeline.process.phones import is_valid_e164, normalize_e164
+from pipeline.core.config import Integration, PipelineConfig
+from pipeline.core.decisions import RULE_INACTIVE, Command, Decision, Dropped
+from pipeline.core.envelope import Envelope, command_id
+from pipeline.core.phones import is_valid_e164, normalize_e164
 
 RULE_EXPORT_DISABLED = "export_disabled"
 RULE_DELETED = "contact_deleted"

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Integration, PipelineConfig
-from pipeline.envelope import Envelope, command_id
-from pipeline.process.decisions import RULE_INACTIVE, Command, Decision, Dropped
-from pipeline.process.phones import is_valid_e164, normalize_e164
+from pipeline.core.config import Integration, PipelineConfig
+from pipeline.core.decisions import RULE_INACTIVE, Command, Decision, Dropped, Reject
+from pipeline.core.envelope import Envelope, command_id
+from pipeline.core.phones import is_valid_e164, normalize_e164
 
 RULE_IMPORT_DISABLED = "import_disabled"
 RULE_NO_PHONE = "no_phone"
@@ -155,6 +155,5 @@ def process_customer(env: Envelope, config: PipelineConfig) -> list[Decision]:
     """A Kustomer event concerns only the integration (Kustomer org) that sent it."""
     integration = config.get(env.integration)
     if integration is None:
-        from pipeline.kafka import Reject
         raise Reject("UnknownIntegration", f"integration: {env.integration!r} is not configured")
     return [decide(env, integration)]

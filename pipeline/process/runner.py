@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,29 +18,20 @@ from typing import Any
 import orjson
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.audit import audit_record, decision
-from pipeline.config import PipelineConfig, load_config
-from pipeline.envelope import Envelope, utc_now_iso
-from pipeline.kafka import (
-    BatchResult,
-    LoopSettings,
-    OutRecord,
-    Reject,
-    Rejection,
-    TransactionalLoop,
-    Transform,
-    TransformStage,
-)
-from pipeline.observability import metrics
+from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.decisions import Command, Decision, Reject, decision
+from pipeline.core.envelope import Envelope, utc_now_iso
+from pipeline.core.observability import metrics
+from pipeline.core.schemas import SchemaError
+from pipeline.core.settings import ServiceSettings, env_int
+from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage
+from pipeline.kafka.records import BatchResult, OutRecord, Rejection, Transform, audit_record
+from pipeline.kafka.service import run_loop_service, start_logging
+from pipeline.kafka.topics import Topics
 from pipeline.process.calls import process_call
 from pipeline.process.contacts_export import process_contact
 from pipeline.process.contacts_import import process_customer
-from pipeline.process.decisions import Command, Decision
 from pipeline.process.sms import process_sms
-from pipeline.schemas import SchemaError
-from pipeline.service import run_loop_service, start_logging
-from pipeline.settings import ServiceSettings, env_int
-from pipeline.topics import Topics
 
 Decide = Callable[[Envelope, PipelineConfig], list[Decision]]
 
@@ -129,7 +121,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config or settings.config_path)
     flow = FLOWS[args.flow]
     topics = Topics(settings.kafka.topic_prefix)
-    import os
     loop = TransactionalLoop(
         LoopSettings(bootstrap=settings.kafka.bootstrap, group_id=f"{settings.kafka.topic_prefix}process-{flow.name}",
                      input_topics=(getattr(topics, flow.input_base),), deadletter_topic=topics.deadletter,

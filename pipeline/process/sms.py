@@ -16,11 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Integration, PipelineConfig
-from pipeline.envelope import Envelope, command_id
-from pipeline.kafka import Reject
-from pipeline.process import notes
-from pipeline.process.decisions import (
+from pipeline.core import templates
+from pipeline.core.config import Integration, PipelineConfig
+from pipeline.core.decisions import (
     RULE_INACTIVE,
     RULE_NOT_CONNECTED,
     RULE_SMS_DISABLED,
@@ -29,8 +27,11 @@ from pipeline.process.decisions import (
     Command,
     Decision,
     Dropped,
+    Reject,
 )
-from pipeline.process.phones import normalize_e164
+from pipeline.core.envelope import Envelope, command_id
+from pipeline.core.phones import normalize_e164
+from pipeline.process import notes
 
 
 def note_values(payload: dict[str, Any], external: str, internal: str, sms_type: str) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def decide(env: Envelope, integration: Integration, external: str, internal: str
         return Dropped(integration.name, RULE_UNKNOWN_NUMBER, "no CloudTalk contact has this number")
     sms_id = payload["sms_id"]
     values = note_values(payload, external, internal, sms_type)
-    body = notes.render(settings.note_template or notes.DEFAULT_SMS_TEMPLATE, values, notes.SMS_MARKER)
+    body = notes.render(settings.note_template or templates.DEFAULT_SMS_TEMPLATE, values, templates.SMS_MARKER)
     cid = command_id(integration.name, env.id)
     name = f"SMS from {external}" if sms_type == "incoming" else f"SMS to {external}"
     return Command(integration.name, cid, f"{integration.name}|{external}", {
@@ -81,7 +82,7 @@ def decide(env: Envelope, integration: Integration, external: str, internal: str
         "conversation": {"name": name, "status": type_setting.status,
                          "direction": "in" if sms_type == "incoming" else "out",
                          "externalId": f"cloudtalk-sms-{sms_id}"},
-        "note": {"body": body[:10240], "marker": notes.SMS_MARKER.format(sms_id=sms_id)},
+        "note": {"body": body[:10240], "marker": templates.SMS_MARKER.format(sms_id=sms_id)},
     })
 
 

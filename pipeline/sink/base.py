@@ -35,12 +35,13 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.audit import audit_record, decision
-from pipeline.envelope import parse_time, utc_now_iso
-from pipeline.kafka import BatchResult, Lane, OutRecord, Rejection, header
-from pipeline.observability import get_logger, metrics
-from pipeline.schemas import SchemaError, validate
-from pipeline.sink.http import RejectedError
+from pipeline.clients.http import RejectedError
+from pipeline.core.decisions import decision
+from pipeline.core.envelope import parse_time, utc_now_iso
+from pipeline.core.observability import get_logger, metrics
+from pipeline.core.schemas import SchemaError, validate
+from pipeline.kafka.loop import Lane
+from pipeline.kafka.records import BatchResult, OutRecord, Rejection, audit_record, header
 from pipeline.sink.ledger import DONE, FAILED, STARTED, Ledger, LedgerEntry
 
 log = get_logger(__name__)

@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.clients.http import KeyedLimiter, RejectedError, create_or_find
 from pipeline.clients.kustomer import ConflictError, KustomerClient
+from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
-from pipeline.sink.http import KeyedLimiter, RejectedError, create_or_find
 from pipeline.sink.ledger import LedgerEntry
 
 
@@ -50,7 +51,6 @@ class KustomerEffects:
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
         if command["type"] == "kustomer.log_conversation":
             return await self.log_conversation(command, prior)
-        from pipeline.sink.contacts import export_customer  # the contacts flow's effect
         return await export_customer(self.client(command), command, prior, index, self.settle_s)
 
     # -- calls and SMS -------------------------------------------------------------------------
@@ -145,3 +145,75 @@ class KustomerEffects:
                 if body.split("\n", 1)[0] == marker:
                     return note["id"]
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# The contacts export: customers from CloudTalk contacts
+# --------------------------------------------------------------------------------------------
+
+def _values(items: Any, field: str) -> list[str]:
+    return [str(x.get(field)) for x in items or [] if isinstance(x, dict) and x.get(field)]
+
+
+async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEntry | None,
+                          index: Mapping[str, Any], settle_s: float = 20.0) -> Done:
+    integration, contact_id = command["integration"], command["contact_id"]
+    key = f"k|{integration}|contact|{contact_id}"
+    known = index.get(key)
+    if known and command["version"] <= known["version"]:
+        return Done({"customer_id": known.get("customer_id")}, "skipped:stale_version")
+    desired = command["customer"]
+    phones = _values(desired["phones"], "phone")
+    emails = _values(desired["emails"], "email")
+    existing = await client.find_customer_by_external_id(contact_id)
+    if existing is not None:
+        attrs = existing.get("attributes") or {}
+        have_phones = {normalize_e164(p) for p in _values(attrs.get("phones"), "phone")}
+        have_emails = {e.lower() for e in _values(attrs.get("emails"), "email")}
+        new_phones, new_emails, taken = [], [], []
+        for p in phones:
+            if p not in have_phones:
+                owner = await client.find_customer_by_phone(p)
+                (taken if owner is not None else new_phones).append(p)
+        for e in emails:
+            if e.lower() not in have_emails:
+                owner = await client.find_customer_by_email(e)
+                (taken if owner is not None else new_emails).append(e)
+        changes: dict[str, Any] = {}
+        if desired.get("name") and desired["name"] != attrs.get("name"):
+            changes["name"] = desired["name"]
+        if new_phones:
+            changes["phones"] = list(attrs.get("phones") or []) + [{"type": "work", "phone": p} for p in new_phones]
+        if new_emails:
+            changes["emails"] = list(attrs.get("emails") or []) + [{"type": "work", "email": e} for e in new_emails]
+        update = {key: {"customer_id": existing["id"], "version": command["version"]}}
+        if not changes:
+            return Done({"customer_id": existing["id"], "taken": taken}, "skipped:unchanged", update)
+        await client.update_customer(existing["id"], changes)
+        return Done({"customer_id": existing["id"], "changed": sorted(changes), "taken": taken}, "updated", update)
+    # rule 4: a phone or e-mail that already belongs to a customer skips the contact
+    for p in phones:
+        owner = await client.find_customer_by_phone(p)
+        if owner is not None:
+            return Done({"owner": owner["id"]}, "skipped:phone_exists")
+    for e in emails:
+        owner = await client.find_customer_by_email(e)
+        if owner is not None:
+            return Done({"owner": owner["id"]}, "skipped:email_exists")
+    body = {"name": desired.get("name") or (phones[0] if phones else emails[0] if emails else contact_id),
+            "externalId": contact_id, "phones": desired["phones"], "emails": desired["emails"]}
+    try:
+        created, found = await create_or_find(lambda: client.create_customer(body),
+                                               lambda: client.find_customer_by_external_id(contact_id),
+                                               settle_s=settle_s)
+        if found:
+            return Done({"customer_id": created["id"]}, "reconciled",
+                        {key: {"customer_id": created["id"], "version": command["version"]}})
+    except ConflictError:
+        again = await client.find_customer_by_external_id(contact_id)
+        if again is None:  # a phone or e-mail was taken meanwhile
+            return Done({}, "skipped:phone_or_email_exists")
+        return Done({"customer_id": again["id"]}, "reconciled",
+                    {key: {"customer_id": again["id"], "version": command["version"]}})
+    return Done({"customer_id": created["id"]}, "created",
+                {key: {"customer_id": created["id"], "version": command["version"]}})

@@ -23,9 +23,10 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.envelope import utc_now_iso
-from pipeline.kafka import OutRecord
-from pipeline.observability import get_logger, metrics
+from pipeline.core.envelope import utc_now_iso
+from pipeline.core.observability import get_logger, metrics
+from pipeline.kafka.reading import read_to_end
+from pipeline.kafka.records import OutRecord
 
 log = get_logger(__name__)
 
@@ -122,30 +123,20 @@ class Ledger:
             ends = await consumer.end_offsets(tps)
             loaded: dict[int, dict[str, LedgerEntry]] = {p: {} for p in partitions}
             indexes: dict[int, dict[str, Any]] = {p: {} for p in partitions}
-            pending = {tp for tp in tps if ends[tp] > 0}
-            for tp in tps:
-                if tp in pending and await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-            while pending:
-                batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
-                for tp, records in batch.items():
-                    part, idx = loaded[tp.partition], indexes[tp.partition]
-                    for r in records:
-                        key = r.key.decode() if r.key else ""
-                        if key.startswith(INDEX_PREFIX):
-                            if r.value is None:
-                                idx.pop(key[len(INDEX_PREFIX):], None)
-                            else:
-                                idx[key[len(INDEX_PREFIX):]] = orjson.loads(r.value)
-                            continue
-                        if r.value is None:  # tombstone
-                            part.pop(key, None)
-                            continue
-                        entry = LedgerEntry.from_json(r.value)
-                        part[entry.command_id] = entry
-                for tp in list(pending):
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
+            async for r in read_to_end(consumer, tps, ends):
+                part, idx = loaded[r.partition], indexes[r.partition]
+                key = r.key.decode() if r.key else ""
+                if key.startswith(INDEX_PREFIX):
+                    if r.value is None:
+                        idx.pop(key[len(INDEX_PREFIX):], None)
+                    else:
+                        idx[key[len(INDEX_PREFIX):]] = orjson.loads(r.value)
+                    continue
+                if r.value is None:  # tombstone
+                    part.pop(key, None)
+                    continue
+                entry = LedgerEntry.from_json(r.value)
+                part[entry.command_id] = entry
             for p, part in loaded.items():
                 self.partitions[p] = part
                 self.indexes[p] = indexes[p]

@@ -11,53 +11,24 @@ import argparse
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 
-from pipeline.config import PipelineConfig, load_config
-from pipeline.kafka import LoopSettings, TransactionalLoop
-from pipeline.service import run_loop_service, start_logging
-from pipeline.settings import ServiceSettings, env_float, env_int
+from pipeline.clients.http import retry_policy_from_env, settle_from_env
+from pipeline.clients.kustomer import kustomer_clients
+from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.settings import ServiceSettings, env_int
+from pipeline.kafka.loop import LoopSettings, TransactionalLoop
+from pipeline.kafka.service import run_loop_service, start_logging
+from pipeline.kafka.topics import Topics
 from pipeline.sink.base import SinkStage
-from pipeline.sink.http import RateWindow, RetryPolicy
+from pipeline.sink.cloudtalk import build_cloudtalk_effects
+from pipeline.sink.kustomer import KustomerEffects
 from pipeline.sink.ledger import Ledger
-from pipeline.topics import Topics
-
-
-def retry_policy_from_env() -> RetryPolicy:
-    env = os.environ
-    return RetryPolicy(initial_s=env_float(env, "SINK_RETRY_INITIAL_S", 0.2, minimum=0.0),
-                       max_backoff_s=env_float(env, "SINK_RETRY_MAX_BACKOFF_S", 10.0, minimum=0.0),
-                       max_attempts=env_int(env, "SINK_RETRY_MAX_ATTEMPTS", 12, minimum=1),
-                       deadline_s=env_float(env, "SINK_RETRY_DEADLINE_S", 120.0, minimum=0.1),
-                       timeout_s=env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1))
-
-
-def settle_from_env() -> float:
-    """How long after an ambiguous create (or a crash) to wait before looking the effect up."""
-    env = os.environ
-    timeout = env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1)
-    return env_float(env, "SINK_RECONCILE_SETTLE_S", 2 * timeout, minimum=0.0)
-
-
-def kustomer_clients(session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy) -> dict[str, Any]:
-    from pipeline.clients.kustomer import KustomerClient
-
-    windows: dict[str, RateWindow] = {}
-    clients = {}
-    for integ in config.integrations:
-        k = integ.kustomer
-        window = windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
-        clients[integ.name] = KustomerClient.from_credentials(session, k.base_url, k.api_key.value(),
-                                                              window=window, policy=policy)
-    return clients
 
 
 async def build_kustomer_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
                                topics: Topics) -> SinkStage:
-    from pipeline.sink.kustomer import KustomerEffects
-
     settle_s = settle_from_env()
     effects = KustomerEffects(kustomer_clients(session, config, retry_policy_from_env()),
                               per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120,
@@ -68,8 +39,6 @@ async def build_kustomer_stage(session: aiohttp.ClientSession, config: PipelineC
 
 async def build_cloudtalk_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
                                 topics: Topics) -> SinkStage:
-    from pipeline.sink.contacts import build_cloudtalk_effects
-
     settle_s = settle_from_env()
     effects = await build_cloudtalk_effects(session, config, retry_policy_from_env(), settle_s)
     return SinkStage("sink-cloudtalk", effects, Ledger(settings.kafka.bootstrap, topics.cloudtalk_ledger),

@@ -19,10 +19,11 @@ import aiohttp
 import orjson
 import pytest
 
-from pipeline.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
-from pipeline.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
-from pipeline.stack import Stack, free_port
-from pipeline.topics import Topics
+from devkit.net import free_port
+from devkit.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
+from devkit.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
+from devkit.stack import Stack
+from pipeline.kafka.topics import Topics
 
 SUPPORT_LINE = "+442012345678"
 OTHER_LINE = "+442079460000"

@@ -12,7 +12,8 @@ import sys
 import orjson
 import pytest
 
-from pipeline.lag import group_lag, read_topic
+from pipeline.kafka.lag import group_lag
+from pipeline.kafka.reading import read_topic
 from tests.e2e.conftest import OTHER_LINE, Flow, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
@@ -179,7 +180,7 @@ async def test_bad_webhooks_get_clear_4xx_and_nothing_reaches_kafka_or_kustomer(
     call = await flow.end_call(internal_number=OTHER_LINE)
 
     async def stored() -> bool:
-        return len(await read_topic(flow.bootstrap, flow.topics.raw_calls, idle_s=0.2)) == 1
+        return len(await read_topic(flow.bootstrap, flow.topics.raw_calls)) == 1
     await wait_for(stored, 30, "the call to be stored")
     await idle(flow)
     raw = await read_topic(flow.bootstrap, flow.topics.raw_calls)

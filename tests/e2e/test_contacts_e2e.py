@@ -14,8 +14,9 @@ import orjson
 import pytest
 
 from pipeline.ingest.kustomer import kustomer_envelope
-from pipeline.kafka import durable_producer
-from pipeline.lag import group_lag, read_topic
+from pipeline.kafka.clients import durable_producer
+from pipeline.kafka.lag import group_lag
+from pipeline.kafka.reading import read_topic
 from tests.e2e.conftest import SECRETS, Flow, wait_for
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]

@@ -10,9 +10,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from devkit.net import free_port
 from pipeline.ingest.app import Publisher, build_app
-from pipeline.topics import Topics
-from tests.conftest import KafkaIO, free_port
+from pipeline.kafka.topics import Topics
+from tests.conftest import KafkaIO
 from tests.unit.test_call_sms_rules import SMS, config, integration
 from tests.unit.test_envelope_schemas import CALL
 

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from pipeline.commands.copy import copy_transform
-from pipeline.kafka import LoopSettings, TransactionalLoop, TransformStage
-from pipeline.lag import group_lag
+from pipeline.kafka.lag import group_lag
+from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage
+from pipeline.ops.copy import copy_transform
 from tests.conftest import KafkaIO
 
 pytestmark = pytest.mark.kafka

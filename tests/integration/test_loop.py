@@ -14,8 +14,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.commands.copy import copy_transform
-from pipeline.kafka import DLQ_HEADERS, LoopSettings, TransactionalLoop, TransformStage
+from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage
+from pipeline.kafka.records import DLQ_HEADERS
+from pipeline.ops.copy import copy_transform
 from tests.conftest import REPO, KafkaIO, pipeline_env
 
 pytestmark = pytest.mark.kafka

@@ -12,12 +12,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from devkit.net import free_port
+from devkit.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
 from pipeline.clients.cloudtalk import CloudTalkClient
-from pipeline.envelope import call_event_id, contact_event_id
-from pipeline.ingest.pollers import CallHistoryPoller, ContactsPoller, CursorStore
-from pipeline.kafka import durable_producer
-from pipeline.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
-from pipeline.topics import Topics
+from pipeline.core.envelope import call_event_id, contact_event_id
+from pipeline.ingest.pollers import CallHistoryPoller, ContactsPoller
+from pipeline.kafka.clients import durable_producer
+from pipeline.kafka.cursors import CursorStore
+from pipeline.kafka.topics import Topics
 from tests.conftest import REPO, KafkaIO, pipeline_env
 
 pytestmark = pytest.mark.kafka
@@ -159,12 +161,9 @@ async def test_sigterm_stops_a_poller_in_the_middle_of_a_pass_without_writing_it
     """CloudTalk unreachable: the pass keeps retrying; SIGTERM must still stop the poller at once
     (exit 0), and no cursor is written for the unfinished pass."""
     import signal
-    import socket
     import time
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # a port nobody listens on
     config = tmp_path / "integrations.yaml"
     config.write_text(f"""
 cloudtalk: {{base_url: "http://127.0.0.1:{dead}/api", key_id: {{env: CT_ID}}, key_secret: {{env: CT_ID}}}}

@@ -8,7 +8,7 @@ import sys
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.topics import CATALOGUE, Topics, ensure_topics
+from pipeline.kafka.topics import CATALOGUE, Topics, ensure_topics
 from tests.conftest import REPO, KafkaIO, pipeline_env
 
 pytestmark = pytest.mark.kafka

@@ -5,9 +5,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from devkit.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
+from pipeline.clients.http import AmbiguousOutcomeError, RetryPolicy, create_or_find
 from pipeline.clients.kustomer import KustomerClient
-from pipeline.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
-from pipeline.sink.http import AmbiguousOutcomeError, RetryPolicy, create_or_find
 
 
 async def test_a_timed_out_create_that_the_target_finished_is_found_not_repeated():
@@ -47,7 +47,7 @@ async def test_creates_are_retried_when_they_never_reached_the_target():
         assert created["id"] in sim.customers and len(sim.customers) == 1
         dead = KustomerClient.from_credentials(http, "http://127.0.0.1:9", "k",
                                                policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=3))
-        from pipeline.sink.http import RetryExhaustedError
+        from pipeline.clients.http import RetryExhaustedError
         with pytest.raises(RetryExhaustedError):  # connection refused: never sent, so retried, not ambiguous
             await dead.create_customer({"name": "x"})
 
@@ -57,8 +57,8 @@ async def test_cloudtalk_429_waits_for_the_announced_reset_and_spends_no_retry_b
     X-CloudTalkAPI-ResetTime and then succeeds once — with a policy that allows a single attempt."""
     import time
 
+    from devkit.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
     from pipeline.clients.cloudtalk import CloudTalkClient
-    from pipeline.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
 
     settings = CloudTalkSimSettings(key_id="id", key_secret="secret", rate_limit=3, window_seconds=2.0)
     async with running_cloudtalk_sim(settings) as (sim, api), aiohttp.ClientSession() as http:

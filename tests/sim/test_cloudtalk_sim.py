@@ -2,7 +2,7 @@
 
 Every endpoint and error status is exercised through the typed client and through raw HTTP;
 workflow deliveries go to a small receiver app; one test runs the simulator as a process
-(``python -m pipeline sim cloudtalk``) and talks to it with ``curl``.
+(``python -m devkit sim cloudtalk``) and talks to it with ``curl``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import base64
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 import urllib.parse
@@ -27,9 +26,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from pipeline.clients.cloudtalk import CloudTalkClient, ValidationError
-from pipeline.sim.base import SimServer
-from pipeline.sim.cloudtalk import (
+from devkit.net import free_port
+from devkit.sim.base import SimServer
+from devkit.sim.cloudtalk import (
     CLOUDTALK_SIM,
     CloudTalkSim,
     CloudTalkSimSettings,
@@ -37,7 +36,8 @@ from pipeline.sim.cloudtalk import (
     app_from_args,
     running_cloudtalk_sim,
 )
-from pipeline.sink.http import (
+from pipeline.clients.cloudtalk import CloudTalkClient, ValidationError
+from pipeline.clients.http import (
     AmbiguousOutcomeError,
     RejectedError,
     RetryExhaustedError,
@@ -179,11 +179,6 @@ def assert_delivery_headers(request: dict[str, Any]) -> None:
     assert h["Content-Type"] == "application/json"
     assert h["X-Pipeline-Secret"] == "test-shared-token"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1127,7 +1122,7 @@ async def curl(*args: str) -> tuple[int, Any]:
 async def test_cli_process_serves_the_api_to_curl(receiver: Receiver) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline", "sim", "cloudtalk", "--port", str(port), "--key-id", "I",
+        sys.executable, "-m", "devkit", "sim", "cloudtalk", "--port", str(port), "--key-id", "I",
         "--key-secret", "S", "--workflow", f"call.ended={receiver.url}/cli", "--workflow-header",
         "X-Pipeline-Secret:test-shared-token", "--log-level", "WARNING",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)

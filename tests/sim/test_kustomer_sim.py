@@ -8,7 +8,6 @@ import hmac
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -19,15 +18,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from pipeline.clients.kustomer import ConflictError, KustomerClient
-from pipeline.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
-from pipeline.sink.http import (
+from devkit.net import free_port
+from devkit.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
+from pipeline.clients.http import (
     AmbiguousOutcomeError,
     RejectedError,
     RetryExhaustedError,
     RetryPolicy,
     create_or_find,
 )
+from pipeline.clients.kustomer import ConflictError, KustomerClient
 from tests.conftest import REPO
 
 KEY = "test-key"
@@ -528,11 +528,6 @@ async def _burst_latency_timeout_reset(sim, client, raw) -> None:
 
 # -- the CLI process ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def curl(*args: str) -> tuple[int, Any]:
     proc = await asyncio.create_subprocess_exec("curl", "-s", "-w", "\n%{http_code}", *args,
@@ -545,7 +540,7 @@ async def curl(*args: str) -> tuple[int, Any]:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_cli_process_answers_curl_like_the_reference():
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline", "sim", "kustomer", "--port", str(port),
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "devkit", "sim", "kustomer", "--port", str(port),
                                                 "--api-key", "cli-key", cwd=REPO, stderr=asyncio.subprocess.PIPE)
     try:
         line = await asyncio.wait_for(proc.stderr.readline(), 20)

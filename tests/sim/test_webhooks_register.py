@@ -8,7 +8,7 @@ import stat
 import sys
 from pathlib import Path
 
-from pipeline.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
+from devkit.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
 
 REPO = Path(__file__).resolve().parents[2]
 URL = "https://pipeline.example.com/ingest/kustomer/support"

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 
-from pipeline.config import ConfigError, parse_config
-from pipeline.envelope import Envelope
-from pipeline.kafka import Reject
+from pipeline.core.config import ConfigError, parse_config
+from pipeline.core.decisions import Command, Dropped, Reject
+from pipeline.core.envelope import Envelope
+from pipeline.core.phones import is_valid_e164, normalize_e164
+from pipeline.core.schemas import validate
 from pipeline.process import calls, sms
-from pipeline.process.decisions import Command, Dropped
-from pipeline.process.phones import is_valid_e164, normalize_e164
-from pipeline.schemas import validate
 from tests.unit.test_envelope_schemas import CALL
 
 SECRET = {"env": "X_SECRET"}

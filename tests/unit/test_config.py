@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.core.config import ConfigError, load_config, parse_config
 from tests.conftest import REPO
 
 

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 
-from pipeline.envelope import Envelope, contact_event_id, customer_event_id
-from pipeline.kafka import Reject
+from pipeline.core.decisions import Command, Dropped, Reject
+from pipeline.core.envelope import Envelope, contact_event_id, customer_event_id
+from pipeline.core.schemas import validate
 from pipeline.process import contacts_export, contacts_import
-from pipeline.process.decisions import Command, Dropped
-from pipeline.schemas import validate
 from tests.unit.test_call_sms_rules import config, integration
 
 # reference 4.4 (GET /v1/customers/65f1c0a2e4b0a1b2c3d4e5f6), as carried by a webhook event

@@ -10,7 +10,7 @@ import jsonschema
 import orjson
 import pytest
 
-from pipeline.envelope import (
+from pipeline.core.envelope import (
     Envelope,
     call_event_id,
     command_id,
@@ -18,7 +18,7 @@ from pipeline.envelope import (
     customer_event_id,
     sms_event_id,
 )
-from pipeline.schemas import SCHEMA_DIR, SchemaError, validate
+from pipeline.core.schemas import SCHEMA_DIR, SchemaError, validate
 
 CALL = {
     "event": "call.ended", "call_id": 1002409191, "call_uuid": "9b2f6c1e-3d7a-4c55-9a61-2f0e8d4b7c10",

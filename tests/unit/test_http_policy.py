@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.sink.http import KUSTOMER_RATE_HEADERS, KeyedLimiter, Outcome, RateWindow, classify
+from pipeline.clients.http import KUSTOMER_RATE_HEADERS, KeyedLimiter, Outcome, RateWindow, classify
 
 
 @pytest.mark.parametrize(("status", "outcome"), [

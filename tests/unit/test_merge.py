@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.sink.contacts import contact_body, is_newer, merge_sources
+from pipeline.sink.merge import contact_body, is_newer, merge_sources
 
 
 def source(updated_at, rev=None, **fields):

@@ -6,7 +6,7 @@ import io
 
 import orjson
 
-from pipeline.observability import configure_logging, get_logger, mask_event, mask_phone
+from pipeline.core.observability import configure_logging, get_logger, mask_event, mask_phone
 
 
 def test_phone_numbers_are_masked_under_number_keys_and_in_text():

@@ -1,0 +1,36 @@
+"""The development kit's entry point: ``python -m devkit <command>`` from a clone.
+
+Test equipment and the demo, never part of the product's wheel: a real local Kafka broker, the
+CloudTalk and Kustomer API simulators, and the demo that runs every service against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "kafka": ("devkit.kafka_command", "start/stop a real local Apache Kafka broker (no Docker needed)"),
+    "sim": ("devkit.sim.commands", "run a CloudTalk or Kustomer API simulator"),
+    "demo": ("devkit.demo", "run everything locally with a scripted day and print a summary"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m devkit",
+                                     description="Development kit: local broker, simulators, demo.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == command:
+            importlib.import_module(module_name).register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,503 @@
+"""Kafka clients and the consume → transform → produce loop, written once.
+
+A :class:`Stage` turns a batch of records from one input partition into a :class:`BatchResult`
+(output records, rejections, how far the offsets may advance). :class:`TransactionalLoop` runs
+any stage with exactly-once semantics inside Kafka:
+
+* ``read_committed`` consumer in a group, manual offsets;
+* one transactional producer per assigned input partition (a :class:`Lane`). aiokafka sends no
+  group generation with ``send_offsets_to_transaction`` (no KIP-447), so zombies are fenced by
+  the transactional id itself: ``{group}.{topic}.{partition}``;
+* outputs, dead letters and the input offsets of a batch are committed in one transaction.
+
+Commit protocol for one batch of one partition (``_process_batch``):
+
+1. The stage handles the records and returns outputs + rejections (+ ``commit_upto``).
+   Abort path A: the stage raises → nothing was produced; seek back to the batch start,
+   back off, fetch again.
+2. When there is nothing to produce and the offsets would not move, stop: no empty
+   transaction is ever started.
+3. Begin a transaction on the partition's producer.
+4. Send the outputs, then the dead letters (original key, value and headers plus ``dlq.*``
+   error headers), and wait until every send is acknowledged.
+5. Add the input offsets (``commit_upto``) to the transaction for the group.
+6. Commit. Abort path B: any error in 3–6 → abort the transaction, seek back to the batch
+   start, back off, retry. Abort path C: the producer was fenced (another member owns the
+   partition now) → close the lane and stop fetching the partition; the rebalance that
+   follows settles ownership.
+7. If the stage asked to stop early (``commit_upto`` below the batch end), seek there so the
+   rest is fetched again.
+
+Rebalances: ``on_partitions_revoked`` waits for the batch in flight (a lock) and closes the
+lanes of revoked partitions, so no transaction outlives its partition. A lane never processes a
+record below its committed position, and no fetched batch is ever dropped (the consumer's
+position has already moved past it): this keeps batches that race a rebalance exact. ``on_partitions_assigned``
+starts a lane per partition — its first producer id request fences any zombie and completes
+its open transaction — then re-reads the committed offset and seeks there, because aiokafka
+may have fetched it before the zombie's transaction was settled.
+
+Shutdown (SIGTERM): the batch in flight finishes (its transaction commits or aborts), then the
+consumer leaves the group and the producers close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import ProducerFenced
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import ConsumerRecord
+
+from pipeline.core.observability import get_logger, metrics
+from pipeline.kafka.records import BatchResult, OutRecord, Transform, dead_letter
+
+log = get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Stages and lanes
+# --------------------------------------------------------------------------------------------
+
+class Lane:
+    """One assigned input partition and its transactional producer."""
+
+    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer, transactional_id: str) -> None:
+        self.tp, self.producer, self.transactional_id = tp, producer, transactional_id
+        self.next_offset: int | None = None  # committed position
+        self.closed = False
+
+    async def publish(self, records: Sequence[OutRecord]) -> None:
+        """Commit ``records`` in a transaction of their own, without offsets.
+
+        For stages that must make something durable before they act on it (a sink's intents).
+        """
+        if not records:
+            return
+        await self.producer.begin_transaction()
+        try:
+            await _send_all(self.producer, records)
+            await self.producer.commit_transaction()
+        except BaseException:
+            await _abort_quietly(self.producer)
+            raise
+
+
+class Stage(Protocol):
+    name: str
+
+    async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None: ...
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None: ...
+
+    async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult: ...
+
+    # optional: ``after_commit(lane, result)`` runs once the batch's transaction committed
+
+
+class TransformStage:
+    """A pure batch transform as a stage."""
+
+    def __init__(self, name: str, transform: Transform) -> None:
+        self.name, self.transform = name, transform
+
+    async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None:
+        return None
+
+    async def on_revoked(self, partitions: set[TopicPartition]) -> None:
+        return None
+
+    async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
+        return self.transform(records)
+
+
+_PARTITIONER = DefaultPartitioner()
+
+
+async def _send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord]) -> None:
+    """Send records as one batch per partition and wait until every batch is acknowledged.
+
+    Building batches directly (instead of one ``send`` and one future per record) keeps the
+    per-record cost low; keyed records go where the Java client would put them (murmur2).
+    """
+    if not records:
+        return
+    partitions: dict[str, list[int]] = {}
+    builders: dict[tuple[str, int], Any] = {}
+    futures = []
+    for r in records:
+        partition = r.partition
+        if partition is None:
+            parts = partitions.get(r.topic)
+            if parts is None:
+                parts = partitions[r.topic] = sorted(await producer.partitions_for(r.topic))
+            partition = _PARTITIONER(r.key, parts, parts)
+        slot = (r.topic, partition)
+        builder = builders.get(slot)
+        if builder is None:
+            builder = builders[slot] = producer.create_batch()
+        headers = list(r.headers)
+        if builder.append(timestamp=None, key=r.key, value=r.value, headers=headers) is None:
+            futures.append(await producer.send_batch(builder, r.topic, partition=partition))
+            builder = builders[slot] = producer.create_batch()
+            if builder.append(timestamp=None, key=r.key, value=r.value, headers=headers) is None:
+                raise ValueError(f"a record for {r.topic} is larger than the producer's batch size")
+    for (topic, partition), builder in builders.items():
+        if builder.record_count():
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+    await asyncio.gather(*futures)
+
+
+async def _abort_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        txn = producer._txn_manager  # noqa: SLF001 - aiokafka exposes no public state query
+        if txn is not None and txn.is_in_transaction() and not txn.is_fatal_error():
+            await producer.abort_transaction()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("abort_failed", error=str(exc))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoopSettings:
+    bootstrap: str
+    group_id: str
+    input_topics: tuple[str, ...]
+    deadletter_topic: str
+    client_id: str = "ctk-pipeline"
+    max_batch: int = 1000
+    poll_timeout_ms: int = 200
+    transaction_timeout_ms: int = 60_000
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    producer_linger_ms: int = 0
+    producer_batch_bytes: int = 512 * 1024
+    fetch_max_bytes: int = 16 * 1024 * 1024
+    max_partition_fetch_bytes: int = 4 * 1024 * 1024
+    retry_backoff_max_s: float = 10.0
+    assign_attempts: int = 5  # tries of the stage's preparation of new partitions (e.g. ledger load)
+
+
+class TransactionalLoop:
+    def __init__(self, settings: LoopSettings, stage: Stage) -> None:
+        self.settings, self.stage = settings, stage
+        self.lanes: dict[TopicPartition, Lane] = {}
+        self._lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._stopping = asyncio.Event()
+        self.fatal: Exception | None = None
+        self._closing = False
+        self._joined = False
+        self._last_poll = 0.0
+        self._failures: dict[TopicPartition, int] = {}
+        self._fenced: set[TopicPartition] = set()
+        m = metrics()
+        s = stage.name
+        self._m_in = m.loop_records.labels(s, "in")
+        self._m_out = m.loop_records.labels(s, "out")
+        self._m_rejected = m.loop_records.labels(s, "rejected")
+        self._m_commit = m.loop_transactions.labels(s, "committed")
+        self._m_abort = m.loop_transactions.labels(s, "aborted")
+        self._m_batch = m.loop_batch_seconds.labels(s)
+        self._m_assigned = m.assigned_partitions.labels(settings.group_id)
+        self._m_deadletters: dict[str, Any] = {}
+        self.stats = {"in": 0, "out": 0, "rejected": 0, "committed": 0, "aborted": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap, group_id=s.group_id, client_id=f"{s.client_id}-{s.group_id}",
+            enable_auto_commit=False, isolation_level="read_committed", auto_offset_reset="earliest",
+            max_poll_records=s.max_batch, max_poll_interval_ms=s.max_poll_interval_ms,
+            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
+            rebalance_timeout_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe(list(s.input_topics), listener=_Listener(self))
+        log.info("loop_started", stage=self.stage.name, group=s.group_id, topics=list(s.input_topics))
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Fetch and commit batches until :meth:`request_stop`."""
+        assert self._consumer is not None, "start() first"
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            batches = await consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
+                                             max_records=self.settings.max_batch)
+            self._last_poll = time.monotonic()
+            if not batches:
+                self._update_lag()
+                continue
+            async with self._lock:
+                # A batch fetched before a rebalance is never dropped (the consumer's position
+                # has already moved past it): its records below the committed position are
+                # filtered out, the rest are exactly the next records of the partition.
+                work = []
+                for tp, records in batches.items():
+                    lane = self.lanes.get(tp)
+                    if lane is None or lane.closed or not records:
+                        continue
+                    # Never below the committed position: records fetched before a seek are
+                    # stale (already committed). Gaps above it are normal (transaction markers).
+                    if lane.next_offset is not None and records[0].offset < lane.next_offset:
+                        records = [r for r in records if r.offset >= lane.next_offset]
+                        if not records:
+                            continue
+                    work.append((tp, records))
+                if work:
+                    await asyncio.gather(*(self._process_batch(self.lanes[tp], records) for tp, records in work))
+            self._update_lag()
+
+    async def stop(self) -> None:
+        """Finish the batch in flight, close every lane, leave the group."""
+        self._stopping.set()
+        async with self._lock:  # the batch in flight commits or aborts first
+            self._closing = True
+            if self.lanes:
+                await self.stage.on_revoked(set(self.lanes))
+            for lane in list(self.lanes.values()):
+                await self._close_lane(lane)
+            self.lanes.clear()
+        # Not under the lock: leaving may wait for a rebalance whose callbacks take the lock.
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        log.info("loop_stopped", stage=self.stage.name, **self.stats)
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        fresh = time.monotonic() - self._last_poll < max(30.0, self.settings.poll_timeout_ms / 1000 * 10)
+        ok = self._consumer is not None and self._joined and fresh
+        return ok, {"stage": self.stage.name, "assigned": sorted(f"{tp.topic}:{tp.partition}" for tp in self.lanes),
+                    "lag": self.total_lag()}
+
+    def total_lag(self) -> int:
+        if self._consumer is None:
+            return 0
+        total = 0
+        for tp, lane in self.lanes.items():
+            end = self._consumer.last_stable_offset(tp)
+            if end is not None and lane.next_offset is not None:
+                total += max(0, end - lane.next_offset)
+        return total
+
+    # -- one batch -----------------------------------------------------------------------------
+    async def _process_batch(self, lane: Lane, records: list[ConsumerRecord]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        tp = lane.tp
+        first, end = records[0].offset, records[-1].offset + 1
+        started = time.perf_counter()
+        self._m_in.inc(len(records))
+        self.stats["in"] += len(records)
+
+        # 1. the stage handles the batch
+        try:
+            result = await self.stage.handle(lane, records)
+        except Exception as exc:  # abort path A: nothing produced yet
+            log.exception("stage_failed", stage=self.stage.name, partition=f"{tp.topic}:{tp.partition}",
+                          offset=first, error=str(exc))
+            await self._retry_later(tp, first)
+            return
+        upto = end if result.commit_upto is None else min(max(result.commit_upto, first), end)
+
+        # 2. nothing to produce and nothing to commit: no transaction at all
+        if upto == first and not result.outputs and not result.rejections:
+            await self._retry_later(tp, first)
+            return
+
+        dead = [dead_letter(r, self.stage.name, self.settings.deadletter_topic) for r in result.rejections]
+        producer = lane.producer
+        try:
+            # 3. begin
+            await producer.begin_transaction()
+            # 4. outputs, then dead letters; every send acknowledged
+            await _send_all(producer, [*result.outputs, *dead])
+            # 5. the input offsets join the transaction
+            if upto > first:
+                await producer.send_offsets_to_transaction({tp: upto}, self.settings.group_id)
+            # 6. commit
+            await producer.commit_transaction()
+        except ProducerFenced:  # abort path C: another member owns this partition now
+            log.warning("producer_fenced", stage=self.stage.name, transactional_id=lane.transactional_id)
+            self._m_abort.inc()
+            self.stats["aborted"] += 1
+            self._fenced.add(tp)
+            consumer.pause(tp)
+            await self._close_lane(lane)
+            return
+        except Exception as exc:  # abort path B: abort, seek back, retry
+            log.warning("transaction_aborted", stage=self.stage.name, partition=f"{tp.topic}:{tp.partition}",
+                        offset=first, error=f"{type(exc).__name__}: {exc}")
+            self._m_abort.inc()
+            self.stats["aborted"] += 1
+            await _abort_quietly(producer)
+            if lane.producer._txn_manager is not None and lane.producer._txn_manager.is_fatal_error():  # noqa: SLF001
+                await self._restart_lane(lane)
+            await self._retry_later(tp, first)
+            return
+
+        self._m_commit.inc()
+        self.stats["committed"] += 1
+        after_commit = getattr(self.stage, "after_commit", None)
+        if after_commit is not None:
+            after_commit(lane, result)
+        self._failures.pop(tp, None)
+        lane.next_offset = upto
+        self._m_out.inc(len(result.outputs))
+        self.stats["out"] += len(result.outputs)
+        if dead:
+            self._m_rejected.inc(len(dead))
+            self.stats["rejected"] += len(dead)
+            for r in result.rejections:
+                self._deadletter_counter(r.error_class).inc()
+                log.warning("dead_lettered", stage=self.stage.name, error_class=r.error_class, error=r.message,
+                            source=f"{r.record.topic}:{r.record.partition}:{r.record.offset}")
+        # 7. the stage stopped early: fetch the rest again
+        if upto < end:
+            consumer.seek(tp, upto)
+        self._m_batch.observe(time.perf_counter() - started)
+
+    def _deadletter_counter(self, reason: str) -> Any:
+        c = self._m_deadletters.get(reason)
+        if c is None:
+            c = self._m_deadletters[reason] = metrics().deadletters.labels(self.stage.name, reason)
+        return c
+
+    async def _retry_later(self, tp: TopicPartition, offset: int) -> None:
+        if self._consumer is None:
+            return
+        self._consumer.seek(tp, offset)
+        n = self._failures[tp] = self._failures.get(tp, 0) + 1
+        delay = min(self.settings.retry_backoff_max_s, 0.1 * 2 ** min(n, 10)) * random.uniform(0.5, 1.0)
+        await asyncio.sleep(delay)
+
+    # -- lanes ---------------------------------------------------------------------------------
+    def _transactional_id(self, tp: TopicPartition) -> str:
+        return f"{self.settings.group_id}.{tp.topic}.{tp.partition}"
+
+    async def _open_lane(self, tp: TopicPartition) -> Lane:
+        s = self.settings
+        tid = self._transactional_id(tp)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap, client_id=f"{s.client_id}-{tid}", transactional_id=tid,
+            enable_idempotence=True, acks="all", transaction_timeout_ms=s.transaction_timeout_ms,
+            linger_ms=s.producer_linger_ms, max_batch_size=s.producer_batch_bytes,
+            max_request_size=max(s.producer_batch_bytes, 1024 * 1024),
+        )
+        await producer.start()
+        # The first producer-id request fences an older producer with this id and settles its
+        # open transaction; an empty begin/abort waits for it without a broker-side transaction.
+        await producer.begin_transaction()
+        await producer.abort_transaction()
+        return Lane(tp, producer, tid)
+
+    async def _close_lane(self, lane: Lane) -> None:
+        if lane.closed:
+            return
+        lane.closed = True
+        await _abort_quietly(lane.producer)
+        try:
+            await lane.producer.stop()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("producer_stop_failed", error=str(exc))
+
+    async def _restart_lane(self, lane: Lane) -> None:
+        await self._close_lane(lane)
+        fresh = await self._open_lane(lane.tp)
+        fresh.next_offset = lane.next_offset
+        self.lanes[lane.tp] = fresh
+
+    # -- rebalance callbacks (called by the consumer's coordinator task) -------------------------
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:  # waits for the batch in flight
+            if self._closing:
+                return
+            gone = [tp for tp in revoked if tp in self.lanes]
+            if gone:
+                try:
+                    await self.stage.on_revoked(set(gone))
+                finally:
+                    for tp in gone:
+                        await self._close_lane(self.lanes.pop(tp))
+            log.info("partitions_revoked", stage=self.stage.name, partitions=sorted(f"{t.topic}:{t.partition}" for t in gone))
+            self._m_assigned.set(len(self.lanes))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        consumer = self._consumer
+        async with self._lock:
+            if self._closing or consumer is None:
+                return
+            new = [tp for tp in assigned if tp not in self.lanes or self.lanes[tp].closed]
+            lanes = await asyncio.gather(*(self._open_lane(tp) for tp in new))
+            for lane in lanes:
+                self.lanes[lane.tp] = lane
+            # positions from a fresh offset fetch, now that zombies are fenced
+            if new and consumer is not None:
+                committed = await asyncio.gather(*(consumer.committed(tp) for tp in new))
+                for tp, offset in zip(new, committed, strict=True):
+                    if offset is None:
+                        await consumer.seek_to_beginning(tp)
+                        self.lanes[tp].next_offset = await consumer.position(tp)
+                    else:
+                        consumer.seek(tp, offset)
+                        self.lanes[tp].next_offset = offset
+            for tp in list(self._fenced):
+                if tp in assigned:
+                    consumer.resume(tp)  # type: ignore[union-attr]
+                self._fenced.discard(tp)
+            # The stage's own preparation (a sink loads its ledger) must succeed before any record
+            # of these partitions is handled; aiokafka would only log an exception raised here.
+            attempts = self.settings.assign_attempts
+            for attempt in range(1, attempts + 1):
+                try:
+                    await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
+                    break
+                except Exception as exc:  # noqa: BLE001
+                    log.error("assignment_preparation_failed", stage=self.stage.name, attempt=attempt,
+                              error=f"{type(exc).__name__}: {exc}")
+                    if attempt == attempts:
+                        # never handle records without the stage's state: stop, exit non-zero
+                        for tp in new:
+                            await self._close_lane(self.lanes.pop(tp))
+                        self.fatal = exc
+                        self.request_stop()
+                        return
+                    await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
+            self._joined = True  # ready: assigned, lanes open, positions set
+            self._m_assigned.set(len(self.lanes))
+            log.info("partitions_assigned", stage=self.stage.name,
+                     partitions=sorted(f"{t.topic}:{t.partition}" for t in new))
+
+    def _update_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        gauge = metrics().consumer_lag
+        for tp, lane in self.lanes.items():
+            end = consumer.last_stable_offset(tp)
+            if end is not None and lane.next_offset is not None:
+                gauge.labels(self.settings.group_id, tp.topic, str(tp.partition)).set(max(0, end - lane.next_offset))
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, loop: TransactionalLoop) -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.loop._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.loop._on_assigned(set(assigned))

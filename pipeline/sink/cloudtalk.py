@@ -1,0 +1,244 @@
+"""CloudTalk effects: Kustomer customers into CloudTalk contacts (the contacts import).
+
+**Import** (``cloudtalk.upsert_contact``, the CloudTalk sink; one lane per integration):
+
+1. a customer version written by this integration's own Kustomer API key (``modifiedBy`` is the
+   key's machine user) is the echo of an export: skipped (``own_write``);
+2. a version not newer than the one applied for this customer (``rev``, else ``updatedAt``) is
+   skipped (``stale_version``) — an older update never overwrites a newer one;
+3. the target contact: the one this customer became before (ledger index); else the contact the
+   customer was exported from (its ``externalId``; such a contact gets no Kustomer link or tag — it
+   stays a CloudTalk contact whose own edits keep exporting); else a contact of an earlier import that
+   matches the integration's merge key (ledger index); else a CloudTalk contact found by keyword
+   lookup + exact match — one carrying this customer's link (left by a crash before the ledger
+   commit), then one matching the merge key;
+4. the contact's content: every source customer's phones and e-mails (union, with what the
+   contact already has — CloudTalk's edit replaces whole lists, so nothing is ever dropped), and
+   the newest source's value of every other field (reference 1.9); company name, favorite agent
+   ("Created by" user → CloudTalk agent with the same e-mail) and country id are resolved once;
+5. add the contact, or edit only the keys that differ; nothing differs → no request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from pipeline.clients.cloudtalk import CloudTalkClient
+from pipeline.clients.http import RateWindow, RejectedError, RetryPolicy, create_or_find
+from pipeline.clients.kustomer import kustomer_clients
+from pipeline.core.config import PipelineConfig
+from pipeline.core.phones import normalize_e164
+from pipeline.sink.base import Done
+from pipeline.sink.ledger import LedgerEntry
+from pipeline.sink.merge import (
+    contact_body,
+    ikey,
+    is_newer,
+    match_in_index,
+    merge_sources,
+    name_key,
+)
+
+
+class CloudTalkEffects:
+    target = "cloudtalk"
+    command_schemas: Mapping[str, str] = {"cloudtalk.upsert_contact": "command.cloudtalk.upsert_contact"}
+
+    def __init__(self, cloudtalk: Any, kustomer: Mapping[str, Any], refresh_s: float = 600.0,
+                 settle_s: float = 20.0) -> None:
+        self.ct, self.kustomer = cloudtalk, kustomer
+        self.settle_s = settle_s
+        self.refresh_s = refresh_s
+        self._own_users: dict[str, str | None] = {}
+        self._companies: dict[tuple[str, str], str | None] = {}
+        self._users: dict[tuple[str, str], str | None] = {}
+        self._agents: dict[str, int] | None = None
+        self._agents_at = 0.0
+        self._countries: dict[str, int] | None = None
+
+    # -- lookups (cached) ------------------------------------------------------------------------
+    async def own_user(self, integration: str) -> str | None:
+        if integration not in self._own_users:
+            client = self.kustomer.get(integration)
+            self._own_users[integration] = await client.own_user_id() if client is not None else None
+        return self._own_users[integration]
+
+    async def company_name(self, integration: str, company_id: str) -> str | None:
+        key = (integration, company_id)
+        if key not in self._companies:
+            company = await self.kustomer[integration].get_company(company_id)
+            self._companies[key] = ((company or {}).get("attributes") or {}).get("name")
+        return self._companies[key]
+
+    async def favorite_agent(self, integration: str, user_id: str) -> int | None:
+        key = (integration, user_id)
+        if key not in self._users:
+            user = await self.kustomer[integration].get_user(user_id)
+            self._users[key] = (((user or {}).get("attributes") or {}).get("email") or "").lower() or None
+        email = self._users[key]
+        if not email:
+            return None
+        if self._agents is None or time.monotonic() - self._agents_at > self.refresh_s:
+            agents: dict[str, int] = {}
+            async for page in self.ct.iter_agents():
+                for item in page.get("data") or []:
+                    a = item.get("Agent") or item
+                    if a.get("email"):
+                        agents[a["email"].lower()] = int(a["id"])
+            self._agents, self._agents_at = agents, time.monotonic()
+        return self._agents.get(email)
+
+    async def country_id(self, country: Mapping[str, Any] | None) -> int | None:
+        if not country:
+            return None
+        if self._countries is None:
+            table: dict[str, int] = {}
+            for c in await self.ct.list_countries():
+                for k in (c.get("country_code"), c.get("iso3"), c.get("name")):
+                    if k:
+                        table[str(k).casefold()] = int(c["id"])
+            self._countries = table
+        for k in (country.get("code"), country.get("name")):
+            if k and str(k).casefold() in self._countries:
+                return self._countries[str(k).casefold()]
+        return None
+
+    async def resolve(self, integration: str, contact: Mapping[str, Any]) -> dict[str, Any]:
+        """The command's contact with company, favorite agent and country resolved."""
+        company = contact.get("company")
+        if not company and contact.get("company_ref"):
+            company = await self.company_name(integration, contact["company_ref"])
+        agent = await self.favorite_agent(integration, contact["created_by_ref"]) if contact.get("created_by_ref") else None
+        return {"name": contact["name"], "company": (company or None) and company[:100],
+                "website": contact.get("website"), "address": contact.get("address"), "city": contact.get("city"),
+                "zip": contact.get("zip"), "state": contact.get("state"),
+                "country_id": await self.country_id(contact.get("country")), "favorite_agent": agent,
+                "phones": list(contact["phones"]), "emails": list(contact["emails"]),
+                "link": contact.get("external_url")}
+
+    # -- finding the contact -----------------------------------------------------------------------
+    async def _candidates(self, keyword: str, accept: Any) -> list[dict[str, Any]]:
+        """Contacts found by ``keyword`` whose show ``responseData`` passes ``accept`` (oldest first)."""
+        page = await self.ct.list_contacts(keyword=keyword, limit=100)
+        out = []
+        for item in sorted(page.get("data") or [], key=lambda x: int(x["Contact"]["id"])):
+            shown = await self.ct.get_contact(item["Contact"]["id"])
+            if shown is not None and accept(shown):
+                out.append(shown)
+        return out
+
+    async def find_in_cloudtalk(self, merge_key: str, contact: Mapping[str, Any],
+                                link: str | None) -> tuple[str | None, str]:
+        phones = list(contact["phones"])
+        emails = [e.lower() for e in contact["emails"]]
+
+        def numbers(shown: Mapping[str, Any]) -> set[str]:
+            return {n for n in (normalize_e164(x) for x in shown["Contact"].get("contact_numbers") or []) if n}
+
+        def has_link(shown: Mapping[str, Any]) -> bool:
+            return bool(link) and any(x.get("url") == link for x in shown.get("ExternalUrl") or [])
+
+        for phone in phones:  # a contact of ours a crash left unrecorded, or one holding the number
+            found = await self._candidates(phone, lambda s, p=phone: p in numbers(s))
+            mine = [s for s in found if has_link(s)]
+            if mine:
+                return mine[0]["Contact"]["id"], "reconciled"
+            if merge_key in ("phone", "phone_or_name") and found:
+                return found[0]["Contact"]["id"], "merged"
+            if merge_key == "phone_and_email" and emails:
+                both = [s for s in found if {e.lower() for e in s["Contact"].get("contact_emails") or []} & set(emails)]
+                if both:
+                    return both[0]["Contact"]["id"], "merged"
+        if merge_key == "email":
+            for email in emails:
+                found = await self._candidates(email, lambda s, e=email: e in {x.lower() for x in
+                                                                            s["Contact"].get("contact_emails") or []})
+                if found:
+                    return found[0]["Contact"]["id"], "merged"
+        if merge_key == "phone_or_name" and contact.get("name"):
+            wanted = name_key(contact["name"])
+            found = await self._candidates(contact["name"], lambda s: name_key(s["Contact"].get("name") or "") == wanted)
+            if found:
+                return found[0]["Contact"]["id"], "merged"
+        return None, "created"
+
+    # -- the effect ----------------------------------------------------------------------------
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
+        integration, customer_id = command["integration"], command["customer_id"]
+        version, contact = command["version"], command["contact"]
+        if integration not in self.kustomer:
+            raise RejectedError("cloudtalk", command["type"], None, f"integration {integration!r} is not configured")
+        # 1. the echo of our own write to Kustomer
+        if command.get("modified_by") and command["modified_by"] == await self.own_user(integration):
+            return Done({}, "skipped:own_write")
+        # 2. versions apply in order
+        known = index.get(ikey(integration, "customer", customer_id))
+        if known and not is_newer(version, known):
+            return Done({"contact_id": known["contact_id"]}, "skipped:stale_version")
+        # 3. the target contact
+        target, how = (known["contact_id"], "updated") if known else (None, "")
+        current = None
+        # a customer exported from a CloudTalk contact carries the contact id as its externalId:
+        # that contact is updated, and stays a CloudTalk contact (no Kustomer link, no tag), so
+        # its own later edits keep exporting
+        exported = (command.get("external_id") or "").isdigit()
+        if not target and exported:
+            current = await self.ct.get_contact(command["external_id"])
+            if current is not None:
+                target, how = command["external_id"], "updated"
+        if exported and target == command.get("external_id"):
+            contact = {**contact, "external_url": None, "tag": None}
+        if not target:
+            target = match_in_index(index, integration, command["merge_key"], contact)
+            how = "merged" if target else ""
+        link = (contact.get("external_url") or {}).get("url")
+        if not target:
+            target, how = await self.find_in_cloudtalk(command["merge_key"], contact, link)
+        if target and current is None:
+            current = await self.ct.get_contact(target)
+            if current is None:  # deleted in CloudTalk meanwhile: create it again
+                target, how = None, "created"
+        # 4. content
+        fields = await self.resolve(integration, contact)
+        sources = dict((index.get(ikey(integration, "contact", target)) or {}).get("sources") or {}) if target else {}
+        sources[customer_id] = {"rev": version.get("rev"), "updated_at": version["updated_at"], "fields": fields}
+        merged = merge_sources(sources)
+        body = contact_body(merged, current, contact.get("tag"))
+        # 5. write only what differs
+        if current is None:
+            async def find_ours() -> str | None:
+                found_id, how_found = await self.find_in_cloudtalk("none", contact, link)
+                return found_id if how_found == "reconciled" else None
+
+            new_id, found = await create_or_find(lambda: self.ct.add_contact(body), find_ours, settle_s=self.settle_s)
+            target = str(new_id)
+            outcome = "reconciled" if found else "created"
+        elif body:
+            if not await self.ct.edit_contact(target, body):
+                raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
+            outcome = how or "updated"
+        else:
+            outcome = "skipped:unchanged" if how != "reconciled" else "reconciled"
+        updates: dict[str, Any] = {
+            ikey(integration, "customer", customer_id): {"contact_id": target, "rev": version.get("rev"),
+                                                         "updated_at": version["updated_at"]},
+            ikey(integration, "contact", target): {"sources": sources},
+            **{ikey(integration, "phone", p): target for p in merged["phones"]},
+            **{ikey(integration, "email", e.lower()): target for e in merged["emails"]},
+        }
+        if merged.get("name"):
+            updates[ikey(integration, "name", name_key(merged["name"]))] = target
+        return Done({"contact_id": target, "customers": sorted(sources), "sent": sorted(body)}, outcome, updates)
+
+
+async def build_cloudtalk_effects(session: aiohttp.ClientSession, config: PipelineConfig,
+                                  policy: RetryPolicy, settle_s: float = 20.0) -> CloudTalkEffects:
+    ct = config.cloudtalk
+    window = RateWindow(reserve=0, fallback_per_minute=ct.rate_limit_per_minute)
+    cloudtalk = CloudTalkClient.from_credentials(session, ct.base_url, ct.key_id.value(), ct.key_secret.value(),
+                                                 window=window, policy=policy)
+    return CloudTalkEffects(cloudtalk, kustomer_clients(session, config, policy), settle_s=settle_s)
