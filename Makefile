@@ -5,14 +5,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+GATED  := pipeline devkit tests bench
 
-.PHONY: install test demo kafka-up kafka-down kafka-jars lint bench clean
+.PHONY: install test check lint format lock wheel-check demo kafka-up kafka-down kafka-jars bench clean
 
+# reinstalled whenever pyproject.toml changes (the stamp's name carries its checksum)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -21,9 +23,38 @@ install: $(STAMP)
 kafka-jars: install
 	$(PY) -m devkit kafka fetch
 
-## Run every test (unit, integration on a real broker, end-to-end with processes + simulators).
-test: kafka-jars
+## Run every test (unit, integration on a real broker, end-to-end with processes + simulators),
+## after the fast gates of `make check`.
+test: check kafka-jars
 	$(PY) -m pytest -q
+
+## The gates, in seconds: lint, format, types, import contracts (pyproject.toml configures each).
+## Every gate runs; the target fails if any failed.
+CHECKS := "ruff check $(GATED)" "ruff format --check $(GATED)" "mypy pipeline" "lint-imports --no-logo"
+check: install
+	@failed=""; for gate in $(CHECKS); do \
+		echo "$(VENV)/bin/$$gate"; $(VENV)/bin/$$gate || failed="$$failed\n  $$gate"; \
+	done; \
+	if [ -n "$$failed" ]; then printf "make check: failed:$$failed\n" >&2; exit 1; fi
+
+lint: install
+	$(VENV)/bin/ruff check $(GATED)
+
+format: install
+	$(VENV)/bin/ruff format $(GATED)
+	$(VENV)/bin/ruff check --fix $(GATED)
+
+## The deploy lock (runtime dependencies only) and the development lock, from pyproject.toml.
+lock: install
+	$(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+		--custom-compile-command 'make lock' -q -o requirements.lock
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		--custom-compile-command 'make lock' -q -o requirements-dev.lock
+
+## Build the wheel, install it from the lock into a clean venv, run it. `make test` runs it with
+## its broker (tests/integration/test_wheel.py); here the service step needs KAFKA_BOOTSTRAP.
+wheel-check: install
+	PYTHON=$(PY) .ci/wheel-check
 
 ## Run the demo: local broker, simulators, every service, a scripted day, a summary.
 demo: kafka-jars
@@ -35,9 +66,6 @@ kafka-up: kafka-jars
 kafka-down: install
 	$(PY) -m devkit kafka down
 
-lint: install
-	$(VENV)/bin/ruff check pipeline tests bench
-
 bench: kafka-jars
 	$(PY) bench/loop_throughput.py --records 100000 --rounds 2
 	$(PY) bench/processor_throughput.py --events 50000 --rounds 2
@@ -45,4 +73,4 @@ bench: kafka-jars
 	$(PY) bench/end_to_end_latency.py --rate 50 --seconds 20
 
 clean:
-	rm -rf .run .pytest_cache .ruff_cache
+	rm -rf .run .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist

@@ -1,4 +1,4 @@
-"""Typed async client of the CloudTalk REST API (reference §3).
+"""Typed async client of the CloudTalk REST API.
 
 Every request goes through one :class:`~pipeline.sink.http.HttpExecutor` (Basic auth, pacing from
 the ``X-CloudTalkAPI-*`` headers, 429 waits, backoff on 408/5xx/timeouts). Lookups accept 404 as

@@ -1,4 +1,4 @@
-"""Typed async client of the Kustomer REST API (reference §2), shared by pollers and sinks.
+"""Typed async client of the Kustomer REST API, shared by pollers and sinks.
 
 Every request goes through an :class:`~pipeline.sink.http.HttpExecutor` (pacing from the
 ``x-ratelimit-*`` headers, 429 waits, backoff for 408/5xx). Creates are not idempotent: an

@@ -1,12 +1,16 @@
 """Integration settings: a YAML file validated at start, errors that name every bad field.
 
-Structure (schema: ``schemas/integrations.schema.json``; example: ``deploy/integrations.example.yaml``)::
+The pydantic models below are the one source of truth for the integrations file: its fields,
+types, rules and defaults are declared once, here. ``schemas/integrations.schema.json`` is
+generated from them (``python -m pipeline.core.config > schemas/integrations.schema.json``;
+a unit test fails when it is out of date); ``deploy/integrations.example.yaml`` is an example.
+Structure::
 
     cloudtalk:            # the CloudTalk account (company) every integration shares
       base_url, key_id, key_secret, rate_limit_per_minute, poller_reserve, poll intervals
     integrations:         # any number, one per team
       - name, custom_name, active, contact_tag,
-        kustomer: {base_url, org_name, api_key, webhook_token},
+        kustomer: {base_url, org_name, app_url, api_key, webhook_token, rate_limit_reserve},
         cloudtalk_webhook_secret,
         calls: {types: {incoming_answered|incoming_missed|voicemail|outgoing_answered|outgoing_unanswered:
                         {export, status}}, create_customers_for_unknown_numbers, connected_numbers,
@@ -16,38 +20,54 @@ Structure (schema: ``schemas/integrations.schema.json``; example: ``deploy/integ
         contacts: {import, export, merge_key, skip_customer_if_shared_or_whatsapp,
                    reconcile_interval_seconds, external_url_name}
 
+Every problem of a file is reported at once: :func:`parse_config` raises one :class:`ConfigError`
+listing the structural errors and the checks the models run on whatever parts did parse
+(connected numbers are possible phone numbers, note templates use known placeholders, names are
+unique), each as ``path: message (rule: name)``.
+
 Secrets are never written in the file: each is ``{env: NAME}`` or ``{file: PATH}`` and is read
 when a service needs it. A :class:`Secret` never shows its value in ``repr`` or logs.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
-import jsonschema
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 
 from pipeline.core.phones import normalize_e164
-from pipeline.core.schemas import load_schema
 from pipeline.core.templates import template_fields_problems
 
-CALL_TYPES = ("incoming_answered", "incoming_missed", "voicemail", "outgoing_answered", "outgoing_unanswered")
-SMS_TYPES = ("incoming", "outgoing")
-MERGE_KEYS = ("phone", "email", "phone_and_email", "phone_or_name", "none")
+SCHEMA_COMMAND = "python -m pipeline.core.config > schemas/integrations.schema.json"
 
-# Defaults where the file is silent (reference 1.2; each an [ASSUMPTION] kept configurable).
-DEFAULT_CALL_TYPES = {
-    "incoming_answered": ("export", "done"),
-    "incoming_missed": ("export", "open"),
-    "voicemail": ("export", "open"),
-    "outgoing_answered": ("export", "done"),
-    "outgoing_unanswered": ("skip", "done"),
-}
-DEFAULT_SMS_TYPES = {"incoming": ("export", "open"), "outgoing": ("export", "done")}
+Status = Literal["open", "done"]
+EmptyMeans = Literal["all", "none"]
+MergeKey = Literal["phone", "email", "phone_and_email", "phone_or_name", "none"]
+MERGE_KEYS: tuple[str, ...] = get_args(MergeKey)
 
 
 class ConfigError(ValueError):
@@ -58,13 +78,103 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-@dataclass(frozen=True)
-class Secret:
-    """A reference to a secret (``env:NAME`` or ``file:PATH``); the value is read on demand."""
+# --------------------------------------------------------------------------------------------
+# Field types and the checks the models run
+# --------------------------------------------------------------------------------------------
 
-    field: str
-    env: str | None = None
-    file: str | None = None
+
+class _Problem(ValueError):
+    """A rule the models check beyond structure; the message is complete: ``... (rule: name)``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def at(self, loc: tuple[int | str, ...], value: Any) -> Any:
+        """As one error of a :class:`ValidationError` (``loc`` relative to the value validated)."""
+        return {"type": "value_error", "loc": loc, "input": value, "ctx": {"error": self}}
+
+
+def _possible_phone_number(value: Any) -> Any:
+    if isinstance(value, str) and normalize_e164(value) is None:
+        raise _Problem(f"{value!r} is not a possible phone number (rule: e164)")
+    return value
+
+
+def _unique_items(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    duplicated = isinstance(value, list) and _has_duplicates(value)
+    extra = [_Problem(f"{value!r} has non-unique elements (rule: uniqueItems)").at((), value)] if duplicated else []
+    return _validate_with(handler, value, extra)
+
+
+def _has_duplicates(items: list[Any]) -> bool:
+    seen: list[Any] = []
+    for item in items:
+        if item in seen:
+            return True
+        seen.append(item)
+    return False
+
+
+def _strip_slash(url: str) -> str:
+    return url.rstrip("/")
+
+
+class _NotNull:
+    """``Annotated[T | None, _NotNull()] = None``: the field may be left out, not written as ``null``."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        schema = handler(source)
+        return schema["schema"] if schema["type"] == "nullable" else schema
+
+
+HttpUrl = Annotated[StrictStr, Field(pattern=r"^https?://"), AfterValidator(_strip_slash)]
+PhoneNumber = Annotated[StrictStr, Field(pattern=r"^\+[1-9][0-9]{6,14}$"), BeforeValidator(_possible_phone_number)]
+ConnectedNumbers = Annotated[
+    frozenset[PhoneNumber],
+    WrapValidator(_unique_items),
+    Field(description="CloudTalk numbers whose calls/SMS are logged; [] = all (see empty_means)"),
+]
+CustomName = Annotated[StrictStr, Field(max_length=200, description="defaults to name")]
+NoteTemplate = Annotated[tuple[Annotated[StrictStr, Field(max_length=500)], ...], Field(min_length=1, max_length=60)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The models (the file's structure; every default of the file is declared here, once)
+# --------------------------------------------------------------------------------------------
+
+
+class Secret(_Model):
+    """Where a secret comes from: an environment variable or a file; never the value itself."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    env: Annotated[Annotated[StrictStr, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None, _NotNull()] = None
+    file: Annotated[Annotated[StrictStr, Field(min_length=1)] | None, _NotNull()] = None
+    _field: str = PrivateAttr("")  # where the reference is in the file, e.g. integrations[0].kustomer.api_key
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            raise _Problem(_SECRET_LITERAL)
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Secret:
+        if self.env is None and self.file is None:
+            raise _Problem("give {env: NAME} or {file: PATH} (rule: minProperties)")
+        if self.env is not None and self.file is not None:
+            raise _Problem("give either env or file, not both (rule: maxProperties)")
+        return self
+
+    @property
+    def field(self) -> str:
+        return self._field
 
     @property
     def reference(self) -> str:
@@ -80,7 +190,9 @@ class Secret:
         try:
             v = Path(self.file or "").read_text().strip()
         except OSError as exc:
-            raise ConfigError("secrets", [f"{self.field}: cannot read secret file {self.file}: {exc.strerror}"]) from None
+            raise ConfigError(
+                "secrets", [f"{self.field}: cannot read secret file {self.file}: {exc.strerror}"]
+            ) from None
         if not v:
             raise ConfigError("secrets", [f"{self.field}: secret file {self.file} is empty"])
         return v
@@ -88,23 +200,89 @@ class Secret:
     def __repr__(self) -> str:
         return f"Secret({self.field} from {self.reference})"
 
-
-@dataclass(frozen=True)
-class TypeSetting:
-    export: bool
-    status: str  # "open" | "done"
+    __str__ = __repr__
 
 
-@dataclass(frozen=True)
-class ConversationFlowSettings:
+class TypeSetting(_Model):
+    """Whether events of this type are logged in Kustomer, and the status of their conversation."""
+
+    export: StrictBool
+    status: Status
+
+
+class _TypeSettings(_Model, Mapping[str, TypeSetting]):
+    """The settings per event type; read like a mapping: ``types["voicemail"].status``."""
+
+    # a model's __dict__ holds its fields, in order, and nothing else
+
+    def __getitem__(self, key: str) -> TypeSetting:
+        value: TypeSetting = self.__dict__[key]
+        return value
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]  # the keys, as a mapping's
+        return iter(self.__dict__)
+
+    def __len__(self) -> int:
+        return len(self.__dict__)
+
+
+# Defaults where the file is silent (reference 1.2; each an [ASSUMPTION] kept configurable).
+class CallTypes(_TypeSettings):
+    """Per call type: logged or not, and the status of its conversation."""
+
+    incoming_answered: TypeSetting = TypeSetting(export=True, status="done")
+    incoming_missed: TypeSetting = TypeSetting(export=True, status="open")
+    voicemail: TypeSetting = TypeSetting(export=True, status="open")
+    outgoing_answered: TypeSetting = TypeSetting(export=True, status="done")
+    outgoing_unanswered: TypeSetting = TypeSetting(export=False, status="done")
+
+
+class SmsTypes(_TypeSettings):
+    """Per SMS direction: logged or not, and the status of its conversation."""
+
+    incoming: TypeSetting = TypeSetting(export=True, status="open")
+    outgoing: TypeSetting = TypeSetting(export=True, status="done")
+
+
+CALL_TYPES: tuple[str, ...] = tuple(CallTypes.model_fields)
+SMS_TYPES: tuple[str, ...] = tuple(SmsTypes.model_fields)
+
+
+class ConversationFlowSettings(_Model):
     """Call or SMS workflow settings of one integration."""
 
-    enabled: bool
-    types: Mapping[str, TypeSetting]
-    create_customers_for_unknown_numbers: bool
-    connected_numbers: frozenset[str]
-    empty_means_all: bool
-    note_template: tuple[str, ...] | None
+    FLOW: ClassVar[str]
+    if TYPE_CHECKING:  # declared by each flow: ``types`` its event types, ``enabled`` a switch of SMS only
+
+        @property
+        def enabled(self) -> bool: ...
+
+        @property
+        def types(self) -> Mapping[str, TypeSetting]: ...
+
+    create_customers_for_unknown_numbers: StrictBool = Field(
+        default=False,
+        description="create a Kustomer customer for a number no customer has (sms: as calls when left out)",
+    )
+    connected_numbers: ConnectedNumbers = frozenset()
+    empty_means: EmptyMeans = "all"
+    note_template: Annotated[NoteTemplate | None, _NotNull()] = None
+
+    @field_validator("note_template")
+    @classmethod
+    def _known_placeholders(cls, lines: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        problems = []
+        for p in template_fields_problems(lines or (), cls.FLOW):
+            m = re.fullmatch(r"\[(\d+)\]: (.*)", p, re.S)
+            loc, message = ((int(m[1]),), m[2]) if m else ((), p)
+            problems.append(_Problem(message).at(loc, lines[loc[0]] if lines and loc else lines))
+        if problems:
+            raise ValidationError.from_exception_data(cls.__name__, problems)
+        return lines
+
+    @property
+    def empty_means_all(self) -> bool:
+        return self.empty_means == "all"
 
     def number_connected(self, e164: str) -> bool:
         if not self.connected_numbers:
@@ -112,64 +290,145 @@ class ConversationFlowSettings:
         return e164 in self.connected_numbers
 
 
-@dataclass(frozen=True)
-class ContactSettings:
-    import_enabled: bool = True
-    export_enabled: bool = True
-    merge_key: str = "phone_or_name"
-    skip_customer_if_shared_or_whatsapp: bool = False
-    reconcile_interval_seconds: int = 900
-    external_url_name: str = "Kustomer"
+class CallSettings(ConversationFlowSettings):
+    """Which calls are logged in Kustomer, and how."""
+
+    FLOW: ClassVar[str] = "calls"
+    types: CallTypes = CallTypes()
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
 
-@dataclass(frozen=True)
-class KustomerSettings:
-    base_url: str
-    org_name: str | None
-    app_url: str | None
+class SmsSettings(ConversationFlowSettings):
+    """Which SMS are logged in Kustomer, and how."""
+
+    FLOW: ClassVar[str] = "sms"
+    enabled: StrictBool = True
+    types: SmsTypes = SmsTypes()
+
+
+class ContactSettings(_Model):
+    """Contact synchronisation between the Kustomer organisation and CloudTalk."""
+
+    import_enabled: StrictBool = Field(
+        default=True, alias="import", description="Kustomer customers -> CloudTalk contacts"
+    )
+    export_enabled: StrictBool = Field(
+        default=True, alias="export", description="CloudTalk contacts -> Kustomer customers"
+    )
+    merge_key: MergeKey = "phone_or_name"
+    skip_customer_if_shared_or_whatsapp: StrictBool = False
+    reconcile_interval_seconds: Annotated[StrictInt, Field(ge=60)] = 900
+    external_url_name: Annotated[StrictStr, Field(max_length=30)] = "Kustomer"
+
+
+class KustomerSettings(_Model):
+    """The Kustomer organisation of an integration."""
+
+    base_url: Annotated[HttpUrl, Field(description="API base, e.g. https://acme.api.kustomerapp.com")]
+    org_name: Annotated[
+        Annotated[StrictStr, Field(pattern=r"^[a-z0-9-]+$")] | None,
+        _NotNull(),
+        Field(description="for customer links https://{org_name}.kustomerapp.com"),
+    ] = None
+    app_url: Annotated[
+        Annotated[StrictStr, Field(pattern=r"^https?://")] | None,
+        _NotNull(),
+        Field(description="agent desktop base URL when it is not https://{org_name}.kustomerapp.com"),
+    ] = None
     api_key: Secret
-    webhook_token: Secret | None
-    rate_limit_reserve: int = 0
+    webhook_token: Annotated[Secret | None, _NotNull()] = None
+    rate_limit_reserve: Annotated[StrictInt, Field(ge=0)] = 0
 
     def customer_link(self, customer_id: str) -> str:
         base = self.app_url or (f"https://{self.org_name}.kustomerapp.com" if self.org_name else self.base_url)
         return f"{base.rstrip('/')}/app/customers/{customer_id}"
 
 
-@dataclass(frozen=True)
-class Integration:
-    name: str
-    custom_name: str
-    active: bool
-    contact_tag: str | None
+class Integration(_Model):
+    """One Kustomer integration (one team)."""
+
+    name: Annotated[
+        StrictStr, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="stable id used in URLs, keys and topics")
+    ]
+    custom_name: CustomName = None  # type: ignore[assignment]  # left out: the name (see _derived_defaults)
+    active: StrictBool
+    contact_tag: Annotated[StrictStr, Field(max_length=100)] | None = None
     kustomer: KustomerSettings
     cloudtalk_webhook_secret: Secret
-    calls: ConversationFlowSettings
-    sms: ConversationFlowSettings
-    contacts: ContactSettings
+    calls: CallSettings = CallSettings()
+    sms: SmsSettings = SmsSettings()
+    contacts: ContactSettings = ContactSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """``custom_name`` defaults to ``name``; SMS create customers as calls do unless told."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "custom_name" not in data and isinstance(data.get("name"), str):
+            data["custom_name"] = data["name"]
+        calls, sms = data.get("calls"), data.get("sms", {})
+        inherited = calls.get("create_customers_for_unknown_numbers") if isinstance(calls, dict) else None
+        if isinstance(inherited, bool) and isinstance(sms, dict) and "create_customers_for_unknown_numbers" not in sms:
+            data["sms"] = {**sms, "create_customers_for_unknown_numbers": inherited}
+        return data
 
 
-@dataclass(frozen=True)
-class CloudTalkAccount:
-    base_url: str
+class CloudTalkAccount(_Model):
+    """The CloudTalk account (company) every integration shares."""
+
+    base_url: HttpUrl
     key_id: Secret
     key_secret: Secret
-    rate_limit_per_minute: int = 60
-    poller_reserve: int = 30
-    calls_poll_interval_seconds: int = 300
-    calls_poll_lag_seconds: int = 120
-    contacts_poll_interval_seconds: int = 900
+    rate_limit_per_minute: Annotated[StrictInt, Field(ge=1)] = 60
+    poller_reserve: Annotated[
+        StrictInt, Field(ge=0, description="requests a poller leaves in each window for the CloudTalk sink")
+    ] = 30
+    calls_poll_interval_seconds: Annotated[StrictInt, Field(ge=5)] = 300
+    calls_poll_lag_seconds: Annotated[StrictInt, Field(ge=0)] = 120
+    contacts_poll_interval_seconds: Annotated[StrictInt, Field(ge=60)] = 900
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
+def _unique_names(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    extra: list[Any] = []
+    first: dict[str, int] = {}
+    for idx, item in enumerate(value if isinstance(value, list | tuple) else ()):
+        name = item.get("name") if isinstance(item, dict) else getattr(item, "name", None)
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            extra.append(
+                _Problem(f"{name!r} is already used by integrations[{first[name]}] (rule: unique)").at(
+                    (idx, "name"), name
+                )
+            )
+        first.setdefault(name, idx)
+    return _validate_with(handler, value, extra)
+
+
+class PipelineConfig(_Model):
+    """The integrations file: the CloudTalk account and one entry per Kustomer integration."""
+
+    model_config = ConfigDict(
+        title="Integrations file (YAML): the CloudTalk account and one entry per Kustomer integration"
+    )
+
     cloudtalk: CloudTalkAccount
-    integrations: tuple[Integration, ...]
-    source: str = "<memory>"
-    _by_name: dict[str, Integration] = field(default_factory=dict, repr=False, compare=False)
+    integrations: Annotated[tuple[Integration, ...], Field(min_length=1), WrapValidator(_unique_names)]
+    _source: str = PrivateAttr("<memory>")
+    _by_name: dict[str, Integration] = PrivateAttr(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self._by_name.update({i.name: i for i in self.integrations})
+    def model_post_init(self, context: Any, /) -> None:
+        self._by_name = {i.name: i for i in self.integrations}
+        _name_secrets(self, "")
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     def get(self, name: str) -> Integration | None:
         return self._by_name.get(name)
@@ -196,38 +455,74 @@ class PipelineConfig:
         return problems
 
 
+PipelineConfigFile = PipelineConfig  # the model of the file (the JSON Schema's source)
+
+
+def _name_secrets(value: Any, path: str) -> None:
+    """Tell every :class:`Secret` where it is in the file (for messages about it)."""
+    if isinstance(value, Secret):
+        value._field = path
+    elif isinstance(value, BaseModel):
+        for name, info in type(value).model_fields.items():
+            key = info.alias or name
+            _name_secrets(getattr(value, name), f"{path}.{key}" if path else key)
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _name_secrets(item, f"{path}[{i}]")
+
+
+def _validate_with(handler: Callable[[Any], Any], value: Any, extra: list[Any]) -> Any:
+    """Run ``handler`` and report its errors together with ``extra`` (problems found beside it)."""
+    try:
+        result = handler(value)
+    except ValidationError as exc:
+        if not extra:
+            raise
+        errors: list[Any] = [{k: e[k] for k in ("type", "loc", "input", "ctx") if k in e} for e in exc.errors()]
+        raise ValidationError.from_exception_data(exc.title, errors + extra) from None
+    if extra:
+        raise ValidationError.from_exception_data("PipelineConfig", extra)
+    return result
+
+
 # --------------------------------------------------------------------------------------------
-# Loading
+# Problems as ``path: message (rule: name)``
 # --------------------------------------------------------------------------------------------
 
-def _path(error: jsonschema.ValidationError) -> str:
+_SECRET_LITERAL = "secrets may not be written in the file; use {env: NAME} or {file: PATH}"
+_SECRET_FIELDS = frozenset(
+    {"api_key", "webhook_token", "key_id", "key_secret", "cloudtalk_webhook_secret", "password", "token", "secret"}
+)
+_JSON_TYPES = {
+    "bool_type": "boolean",
+    "int_type": "integer",
+    "float_type": "number",
+    "string_type": "string",
+    "list_type": "array",
+    "tuple_type": "array",
+    "set_type": "array",
+    "frozen_set_type": "array",
+    "dict_type": "object",
+    "model_type": "object",
+    "model_attributes_type": "object",
+}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in error.absolute_path:
+    for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
 
-def _message(error: jsonschema.ValidationError) -> str:
-    if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        return f"unknown field(s) {', '.join(extra)} (rule: additionalProperties)"
-    if error.validator == "required":
-        return f"{error.message} (rule: required)"
-    return f"{error.message} (rule: {error.validator})"
-
-
-_SECRET_FIELDS = frozenset({"api_key", "webhook_token", "key_id", "key_secret", "cloudtalk_webhook_secret",
-                            "password", "token", "secret"})
-
-
 def _secret_literal_problems(data: Any, path: str = "") -> list[str]:
-    """A secret written as a plain value (``api_key: abc``) is refused with a clear message."""
+    """A secret written as a plain value (``password: abc``) anywhere is refused with a clear message."""
     problems: list[str] = []
     if isinstance(data, dict):
         for k, v in data.items():
             p = f"{path}.{k}" if path else str(k)
             if isinstance(v, str) and str(k).lower() in _SECRET_FIELDS:
-                problems.append(f"{p}: secrets may not be written in the file; use {{env: NAME}} or {{file: PATH}}")
+                problems.append(f"{p}: {_SECRET_LITERAL}")
             else:
                 problems.extend(_secret_literal_problems(v, p))
     elif isinstance(data, list):
@@ -236,99 +531,88 @@ def _secret_literal_problems(data: Any, path: str = "") -> list[str]:
     return problems
 
 
+class _Hidden:
+    def __repr__(self) -> str:
+        return "<secret>"
+
+
+_HIDDEN = _Hidden()
+
+
+def _is_secret_literal(key: Any, value: Any) -> bool:
+    return str(key).lower() in _SECRET_FIELDS and value is not None and not isinstance(value, dict | list | bool)
+
+
+def _show(value: Any, key: Any = None) -> str:
+    """``repr`` of the value of ``key`` for a message: a secret written in it hidden, a long one shortened."""
+
+    def scrub(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: _HIDDEN if _is_secret_literal(k, x) else scrub(x) for k, x in v.items()}
+        return [scrub(x) for x in v] if isinstance(v, list) else v
+
+    text = repr(scrub({key: value})[key])
+    return text if len(text) <= 120 else text[:116] + " ..."
+
+
+def _message(error: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    value = _show(error.get("input"), error["loc"][-1] if error["loc"] else None)
+    if kind in _JSON_TYPES:
+        return f"{value} is not of type {_JSON_TYPES[kind]!r} (rule: type)"
+    if kind == "literal_error":  # expected: "'a', 'b' or 'c'"
+        return f"{value} is not one of [{ctx['expected'].replace(' or ', ', ')}] (rule: enum)"
+    if kind == "string_pattern_mismatch":
+        return f"{value} does not match {ctx['pattern']!r} (rule: pattern)"
+    if kind in ("string_too_short", "too_short"):
+        rule = "minLength" if kind == "string_too_short" else "minItems"
+        return f"{value} {'should be non-empty' if ctx.get('min_length') == 1 else 'is too short'} (rule: {rule})"
+    if kind in ("string_too_long", "too_long"):
+        return f"{value} is too long (rule: {'maxLength' if kind == 'string_too_long' else 'maxItems'})"
+    if kind == "greater_than_equal":
+        return f"{value} is less than the minimum of {ctx['ge']!r} (rule: minimum)"
+    if kind == "value_error" and isinstance(ctx.get("error"), _Problem):  # ours: the message is complete
+        return ctx["error"].message
+    return f"{error['msg']} (rule: {kind})"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    """Every error of a validation as ``path: message (rule: name)``, unknown fields grouped per object."""
+    problems: list[str] = []
+    unknown: dict[tuple[int | str, ...], tuple[int, list[str]]] = {}  # object -> (its problem's index, fields)
+    for error in exc.errors(include_url=False):
+        loc, kind = tuple(error["loc"]), error["type"]
+        if kind == "missing":
+            problems.append(f"{_path(loc[:-1])}: {loc[-1]!r} is a required property (rule: required)")
+        elif kind == "too_short" and len(error["input"]) >= error["ctx"]["min_length"]:
+            continue  # too few items *after* validation: the bad items are reported themselves
+        elif kind == "extra_forbidden":
+            parent = loc[:-1]
+            if parent not in unknown:
+                unknown[parent] = (len(problems), [])
+                problems.append("")
+            unknown[parent][1].append(str(loc[-1]))
+            problems.extend(_secret_literal_problems({loc[-1]: error["input"]}, _path(parent) if parent else ""))
+        else:
+            problems.append(f"{_path(loc)}: {_message(error)}")
+    for parent, (index, names) in unknown.items():
+        problems[index] = f"{_path(parent)}: unknown field(s) {', '.join(sorted(names))} (rule: additionalProperties)"
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
 def parse_config(data: Any, source: str = "<memory>") -> PipelineConfig:
     """Validate a decoded YAML document; raise :class:`ConfigError` listing every problem."""
-    problems = _secret_literal_problems(data)
-    validator = jsonschema.Draft7Validator(load_schema("integrations"))
-    schema_errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    literal_fields = {p.split(":")[0] for p in problems}
-    problems += [f"{_path(e)}: {_message(e)}" for e in schema_errors
-                 if not (e.validator == "type" and _path(e) in literal_fields)]
-    if problems:
-        raise ConfigError(source, problems)
-    # semantic checks the schema cannot express
-    seen: dict[str, int] = {}
-    for idx, integ in enumerate(data["integrations"]):
-        if integ["name"] in seen:
-            problems.append(f"integrations[{idx}].name: '{integ['name']}' is already used by "
-                            f"integrations[{seen[integ['name']]}] (rule: unique)")
-        seen.setdefault(integ["name"], idx)
-        for flow in ("calls", "sms"):
-            template = (integ.get(flow) or {}).get("note_template")
-            if template:
-                problems += _template_problems(f"integrations[{idx}].{flow}.note_template", template, flow)
-        for flow in ("calls", "sms"):
-            for j, number in enumerate((integ.get(flow) or {}).get("connected_numbers") or []):
-                if normalize_e164(number) is None:
-                    problems.append(f"integrations[{idx}].{flow}.connected_numbers[{j}]: {number!r} is not a "
-                                    "possible phone number (rule: e164)")
-    if problems:
-        raise ConfigError(source, problems)
-    return _build(data, source)
-
-
-def _template_problems(path: str, lines: list[str], flow: str) -> list[str]:
-    return [f"{path}{p}" for p in template_fields_problems(lines, flow)]
-
-
-def _flow(raw: Mapping[str, Any] | None, defaults: Mapping[str, tuple[str, str]], path: str,
-          enabled_default: bool = True) -> ConversationFlowSettings:
-    raw = raw or {}
-    given = raw.get("types") or {}
-    types = {}
-    for name, (export, status) in defaults.items():
-        t = given.get(name)
-        types[name] = TypeSetting(t["export"], t["status"]) if t else TypeSetting(export == "export", status)
-    return ConversationFlowSettings(
-        enabled=raw.get("enabled", enabled_default),
-        types=types,
-        create_customers_for_unknown_numbers=raw.get("create_customers_for_unknown_numbers", False),
-        connected_numbers=frozenset(raw.get("connected_numbers") or ()),
-        empty_means_all=raw.get("empty_means", "all") == "all",
-        note_template=tuple(raw["note_template"]) if raw.get("note_template") else None,
-    )
-
-
-def _secret(raw: Mapping[str, str], path: str) -> Secret:
-    return Secret(path, env=raw.get("env"), file=raw.get("file"))
-
-
-def _build(data: Mapping[str, Any], source: str) -> PipelineConfig:
-    ct = data["cloudtalk"]
-    account = CloudTalkAccount(
-        base_url=ct["base_url"].rstrip("/"), key_id=_secret(ct["key_id"], "cloudtalk.key_id"),
-        key_secret=_secret(ct["key_secret"], "cloudtalk.key_secret"),
-        rate_limit_per_minute=ct.get("rate_limit_per_minute", 60), poller_reserve=ct.get("poller_reserve", 30),
-        calls_poll_interval_seconds=ct.get("calls_poll_interval_seconds", 300),
-        calls_poll_lag_seconds=ct.get("calls_poll_lag_seconds", 120),
-        contacts_poll_interval_seconds=ct.get("contacts_poll_interval_seconds", 900),
-    )
-    integrations = []
-    for idx, raw in enumerate(data["integrations"]):
-        p = f"integrations[{idx}]"
-        k = raw["kustomer"]
-        c = raw.get("contacts") or {}
-        integrations.append(Integration(
-            name=raw["name"], custom_name=raw.get("custom_name") or raw["name"], active=raw["active"],
-            contact_tag=raw.get("contact_tag"),
-            kustomer=KustomerSettings(
-                base_url=k["base_url"].rstrip("/"), org_name=k.get("org_name"), app_url=k.get("app_url"),
-                api_key=_secret(k["api_key"], f"{p}.kustomer.api_key"),
-                webhook_token=_secret(k["webhook_token"], f"{p}.kustomer.webhook_token") if k.get("webhook_token") else None,
-                rate_limit_reserve=k.get("rate_limit_reserve", 0)),
-            cloudtalk_webhook_secret=_secret(raw["cloudtalk_webhook_secret"], f"{p}.cloudtalk_webhook_secret"),
-            calls=_flow(raw.get("calls"), DEFAULT_CALL_TYPES, f"{p}.calls"),
-            sms=_flow({"create_customers_for_unknown_numbers":
-                       (raw.get("calls") or {}).get("create_customers_for_unknown_numbers", False),
-                       **(raw.get("sms") or {})}, DEFAULT_SMS_TYPES, f"{p}.sms"),
-            contacts=ContactSettings(
-                import_enabled=c.get("import", True), export_enabled=c.get("export", True),
-                merge_key=c.get("merge_key", "phone_or_name"),
-                skip_customer_if_shared_or_whatsapp=c.get("skip_customer_if_shared_or_whatsapp", False),
-                reconcile_interval_seconds=c.get("reconcile_interval_seconds", 900),
-                external_url_name=c.get("external_url_name", "Kustomer")),
-        ))
-    return PipelineConfig(cloudtalk=account, integrations=tuple(integrations), source=source)
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems(exc)) from None
+    config._source = source
+    return config
 
 
 def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
@@ -346,3 +630,68 @@ def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ConfigError(str(p), ["(top level): expected a mapping with 'cloudtalk' and 'integrations'"])
     return parse_config(data, str(p))
+
+
+# --------------------------------------------------------------------------------------------
+# The JSON Schema of the file (schemas/integrations.schema.json), generated from the models
+# --------------------------------------------------------------------------------------------
+
+
+class _FileSchema(GenerateJsonSchema):
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def default_schema(self, schema: Any) -> JsonSchemaValue:
+        out = super().default_schema(schema)
+        default = schema.get("default")
+        nullable = out.get("type") == "null" or any(s.get("type") == "null" for s in out.get("anyOf", ()))
+        if default is None and not nullable:
+            out.pop("default", None)  # left out means "not set"; null itself is not allowed
+        elif isinstance(default, BaseModel) and _is_all_defaults(default):
+            out.pop("default", None)  # the defaults of its fields say it
+        return out
+
+
+def _is_all_defaults(model: BaseModel) -> bool:
+    try:
+        return model == type(model)()
+    except ValidationError:
+        return False
+
+
+def integrations_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 7) of the integrations file, from :class:`PipelineConfig`."""
+    schema = PipelineConfig.model_json_schema(ref_template="#/definitions/{model}", schema_generator=_FileSchema)
+    definitions = schema.pop("$defs", {})
+    return _draft7(
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "$id": "integrations",
+            **schema,
+            "definitions": definitions,
+        }
+    )
+
+
+def _draft7(schema: Any) -> Any:
+    """Draft 7 ignores the siblings of ``$ref`` (a default, a description): such a ``$ref`` goes into ``allOf``
+    (as older pydantic versions write it, so every version writes the same file)."""
+    if isinstance(schema, list):
+        return [_draft7(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("default", "enum", "const", "examples") else _draft7(v) for k, v in schema.items()}
+    if "$ref" in out and len(out) > 1:
+        out = {"allOf": [{"$ref": out.pop("$ref")}], **out}
+    elif list(out) == ["allOf"] and len(out["allOf"]) == 1:
+        out = out["allOf"][0]
+    return out
+
+
+def integrations_json_schema_text() -> str:
+    """The file ``schemas/integrations.schema.json`` as it must be (see :data:`SCHEMA_COMMAND`)."""
+    return json.dumps(integrations_json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(integrations_json_schema_text())

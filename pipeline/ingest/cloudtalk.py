@@ -1,4 +1,4 @@
-"""CloudTalk workflow-automation endpoints (reference 3.7, 4.1, 4.2).
+"""CloudTalk workflow-automation endpoints.
 
 ``POST /ingest/cloudtalk/{integration}/call-ended``  body: canonical call-ended body
 ``POST /ingest/cloudtalk/{integration}/sms``         body: canonical SMS body (sent or received)

@@ -1,4 +1,4 @@
-"""Kustomer outbound-webhook endpoint (reference 2.10, 2.11).
+"""Kustomer outbound-webhook endpoint.
 
 ``POST /ingest/kustomer/{integration}`` — events ``kustomer.customer.create|update``.
 ``X-Kustomer-Webhook-Signature`` must be the lowercase hex HMAC-SHA256 of the raw body keyed

@@ -1,4 +1,4 @@
-"""CloudTalk call ended → Kustomer conversation + note (reference 1.2, 1.4 rules 6–9, 1.7).
+"""CloudTalk call ended → Kustomer conversation + note.
 
 For every integration, in this order (the first rule that drops names the audit record):
 
@@ -51,7 +51,7 @@ def is_answered(payload: dict[str, Any]) -> bool:
     status = payload.get("status")
     if status in ("answered", "missed"):
         return status == "answered"
-    # no explicit status: answered when it was picked up and someone talked ([ASSUMPTION] reference 3.5)
+    # no explicit status: answered when it was picked up and someone talked (an assumption: docs/platforms.md)
     return bool(payload.get("answered_at")) and (payload.get("talking_time") or 0) > 0
 
 

@@ -1,4 +1,4 @@
-"""CloudTalk contact → Kustomer customer ("export", reference 1.3 D2, 1.4 rules 4–5, 1.6).
+"""CloudTalk contact → Kustomer customer ("export").
 
 Every CloudTalk contact event is evaluated for every integration of the account, in this order:
 
@@ -10,7 +10,7 @@ Every CloudTalk contact event is evaluated for every integration of the account,
    (``duplicate_phone``) — rule 5; the contact is skipped, never partly exported.
 
 Otherwise a ``kustomer.upsert_customer`` command: name, ``externalId`` = contact id, phones and
-e-mails as ``work`` entries (reference 1.6). The sink applies rule 4 — skip when a phone or
+e-mails as ``work`` entries. The sink applies rule 4 — skip when a phone or
 e-mail already belongs to a Kustomer customer — and sends later edits to the customer found by
 that externalId.
 """

@@ -1,4 +1,4 @@
-"""Kustomer customer → CloudTalk contact ("import", reference 1.3 D1, 1.4 rules 1–3, 1.5, 1.9).
+"""Kustomer customer → CloudTalk contact ("import").
 
 A Kustomer event belongs to the integration whose Kustomer org sent it. In this order:
 
@@ -8,7 +8,7 @@ A Kustomer event belongs to the integration whose Kustomer org sent it. In this 
 3. with ``skip_customer_if_shared_or_whatsapp`` (the strict reading of rule 2) a customer with
    any shared e-mail, shared phone or WhatsApp number is skipped (``shared_or_whatsapp``).
 
-Otherwise a ``cloudtalk.upsert_contact`` command with the mapped fields of reference 1.5: name,
+Otherwise a ``cloudtalk.upsert_contact`` command with the mapped fields: name,
 phones (``phones`` only, E.164), e-mails (``emails`` only), company, first website URL, first
 work address (line 1 + line 2, city, zip, state, country), the "Created by" user (the sink turns
 it into a favorite agent by e-mail), the customer link, the integration's contact tag. Values of

@@ -1,4 +1,4 @@
-"""CloudTalk SMS sent/received → Kustomer conversation + note (reference 1.2, 1.4 rules 10–11, 1.8).
+"""CloudTalk SMS sent/received → Kustomer conversation + note.
 
 For every integration, in this order:
 

@@ -1,25 +1,65 @@
 """The sink contract and the stage that runs it with exactly-once bookkeeping.
 
-A target implements :class:`Effects`: ``perform(command, prior)`` makes the command's effects
-exist at the target and returns :class:`Done` with the ids it wrote. ``prior`` is the ledger
-entry when the command was started before (a crash between an HTTP call and the commit): the
-effects must then be *reconciled* — looked up before anything is written again.
+The contract, in the spirit of Kafka Connect's ``SinkTask`` (``put`` / ``flush`` / ``preCommit``):
 
-:class:`SinkStage` runs inside the transactional loop. For one batch of one command partition:
+* a target implements :class:`Effects`: ``perform(command, prior, index)`` makes the command's
+  effects exist at the target and returns :class:`Done` with the ids it wrote (Connect's ``put``,
+  one command at a time). ``prior`` is the ledger entry when the command was started before (a
+  crash between an HTTP call and the commit): the effects must then be *reconciled* — looked up
+  before anything is written again;
+* :class:`SinkStage` does the bookkeeping around it — which commands to perform, durable intents
+  before any effect, durable outcomes committed with the offsets, and how far the offsets may
+  advance (Connect's ``preCommit``; the loop's transaction is the ``flush``). Its steps are
+  :class:`SinkSteps`, numbered below.
 
-1. decode and schema-check each command (bad ones → dead letter);
-2. skip commands the ledger knows as done (redeliveries, replays, backfills) or failed (unless
-   replayed from the dead-letter topic), and duplicates inside the batch;
-3. commit ``started`` ledger entries for the commands about to run, in a transaction of their
-   own, *before* any HTTP effect — so a crash later is always detectable; commands found
-   ``started`` (their instance died) wait a settle time after that intent, so a request still in
-   flight at the target has landed before they are reconciled;
-4. perform the effects: in order within a lane (the command key: one customer number, one
-   integration), lanes concurrently;
-5. hand back to the loop: ``done``/``failed`` ledger entries, audit records and dead letters,
-   committed with the offsets in one transaction. A command that could not finish (the target
-   kept failing past the retry deadline) stops the offsets there; done work after it is in the
-   ledger and is skipped when the rest is fetched again.
+The effects reach their targets through the Protocols of :mod:`pipeline.sink.ports`
+(``KustomerApi``, ``KustomerLookups``, ``CloudTalkApi``); the stage keeps its bookkeeping in a
+:class:`~pipeline.sink.ports.SinkLedger` (the compacted ledger topic, :mod:`pipeline.sink.ledger`)
+and makes intents durable through an :class:`~pipeline.sink.ports.IntentLog` (the lane).
+
+Protocol for one batch of one command partition (:meth:`SinkStage.handle`; the whole of it is
+step 1 of the loop's commit protocol, :mod:`pipeline.kafka.loop`):
+
+1. ``decode`` — parse and schema-check each command. A bad one becomes a rejection
+   (``SchemaError``, a dead letter); it never stops the batch.
+2. ``plan`` — skip commands the ledger knows as done (redeliveries, replays, backfills) or failed
+   (unless replayed from the dead-letter topic: header ``dlq.replayed``), and duplicates inside
+   the batch. A command found ``started`` (its instance died mid-command) is planned with that
+   entry as ``prior``: it will be reconciled. No I/O.
+3. ``record_intents`` — commit ``started`` ledger entries for the planned commands that are not
+   started yet, in a transaction of their own on the lane's producer, *before* any effect — so a
+   crash later is always detectable — then make them visible in the local ledger.
+   Abort path A (the loop's): the publish fails → its transaction is aborted, ``handle`` raises,
+   the loop seeks back to the batch start and retries; no effect has happened yet. (A commit
+   whose outcome is unknown only means the same intents are written again.)
+4. ``settle`` — commands found ``started`` wait until ``settle_s`` after the newest such intent,
+   so a request the dead instance still had in flight at the target has landed before anything
+   is looked up.
+5. ``perform_effects`` — :meth:`Effects.perform` per command: in order within a lane (the record
+   key: one customer number, one integration), lanes concurrently (at most ``concurrency``); each
+   sees the ledger index plus what earlier commands of the batch added. A ``RejectedError`` (the
+   target refused for good) is that command's result; any other exception leaves the command
+   *unfinished* (the target kept failing past the retry deadline) and stops its lane: later
+   commands of the same key wait for it.
+   No exception of ``perform`` leaves ``handle``; only a cancellation does (the task is cancelled):
+   nothing is produced with the offsets, and as the intents are durable, whatever ran is
+   reconciled when the batch is handled again (here, or by the partition's next owner).
+6. ``record_outcomes`` — done → a ``done`` entry, an audit record (``done``/``skipped``) and the
+   index records; rejected → a ``failed`` entry, a ``TargetRejected`` dead letter and an audit
+   record ``dead_lettered``; unfinished → nothing: its entry stays ``started``.
+7. ``report`` (Connect's ``preCommit``) — hand it all to the loop as one
+   :class:`~pipeline.kafka.records.BatchResult`: outputs and dead letters are committed with the
+   offsets in one transaction. The offsets stop at the first unfinished command
+   (``commit_upto``); done and rejected work after it commits now (the ledger skips it when the
+   rest is fetched again); schema rejections at or after it are left to that refetch, so nothing
+   is dead-lettered twice.
+   Abort paths B and C (the loop's): the transaction aborts, or the producer was fenced →
+   ``after_commit`` is not called; the ledger still says ``started`` for every command that ran,
+   so the retry (here, or at the partition's next owner, which loads the ledger) reconciles them.
+
+``after_commit`` then makes the committed entries and index updates visible in the local ledger.
+On assignment the ledger partitions are loaded (``on_assigned``), on revocation dropped
+(``on_revoked``).
 """
 
 from __future__ import annotations
@@ -27,7 +67,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,12 +82,19 @@ from pipeline.core.observability import get_logger, metrics
 from pipeline.core.schemas import SchemaError, validate
 from pipeline.kafka.loop import Lane
 from pipeline.kafka.records import BatchResult, OutRecord, Rejection, audit_record, header
-from pipeline.sink.ledger import DONE, FAILED, STARTED, Ledger, LedgerEntry
+from pipeline.sink.ledger import DONE, FAILED, STARTED, LedgerEntry
+from pipeline.sink.ports import IntentLog, SinkLedger
 
 log = get_logger(__name__)
 
 REPLAYED_HEADER = "dlq.replayed"
+SCHEMA_ERROR = "SchemaError"  # error class of a command that fails step 1
+TARGET_REJECTED = "TargetRejected"  # error class of a command the target refused (step 6)
 
+
+# --------------------------------------------------------------------------------------------
+# The contract
+# --------------------------------------------------------------------------------------------
 
 @dataclass(slots=True)
 class Done:
@@ -57,13 +104,73 @@ class Done:
 
 
 class Effects(Protocol):
+    """A target: what a command does there. ``target`` names it in metrics; ``command_schemas``
+    maps each command type it performs to its schema (anything else is a ``SchemaError``)."""
+
     target: str
     command_schemas: Mapping[str, str]  # command type -> schema name
 
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None,
                       index: Mapping[str, Any]) -> Done: ...
+    # ``prior``: the command's ledger entry from before this batch (``started``: reconcile;
+    # ``failed``: a replay from the dead-letter topic), None for a new command.
     # ``index``: the partition's ledger index as of this command (committed entries plus the
     # updates of the commands before it in this batch). ``Done.index`` adds to it.
+    # Raise ``RejectedError`` when the target refuses the command for good (dead letter); any
+    # other exception leaves the command unfinished (retried from the ledger).
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A command that passed step 1, with its record."""
+
+    record: ConsumerRecord
+    command: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Planned:
+    """A command step 2 decided to perform. ``prior`` is its ledger entry from before this batch
+    (never this batch's intent); ``attempt`` counts replays (a reconcile is the same attempt)."""
+
+    record: ConsumerRecord
+    command: dict[str, Any]
+    prior: LedgerEntry | None
+    attempt: int
+
+
+Result = Done | Exception  # of one planned command: done, RejectedError, or unfinished
+
+
+@dataclass(slots=True)
+class Outcomes:
+    """What step 6 makes of the results, in the order it goes to Kafka."""
+
+    outputs: list[OutRecord] = field(default_factory=list)  # audit and ledger records, then index
+    entries: list[LedgerEntry] = field(default_factory=list)  # done/failed, applied after commit
+    index_updates: dict[str, Any] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)  # TargetRejected
+    first_unfinished: int | None = None  # offset of the first command that could not finish
+
+
+class SinkSteps(Protocol):
+    """The stage's own steps, in the order of the protocol in this module's docstring."""
+
+    def decode(self, records: Sequence[ConsumerRecord]) -> tuple[list[Decoded], list[Rejection]]: ...
+
+    def plan(self, partition: int, decoded: Sequence[Decoded]) -> list[Planned]: ...
+
+    async def record_intents(self, intents: IntentLog, partition: int,
+                             planned: Sequence[Planned]) -> list[LedgerEntry]: ...
+
+    async def settle(self, partition: int, planned: Sequence[Planned]) -> float: ...
+
+    async def perform_effects(self, partition: int, planned: Sequence[Planned]) -> dict[int, Result]: ...
+
+    def record_outcomes(self, partition: int, planned: Sequence[Planned],
+                        results: Mapping[int, Result]) -> Outcomes: ...
+
+    def report(self, rejections: Sequence[Rejection], outcomes: Outcomes) -> BatchResult: ...
 
 
 def _epoch(iso: str) -> float:
@@ -73,16 +180,15 @@ def _epoch(iso: str) -> float:
         return 0.0
 
 
-@dataclass(slots=True)
-class _Planned:
-    record: ConsumerRecord
-    command: dict[str, Any]
-    prior: LedgerEntry | None
-    attempt: int
-
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
 
 class SinkStage:
-    def __init__(self, name: str, effects: Effects, ledger: Ledger, audit_topic: str, concurrency: int = 16,
+    """A :class:`~pipeline.kafka.loop.Stage` that performs commands through :class:`Effects`,
+    exactly once, with the ledger's bookkeeping (see the module docstring)."""
+
+    def __init__(self, name: str, effects: Effects, ledger: SinkLedger, audit_topic: str, concurrency: int = 16,
                  settle_s: float = 20.0) -> None:
         self.name, self.effects, self.ledger, self.audit_topic = name, effects, ledger, audit_topic
         self.concurrency = concurrency
@@ -92,6 +198,7 @@ class SinkStage:
         self._commands = m.commands
         self._e2e = m.end_to_end_seconds
 
+    # -- partitions --------------------------------------------------------------------------
     async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None:
         await self.ledger.load(sorted(tp.partition for tp in lanes))
 
@@ -99,29 +206,58 @@ class SinkStage:
         self.ledger.drop({tp.partition for tp in partitions})
 
     def after_commit(self, lane: Lane, result: BatchResult) -> None:
+        """The batch's transaction committed: its ledger entries and index updates are durable."""
         if result.context:
             entries, index_updates = result.context
             self.ledger.apply(lane.tp.partition, entries)
             self.ledger.apply_index(lane.tp.partition, index_updates)
 
+    # -- one batch ---------------------------------------------------------------------------
     async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
+        """One batch of one command partition: the steps of the module docstring, in order."""
         partition = lane.tp.partition
-        rejections: list[Rejection] = []
-        planned: list[_Planned] = []
-        seen: set[str] = set()
+        decoded, rejections = self.decode(records)                    # 1
+        planned = self.plan(partition, decoded)                       # 2
+        await self.record_intents(lane, partition, planned)           # 3 (abort path A)
+        await self.settle(partition, planned)                         # 4
+        results = await self.perform_effects(partition, planned)      # 5
+        outcomes = self.record_outcomes(partition, planned, results)  # 6
+        return self.report(rejections, outcomes)                      # 7
 
-        # 1–2. decode, check, skip what the ledger already knows
+    def decode(self, records: Sequence[ConsumerRecord]) -> tuple[list[Decoded], list[Rejection]]:
+        """Step 1: parse each record's JSON and check it against the schema of its command type.
+
+        Returns the commands in record order, and a ``SchemaError`` rejection for each record
+        that is not JSON, has a type these effects do not perform, or fails its schema.
+        """
+        decoded: list[Decoded] = []
+        rejections: list[Rejection] = []
         for record in records:
             try:
                 command = orjson.loads(record.value or b"")
-                schema = self.effects.command_schemas.get(command.get("type")) if isinstance(command, dict) else None
+                ctype: Any = command.get("type") if isinstance(command, dict) else None
+                schema = self.effects.command_schemas.get(ctype) if isinstance(ctype, str) else None
                 if schema is None:
-                    raise SchemaError(f"type: unknown command type {command.get('type') if isinstance(command, dict) else None!r}",
-                                      "type", "enum")
+                    raise SchemaError(f"type: unknown command type {ctype!r}", "type", "enum")
                 validate(schema, command)
             except (orjson.JSONDecodeError, SchemaError) as exc:
-                rejections.append(Rejection(record, "SchemaError", str(exc)))
+                rejections.append(Rejection(record, SCHEMA_ERROR, str(exc)))
                 continue
+            decoded.append(Decoded(record, command))
+        return decoded, rejections
+
+    def plan(self, partition: int, decoded: Sequence[Decoded]) -> list[Planned]:
+        """Step 2: the commands to perform, each with its ledger entry from before this batch.
+
+        Skipped: a second occurrence of a command id in the batch; a command the ledger knows as
+        ``done``; one it knows as ``failed`` unless the record carries ``dlq.replayed`` (a replay
+        from the dead-letter topic: attempt + 1). A ``started`` one is planned with that entry
+        (reconciled, same attempt).
+        """
+        planned: list[Planned] = []
+        seen: set[str] = set()
+        for d in decoded:
+            record, command = d.record, d.command
             cid = command["command_id"]
             if cid in seen:
                 self.stats["skipped_duplicate"] += 1
@@ -134,28 +270,52 @@ class SinkStage:
                 self._commands.labels(self.effects.target, command["type"], "duplicate").inc()
                 continue
             attempt = prior.attempt + (0 if prior.state == STARTED else 1) if prior else 1
-            planned.append(_Planned(record, command, prior, attempt))
+            planned.append(Planned(record, command, prior, attempt))
+        return planned
 
-        # 3. durable intents before any effect
-        intents = [LedgerEntry(p.command["command_id"], STARTED, attempt=p.attempt,
+    async def record_intents(self, intents: IntentLog, partition: int,
+                             planned: Sequence[Planned]) -> list[LedgerEntry]:
+        """Step 3: make a ``started`` entry durable for every planned command not started yet.
+
+        One transaction of their own on the lane's producer (``intents.publish``), committed before
+        any effect; then applied to the local ledger. Commands already ``started`` keep their
+        entry. Raises when the publish fails (abort path A: nothing has been performed).
+        """
+        entries = [LedgerEntry(p.command["command_id"], STARTED, attempt=p.attempt,
                                steps=dict(p.prior.steps) if p.prior else {})
                    for p in planned if p.prior is None or p.prior.state != STARTED]
-        if intents:
-            await lane.publish([self.ledger.record(partition, e) for e in intents])
-            self.ledger.apply(partition, intents)
+        if entries:
+            await intents.publish([self.ledger.record(partition, e) for e in entries])
+            self.ledger.apply(partition, entries)
+        return entries
 
-        # A command another instance started before it died may still have a request in flight at
-        # the target: wait until the settle time after its intent before looking anything up.
+    async def settle(self, partition: int, planned: Sequence[Planned]) -> float:
+        """Step 4: before reconciling commands found ``started``, wait until ``settle_s`` after the
+        newest of their intents: a request the dead instance had in flight has landed by then.
+
+        Returns the seconds waited (0 when nothing is reconciled or the intents are old enough).
+        """
         crashed = [p.prior for p in planned if p.prior is not None and p.prior.state == STARTED]
-        if crashed:
-            newest = max(_epoch(e.at) for e in crashed)
-            wait = newest + self.settle_s - time.time()
-            if wait > 0:
-                log.info("reconcile_settle", partition=partition, commands=len(crashed), wait_s=round(wait, 1))
-                await asyncio.sleep(wait)
+        if not crashed:
+            return 0.0
+        newest = max(_epoch(e.at) for e in crashed)
+        wait = newest + self.settle_s - time.time()
+        if wait <= 0:
+            return 0.0
+        log.info("reconcile_settle", partition=partition, commands=len(crashed), wait_s=round(wait, 1))
+        await asyncio.sleep(wait)
+        return wait
 
-        # 4. effects: ordered per lane, lanes concurrently; each sees the index so far
-        results: dict[int, Done | Exception] = {}
+    async def perform_effects(self, partition: int, planned: Sequence[Planned]) -> dict[int, Result]:
+        """Step 5: ``effects.perform`` for each planned command; results by position in ``planned``.
+
+        Commands with the same record key form a lane and run in order; lanes run concurrently,
+        at most ``concurrency`` at a time. Each command sees the partition's index plus the
+        ``Done.index`` of the commands that finished before it. A ``RejectedError`` is recorded
+        and the lane goes on; any other exception is recorded and stops the lane (the commands
+        after it get no result: unfinished too).
+        """
+        results: dict[int, Result] = {}
         overlay: dict[str, Any] = {}
         index_view = ChainMap(overlay, self.ledger.index(partition))
         lanes: dict[bytes | None, list[int]] = {}
@@ -180,12 +340,19 @@ class SinkStage:
                         return  # later commands of this lane wait for it
 
         await asyncio.gather(*(run_lane(ix) for ix in lanes.values()))
+        return results
 
-        # 5. ledger entries, audit, dead letters; offsets stop at the first unfinished command
-        outputs: list[OutRecord] = []
-        entries: list[LedgerEntry] = []
-        index_updates: dict[str, Any] = {}
-        first_unfinished: int | None = None
+    def record_outcomes(self, partition: int, planned: Sequence[Planned],
+                        results: Mapping[int, Result]) -> Outcomes:
+        """Step 6: the records that make the results durable, in planned order.
+
+        * done → audit record (``done``, or ``skipped`` for a ``skipped:*`` outcome), ``done``
+          ledger entry; its index updates are collected and written after all entries;
+        * ``RejectedError`` → audit record ``dead_lettered``, ``failed`` ledger entry (the prior
+          steps kept), and a ``TargetRejected`` rejection (the loop dead-letters it);
+        * anything else, or no result → unfinished: no record; its offset may stop the batch.
+        """
+        out = Outcomes()
         now = time.time()
         at = utc_now_iso()
         for i, p in enumerate(planned):
@@ -194,13 +361,13 @@ class SinkStage:
             event_id, integration = p.command.get("event_id", cid), p.command.get("integration", "")
             if isinstance(result, Done):
                 entry = LedgerEntry(cid, DONE, attempt=p.attempt, steps=result.steps, outcome=result.outcome)
-                index_updates.update(result.index)
+                out.index_updates.update(result.index)
                 self.stats["done"] += 1
                 if result.outcome == "reconciled":
                     self.stats["reconciled"] += 1
                 self._commands.labels(self.effects.target, ctype, result.outcome.split(":")[0]).inc()
                 what = "skipped" if result.outcome.startswith("skipped") else "done"
-                outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
+                out.outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
                     decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid)]))
                 try:
                     flow = p.command.get("flow") or ctype
@@ -212,20 +379,31 @@ class SinkStage:
                                     outcome=f"rejected:{result.status}")
                 self.stats["failed"] += 1
                 self._commands.labels(self.effects.target, ctype, "rejected").inc()
-                rejections.append(Rejection(p.record, "TargetRejected", str(result)))
-                outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
+                out.rejections.append(Rejection(p.record, TARGET_REJECTED, str(result)))
+                out.outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
                     decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid)]))
             else:
                 self.stats["unfinished"] += 1
-                if first_unfinished is None or p.record.offset < first_unfinished:
-                    first_unfinished = p.record.offset
+                if out.first_unfinished is None or p.record.offset < out.first_unfinished:
+                    out.first_unfinished = p.record.offset
                 continue
-            entries.append(entry)
-            outputs.append(self.ledger.record(partition, entry))
-        outputs.extend(self.ledger.index_record(partition, k, v) for k, v in index_updates.items())
-        if first_unfinished is not None:
+            out.entries.append(entry)
+            out.outputs.append(self.ledger.record(partition, entry))
+        out.outputs.extend(self.ledger.index_record(partition, k, v) for k, v in out.index_updates.items())
+        return out
+
+    def report(self, rejections: Sequence[Rejection], outcomes: Outcomes) -> BatchResult:
+        """Step 7 (Connect's ``preCommit``): the batch's result for the loop's transaction.
+
+        ``rejections`` are step 1's; the target's rejections follow them. With an unfinished
+        command the offsets stop at it (``commit_upto``), and the schema rejections at or after
+        it are dropped: those records are fetched, and rejected, again. ``context`` carries the
+        entries and index updates to :meth:`after_commit`.
+        """
+        kept = [*rejections, *outcomes.rejections]
+        stop = outcomes.first_unfinished
+        if stop is not None:
             # records at or after the stop are fetched again: reject them then, not twice
-            rejections = [r for r in rejections if r.record.offset < first_unfinished
-                          or r.error_class == "TargetRejected"]
-        return BatchResult(outputs=outputs, rejections=rejections, commit_upto=first_unfinished,
-                           context=(entries, index_updates))
+            kept = [r for r in kept if r.record.offset < stop or r.error_class == TARGET_REJECTED]
+        return BatchResult(outputs=outcomes.outputs, rejections=kept, commit_upto=stop,
+                           context=(outcomes.entries, outcomes.index_updates))

@@ -14,7 +14,7 @@
    commit), then one matching the merge key;
 4. the contact's content: every source customer's phones and e-mails (union, with what the
    contact already has — CloudTalk's edit replaces whole lists, so nothing is ever dropped), and
-   the newest source's value of every other field (reference 1.9); company name, favorite agent
+   the newest source's value of every other field; company name, favorite agent
    ("Created by" user → CloudTalk agent with the same e-mail) and country id are resolved once;
 5. add the contact, or edit only the keys that differ; nothing differs → no request.
 """
@@ -22,12 +22,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import aiohttp
 
-from pipeline.clients.cloudtalk import CloudTalkClient
+from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
 from pipeline.clients.http import RateWindow, RejectedError, RetryPolicy, create_or_find
 from pipeline.clients.kustomer import kustomer_clients
 from pipeline.core.config import PipelineConfig
@@ -42,13 +42,14 @@ from pipeline.sink.merge import (
     merge_sources,
     name_key,
 )
+from pipeline.sink.ports import CloudTalkApi, KustomerLookups
 
 
 class CloudTalkEffects:
     target = "cloudtalk"
     command_schemas: Mapping[str, str] = {"cloudtalk.upsert_contact": "command.cloudtalk.upsert_contact"}
 
-    def __init__(self, cloudtalk: Any, kustomer: Mapping[str, Any], refresh_s: float = 600.0,
+    def __init__(self, cloudtalk: CloudTalkApi, kustomer: Mapping[str, KustomerLookups], refresh_s: float = 600.0,
                  settle_s: float = 20.0) -> None:
         self.ct, self.kustomer = cloudtalk, kustomer
         self.settle_s = settle_s
@@ -86,7 +87,7 @@ class CloudTalkEffects:
             agents: dict[str, int] = {}
             async for page in self.ct.iter_agents():
                 for item in page.get("data") or []:
-                    a = item.get("Agent") or item
+                    a: Mapping[str, Any] = item.get("Agent") or item
                     if a.get("email"):
                         agents[a["email"].lower()] = int(a["id"])
             self._agents, self._agents_at = agents, time.monotonic()
@@ -102,9 +103,9 @@ class CloudTalkEffects:
                     if k:
                         table[str(k).casefold()] = int(c["id"])
             self._countries = table
-        for k in (country.get("code"), country.get("name")):
-            if k and str(k).casefold() in self._countries:
-                return self._countries[str(k).casefold()]
+        for wanted in (country.get("code"), country.get("name")):
+            if wanted and str(wanted).casefold() in self._countries:
+                return self._countries[str(wanted).casefold()]
         return None
 
     async def resolve(self, integration: str, contact: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,7 +113,8 @@ class CloudTalkEffects:
         company = contact.get("company")
         if not company and contact.get("company_ref"):
             company = await self.company_name(integration, contact["company_ref"])
-        agent = await self.favorite_agent(integration, contact["created_by_ref"]) if contact.get("created_by_ref") else None
+        agent = (await self.favorite_agent(integration, contact["created_by_ref"])
+                 if contact.get("created_by_ref") else None)
         return {"name": contact["name"], "company": (company or None) and company[:100],
                 "website": contact.get("website"), "address": contact.get("address"), "city": contact.get("city"),
                 "zip": contact.get("zip"), "state": contact.get("state"),
@@ -121,10 +123,10 @@ class CloudTalkEffects:
                 "link": contact.get("external_url")}
 
     # -- finding the contact -----------------------------------------------------------------------
-    async def _candidates(self, keyword: str, accept: Any) -> list[dict[str, Any]]:
+    async def _candidates(self, keyword: str, accept: Callable[..., bool]) -> list[ContactShow]:
         """Contacts found by ``keyword`` whose show ``responseData`` passes ``accept`` (oldest first)."""
         page = await self.ct.list_contacts(keyword=keyword, limit=100)
-        out = []
+        out: list[ContactShow] = []
         for item in sorted(page.get("data") or [], key=lambda x: int(x["Contact"]["id"])):
             shown = await self.ct.get_contact(item["Contact"]["id"])
             if shown is not None and accept(shown):
@@ -161,7 +163,8 @@ class CloudTalkEffects:
                     return found[0]["Contact"]["id"], "merged"
         if merge_key == "phone_or_name" and contact.get("name"):
             wanted = name_key(contact["name"])
-            found = await self._candidates(contact["name"], lambda s: name_key(s["Contact"].get("name") or "") == wanted)
+            found = await self._candidates(contact["name"],
+                                           lambda s: name_key(s["Contact"].get("name") or "") == wanted)
             if found:
                 return found[0]["Contact"]["id"], "merged"
         return None, "created"
@@ -214,11 +217,13 @@ class CloudTalkEffects:
                 found_id, how_found = await self.find_in_cloudtalk("none", contact, link)
                 return found_id if how_found == "reconciled" else None
 
-            new_id, found = await create_or_find(lambda: self.ct.add_contact(body), find_ours, settle_s=self.settle_s)
+            new_id, found = await create_or_find(lambda: self.ct.add_contact(cast(ContactBody, body)), find_ours,
+                                                 settle_s=self.settle_s)
             target = str(new_id)
             outcome = "reconciled" if found else "created"
         elif body:
-            if not await self.ct.edit_contact(target, body):
+            # a contact was shown, so ``target`` is its id (static types cannot see it)
+            if not await self.ct.edit_contact(cast(str, target), cast(ContactBody, body)):
                 raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
             outcome = how or "updated"
         else:
@@ -226,7 +231,7 @@ class CloudTalkEffects:
         updates: dict[str, Any] = {
             ikey(integration, "customer", customer_id): {"contact_id": target, "rev": version.get("rev"),
                                                          "updated_at": version["updated_at"]},
-            ikey(integration, "contact", target): {"sources": sources},
+            ikey(integration, "contact", cast(str, target)): {"sources": sources},  # set in every branch of 5
             **{ikey(integration, "phone", p): target for p in merged["phones"]},
             **{ikey(integration, "email", e.lower()): target for e in merged["emails"]},
         }

@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.clients.http import KeyedLimiter, RejectedError, create_or_find
-from pipeline.clients.kustomer import ConflictError, KustomerClient
+from pipeline.clients.kustomer import ConflictError
 from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
 from pipeline.sink.ledger import LedgerEntry
+from pipeline.sink.ports import KustomerApi
 
 
 class KustomerEffects:
@@ -34,14 +35,14 @@ class KustomerEffects:
         "kustomer.upsert_customer": "command.kustomer.upsert_customer",
     }
 
-    def __init__(self, clients: Mapping[str, KustomerClient], per_customer_per_minute: int = 120,
+    def __init__(self, clients: Mapping[str, KustomerApi], per_customer_per_minute: int = 120,
                  settle_s: float = 20.0) -> None:
         self.clients = clients
         self.settle_s = settle_s
         self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
         self.note_limit = KeyedLimiter(per_customer_per_minute, 60.0)
 
-    def client(self, command: dict[str, Any]) -> KustomerClient:
+    def client(self, command: dict[str, Any]) -> KustomerApi:
         client = self.clients.get(command["integration"])
         if client is None:
             raise RejectedError("kustomer", command["type"], None,
@@ -130,7 +131,7 @@ class KustomerEffects:
         return Done(steps, outcome)
 
     @staticmethod
-    async def _find_conversation(client: KustomerClient, customer_id: str, external_id: str) -> str | None:
+    async def _find_conversation(client: KustomerApi, customer_id: str, external_id: str) -> str | None:
         async for page in client.iter_customer_conversations(customer_id):
             for conversation in page:
                 if (conversation.get("attributes") or {}).get("externalId") == external_id:
@@ -138,7 +139,7 @@ class KustomerEffects:
         return None
 
     @staticmethod
-    async def _find_note(client: KustomerClient, conversation_id: str, marker: str) -> str | None:
+    async def _find_note(client: KustomerApi, conversation_id: str, marker: str) -> str | None:
         async for page in client.iter_conversation_notes(conversation_id):
             for note in page:
                 body = (note.get("attributes") or {}).get("body") or ""
@@ -155,7 +156,7 @@ def _values(items: Any, field: str) -> list[str]:
     return [str(x.get(field)) for x in items or [] if isinstance(x, dict) and x.get(field)]
 
 
-async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEntry | None,
+async def export_customer(client: KustomerApi, command: dict[str, Any], prior: LedgerEntry | None,
                           index: Mapping[str, Any], settle_s: float = 20.0) -> Done:
     integration, contact_id = command["integration"], command["contact_id"]
     key = f"k|{integration}|contact|{contact_id}"
@@ -170,7 +171,9 @@ async def export_customer(client: Any, command: dict[str, Any], prior: LedgerEnt
         attrs = existing.get("attributes") or {}
         have_phones = {normalize_e164(p) for p in _values(attrs.get("phones"), "phone")}
         have_emails = {e.lower() for e in _values(attrs.get("emails"), "email")}
-        new_phones, new_emails, taken = [], [], []
+        new_phones: list[str] = []
+        new_emails: list[str] = []
+        taken: list[str] = []
         for p in phones:
             if p not in have_phones:
                 owner = await client.find_customer_by_phone(p)
