@@ -44,8 +44,12 @@ from pipeline.kafka.lag import group_lag  # noqa: E402
 from pipeline.kafka.topics import Topics, TopicSpec, ensure_topics  # noqa: E402
 
 LINE = "+442012345678"
-SECRETS = {"B_CT_ID": "bench-id", "B_CT_SECRET": "bench-secret", "B_K_KEY": "bench-kustomer-key",
-           "B_HOOK": "bench-hook-secret"}
+SECRETS = {
+    "B_CT_ID": "bench-id",
+    "B_CT_SECRET": "bench-secret",
+    "B_K_KEY": "bench-kustomer-key",
+    "B_HOOK": "bench-hook-secret",
+}
 MARKER = re.compile(r"CloudTalk call (\d+)")
 
 
@@ -62,15 +66,22 @@ pct = percentile_ms
 
 
 def describe(name: str, lat: list[float]) -> str:
-    return (f"{name:9} n={len(lat):,}  p50 {pct(lat, 50):7.1f} ms  p99 {pct(lat, 99):7.1f} ms  "
-            f"max {max(lat) * 1000:7.1f} ms")
+    return (
+        f"{name:9} n={len(lat):,}  p50 {pct(lat, 50):7.1f} ms  p99 {pct(lat, 99):7.1f} ms  "
+        f"max {max(lat) * 1000:7.1f} ms"
+    )
 
 
 async def kafka_hop(bootstrap: str, rate: float, seconds: float) -> list[float]:
     topic = f"bench-hop-{uuid.uuid4().hex[:6]}"
     await ensure_topics(bootstrap, [TopicSpec(topic, 6, {}, "latency baseline")])
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level="read_committed",
-                                auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await consumer.start()
     await producer.start()
@@ -82,6 +93,7 @@ async def kafka_hop(bootstrap: str, rate: float, seconds: float) -> list[float]:
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 now = time.time()
                 out.extend(now - orjson.loads(r.value)["t"] for r in records)
+
     reader = asyncio.create_task(consume())
     await asyncio.sleep(1.0)
     t0 = time.perf_counter()
@@ -96,15 +108,17 @@ async def kafka_hop(bootstrap: str, rate: float, seconds: float) -> list[float]:
     return out
 
 
-async def pipeline_run(bootstrap: str, args: argparse.Namespace,
-                       broker_pid: int | None) -> tuple[list[float], Counter, int, dict[str, float]]:
+async def pipeline_run(
+    bootstrap: str, args: argparse.Namespace, broker_pid: int | None
+) -> tuple[list[float], Counter, int, dict[str, float]]:
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     topics = Topics(f"bench{uuid.uuid4().hex[:6]}-")
     await ensure_topics(bootstrap, topics.specs())
     ports = {n: free_port() for n in ("ct", "k", "ingest")}
     ct, k, ingest = (f"http://127.0.0.1:{ports[n]}" for n in ("ct", "k", "ingest"))
     config = work / "integrations.yaml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         cloudtalk: {{base_url: "{ct}/api", key_id: {{env: B_CT_ID}}, key_secret: {{env: B_CT_SECRET}}}}
         integrations:
           - name: support
@@ -112,17 +126,57 @@ async def pipeline_run(bootstrap: str, args: argparse.Namespace,
             kustomer: {{base_url: "{k}", org_name: acme, api_key: {{env: B_K_KEY}}}}
             cloudtalk_webhook_secret: {{env: B_HOOK}}
             calls: {{create_customers_for_unknown_numbers: true, connected_numbers: ["{LINE}"]}}
-    """))
-    stack = Stack(work, {"KAFKA_BOOTSTRAP": bootstrap, "TOPIC_PREFIX": topics.prefix, "PIPELINE_CONFIG": str(config),
-                         "LOG_LEVEL": "WARNING", **SECRETS})
+    """)
+    )
+    stack = Stack(
+        work,
+        {
+            "KAFKA_BOOTSTRAP": bootstrap,
+            "TOPIC_PREFIX": topics.prefix,
+            "PIPELINE_CONFIG": str(config),
+            "LOG_LEVEL": "WARNING",
+            **SECRETS,
+        },
+    )
     try:
-        stack.add("sim-cloudtalk", ["sim", "cloudtalk", "--port", str(ports["ct"]), "--key-id", SECRETS["B_CT_ID"],
-                                    "--key-secret", SECRETS["B_CT_SECRET"], "--rate-limit", "1000000",
-                                    "--log-level", "WARNING"], health=f"{ct}/_sim/settings")
-        stack.add("sim-kustomer", ["sim", "kustomer", "--port", str(ports["k"]), "--api-key", SECRETS["B_K_KEY"],
-                                   "--rate-limit", "10000000", "--per-customer-limit", "100000",
-                                   "--search-limit", "10000000", "--log-level", "WARNING"],
-                  health=f"{k}/_sim/settings")
+        stack.add(
+            "sim-cloudtalk",
+            [
+                "sim",
+                "cloudtalk",
+                "--port",
+                str(ports["ct"]),
+                "--key-id",
+                SECRETS["B_CT_ID"],
+                "--key-secret",
+                SECRETS["B_CT_SECRET"],
+                "--rate-limit",
+                "1000000",
+                "--log-level",
+                "WARNING",
+            ],
+            health=f"{ct}/_sim/settings",
+        )
+        stack.add(
+            "sim-kustomer",
+            [
+                "sim",
+                "kustomer",
+                "--port",
+                str(ports["k"]),
+                "--api-key",
+                SECRETS["B_K_KEY"],
+                "--rate-limit",
+                "10000000",
+                "--per-customer-limit",
+                "100000",
+                "--search-limit",
+                "10000000",
+                "--log-level",
+                "WARNING",
+            ],
+            health=f"{k}/_sim/settings",
+        )
         stack.add("ingest", ["ingest", "--port", str(ports["ingest"])], health=f"{ingest}/readyz")
         stack.add("process-calls", ["process", "calls"])
         stack.add("sink-kustomer", ["sink", "kustomer"])
@@ -131,14 +185,28 @@ async def pipeline_run(bootstrap: str, args: argparse.Namespace,
         numbers = [f"+4474009{n:05d}" for n in rng.sample(range(10_000, 99_999), args.numbers)]
         ended: dict[str, float] = {}
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{ct}/_sim/workflows", data=orjson.dumps([
-                    {"trigger": "call.ended", "url": f"{ingest}/ingest/cloudtalk/support/call-ended",
-                     "headers": {"X-Pipeline-Secret": SECRETS["B_HOOK"]}}])) as r:
+            async with http.post(
+                f"{ct}/_sim/workflows",
+                data=orjson.dumps(
+                    [
+                        {
+                            "trigger": "call.ended",
+                            "url": f"{ingest}/ingest/cloudtalk/support/call-ended",
+                            "headers": {"X-Pipeline-Secret": SECRETS["B_HOOK"]},
+                        }
+                    ]
+                ),
+            ) as r:
                 assert r.status < 300, await r.text()
 
             async def end_call() -> None:
-                spec = {"direction": "incoming", "status": "answered", "internal_number": LINE,
-                        "external_number": rng.choice(numbers), "talking_time": 60}
+                spec = {
+                    "direction": "incoming",
+                    "status": "answered",
+                    "internal_number": LINE,
+                    "external_number": rng.choice(numbers),
+                    "talking_time": 60,
+                }
                 t = time.time()
                 async with http.post(f"{ct}/_sim/calls", data=orjson.dumps(spec)) as r:
                     call = await r.json()
@@ -161,8 +229,9 @@ async def pipeline_run(bootstrap: str, args: argparse.Namespace,
             await asyncio.gather(*tasks)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                lag = sum((await group_lag(bootstrap, f"{topics.prefix}sink-kustomer",
-                                           [topics.kustomer_commands])).values())
+                lag = sum(
+                    (await group_lag(bootstrap, f"{topics.prefix}sink-kustomer", [topics.kustomer_commands])).values()
+                )
                 raw = sum((await group_lag(bootstrap, f"{topics.prefix}process-calls", [topics.raw_calls])).values())
                 if not lag and not raw:
                     break
@@ -196,11 +265,13 @@ async def main() -> None:
         print(describe("kafka hop", hop), flush=True)
         lat, per_call, sent, cpu = await pipeline_run(bootstrap, args, broker_pid)
         print(describe("pipeline", lat))
-        print("CPU ms per call: " + ", ".join(f"{name} {ms:.1f}" for name, ms in
-                                             sorted(cpu.items(), key=lambda kv: -kv[1])) +
-              f"; total {sum(cpu.values()):.1f} → this machine's {os.cpu_count()} cores are saturated near "
-              f"{os.cpu_count() * 1000 / max(sum(cpu.values()), 0.001):.0f} calls/s"
-              + ("" if broker_pid else " (a KAFKA_BOOTSTRAP broker is not counted)"))
+        print(
+            "CPU ms per call: "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(cpu.items(), key=lambda kv: -kv[1]))
+            + f"; total {sum(cpu.values()):.1f} → this machine's {os.cpu_count()} cores are saturated near "
+            f"{os.cpu_count() * 1000 / max(sum(cpu.values()), 0.001):.0f} calls/s"
+            + ("" if broker_pid else " (a KAFKA_BOOTSTRAP broker is not counted)")
+        )
         dup = sum(1 for v in per_call.values() if v > 1)
         print(f"calls ended {sent:,}; with a note {len(lat):,}; with more than one note {dup}")
         print(f"ratio of p99 pipeline/kafka hop: {pct(lat, 99) / pct(hop, 99):.1f}")

@@ -64,12 +64,14 @@ async def throughput(url: str, payloads: list[bytes], concurrency: int) -> tuple
     failures = 0
     queue = iter(payloads)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+
         async def worker() -> None:
             nonlocal failures
             for body in queue:
                 async with http.post(url, data=body, headers=headers) as r:
                     await r.read()
                     failures += r.status != 202
+
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return len(payloads) / (time.perf_counter() - started), failures
@@ -80,12 +82,14 @@ async def latency(url: str, payloads: list[bytes], rate: float) -> tuple[list[fl
     out: list[float] = []
     failures = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as http:
+
         async def one(body: bytes, due: float) -> None:
             nonlocal failures
             async with http.post(url, data=body, headers=headers) as r:
                 await r.read()
                 failures += r.status != 202
             out.append(time.perf_counter() - due)
+
         t0 = time.perf_counter() + 0.05
         tasks = []
         for i, body in enumerate(payloads):
@@ -107,8 +111,11 @@ async def measure(name: str, url: str, args: argparse.Namespace, offset: int) ->
     rps, failed = await throughput(url, bodies(args.requests, offset + 1_000_000), args.concurrency)
     lat, failed2 = await latency(url, bodies(int(args.rate * args.seconds), offset + 2_000_000), args.rate)
     result = {"rps": rps, "p50": pct(lat, 50), "p99": pct(lat, 99), "failed": failed + failed2}
-    print(f"{name:9} {rps:8,.0f} webhooks/s (x{args.concurrency} connections)   at {args.rate:,.0f}/s: "
-          f"p50 {result['p50']:6.1f} ms  p99 {result['p99']:6.1f} ms   non-202: {result['failed']}", flush=True)
+    print(
+        f"{name:9} {rps:8,.0f} webhooks/s (x{args.concurrency} connections)   at {args.rate:,.0f}/s: "
+        f"p50 {result['p50']:6.1f} ms  p99 {result['p99']:6.1f} ms   non-202: {result['failed']}",
+        flush=True,
+    )
     return result
 
 
@@ -128,35 +135,51 @@ async def run(bootstrap: str, args: argparse.Namespace) -> None:
     topics = Topics(f"bench{uuid.uuid4().hex[:6]}-")
     await ensure_topics(bootstrap, topics.specs())
     config = work / "integrations.yaml"
-    config.write_text(textwrap.dedent("""
+    config.write_text(
+        textwrap.dedent("""
         cloudtalk: {base_url: "http://127.0.0.1:9/api", key_id: {env: BENCH_SECRET}, key_secret: {env: BENCH_SECRET}}
         integrations:
           - name: support
             active: true
             kustomer: {base_url: "http://127.0.0.1:9", api_key: {env: BENCH_SECRET}}
             cloudtalk_webhook_secret: {env: BENCH_SECRET}
-    """))
-    stack = Stack(work, {"KAFKA_BOOTSTRAP": bootstrap, "TOPIC_PREFIX": topics.prefix, "PIPELINE_CONFIG": str(config),
-                         "BENCH_SECRET": SECRET, "LOG_LEVEL": "WARNING"})
+    """)
+    )
+    stack = Stack(
+        work,
+        {
+            "KAFKA_BOOTSTRAP": bootstrap,
+            "TOPIC_PREFIX": topics.prefix,
+            "PIPELINE_CONFIG": str(config),
+            "BENCH_SECRET": SECRET,
+            "LOG_LEVEL": "WARNING",
+        },
+    )
     ports = {"baseline": free_port(), "ingest": free_port()}
     baseline_script = work / "baseline_app.py"
     baseline_script.write_text(BASELINE_APP)
     try:
-        stack.add("ingest", ["ingest", "--port", str(ports["ingest"])],
-                  health=f"http://127.0.0.1:{ports['ingest']}/readyz")
+        stack.add(
+            "ingest", ["ingest", "--port", str(ports["ingest"])], health=f"http://127.0.0.1:{ports['ingest']}/readyz"
+        )
         await stack.wait_ready(timeout=60)
         baseline = await asyncio.create_subprocess_exec(sys.executable, str(baseline_script), str(ports["baseline"]))
         await asyncio.sleep(1.5)
-        print(f"{args.requests:,} POSTs over {args.concurrency} connections, then {args.rate:,.0f}/s for "
-              f"{args.seconds:.0f} s; call-ended bodies of ~{len(bodies(1, 0)[0])} bytes", flush=True)
+        print(
+            f"{args.requests:,} POSTs over {args.concurrency} connections, then {args.rate:,.0f}/s for "
+            f"{args.seconds:.0f} s; call-ended bodies of ~{len(bodies(1, 0)[0])} bytes",
+            flush=True,
+        )
         path = "/ingest/cloudtalk/support/call-ended"
         base = await measure("baseline", f"http://127.0.0.1:{ports['baseline']}{path}", args, 0)
         ing = await measure("ingest", f"http://127.0.0.1:{ports['ingest']}{path}", args, 10_000_000)
         stored = len(await read_topic(bootstrap, topics.raw_calls))
         sent = 500 + args.requests + int(args.rate * args.seconds)
         print(f"stored in {topics.raw_calls}: {stored:,} of {sent:,} acknowledged webhooks")
-        print(f"ratio ingest/baseline: throughput {ing['rps'] / base['rps']:.2f}; "
-              f"p99 at {args.rate:,.0f}/s {ing['p99']:.1f} ms vs {base['p99']:.1f} ms")
+        print(
+            f"ratio ingest/baseline: throughput {ing['rps'] / base['rps']:.2f}; "
+            f"p99 at {args.rate:,.0f}/s {ing['p99']:.1f} ms vs {base['p99']:.1f} ms"
+        )
         baseline.terminate()
         await baseline.wait()
     finally:

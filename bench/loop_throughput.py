@@ -48,8 +48,9 @@ async def produce_input(bootstrap: str, topic: str, n: int, size: int) -> None:
     await producer.start()
     pad = b"x" * max(0, size - 12)
     try:
-        futures = [await producer.send(topic, key=f"k{i % 5000}".encode(), value=f"{i:010d}".encode() + pad)
-                   for i in range(n)]
+        futures = [
+            await producer.send(topic, key=f"k{i % 5000}".encode(), value=f"{i:010d}".encode() + pad) for i in range(n)
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -57,8 +58,13 @@ async def produce_input(bootstrap: str, topic: str, n: int, size: int) -> None:
 
 async def count(bootstrap: str, topic: str, expect: int) -> int:
     """Records readable read_committed (end offsets would also count transaction markers)."""
-    c = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level="read_committed",
-                         auto_offset_reset="earliest", enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await c.start()
     n, idle = 0, 0
     try:
@@ -74,12 +80,24 @@ async def count(bootstrap: str, topic: str, expect: int) -> int:
 
 async def baseline_copy(bootstrap: str, src: str, dst: str, n: int, batch: int) -> float:
     group = f"base-{uuid.uuid4().hex[:8]}"
-    consumer = AIOKafkaConsumer(src, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest",
-                                max_poll_records=batch, fetch_max_bytes=16 * 1024 * 1024,
-                                max_partition_fetch_bytes=4 * 1024 * 1024)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=group, enable_idempotence=True,
-                                max_batch_size=512 * 1024, max_request_size=1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        src,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        max_poll_records=batch,
+        fetch_max_bytes=16 * 1024 * 1024,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        transactional_id=group,
+        enable_idempotence=True,
+        max_batch_size=512 * 1024,
+        max_request_size=1024 * 1024,
+    )
     await consumer.start()
     await producer.start()
     done = 0
@@ -109,9 +127,16 @@ async def baseline_copy(bootstrap: str, src: str, dst: str, n: int, batch: int) 
 
 async def loop_copy(bootstrap: str, src: str, dst: str, dlq: str, n: int, batch: int) -> float:
     loop = TransactionalLoop(
-        LoopSettings(bootstrap=bootstrap, group_id=f"loop-{uuid.uuid4().hex[:8]}", input_topics=(src,),
-                     deadletter_topic=dlq, max_batch=batch, poll_timeout_ms=200),
-        TransformStage("copy", copy_transform(dst, None)))
+        LoopSettings(
+            bootstrap=bootstrap,
+            group_id=f"loop-{uuid.uuid4().hex[:8]}",
+            input_topics=(src,),
+            deadletter_topic=dlq,
+            max_batch=batch,
+            poll_timeout_ms=200,
+        ),
+        TransformStage("copy", copy_transform(dst, None)),
+    )
     await loop.start()
     task = asyncio.create_task(loop.run())
     started = None
@@ -159,8 +184,14 @@ async def main() -> None:
                 assert copied == args.records, f"{which} copied {copied} of {args.records}"
                 print(f"round {i + 1} {which:8} {rate:10,.0f} records/s")
         ratios = [o / b for o, b in zip(ours, base, strict=True)]
-        print(f"baseline median {statistics.median(base):,.0f} records/s; loop median {statistics.median(ours):,.0f} records/s")
-        print(f"ratio loop/baseline: median {statistics.median(ratios):.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+        print(
+            f"baseline median {statistics.median(base):,.0f} records/s; "
+            f"loop median {statistics.median(ours):,.0f} records/s"
+        )
+        print(
+            f"ratio loop/baseline: median {statistics.median(ratios):.2f} "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
 
 
 if __name__ == "__main__":

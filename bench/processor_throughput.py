@@ -43,33 +43,65 @@ LINES = [442012345678, 14155550123, 442079460000]
 def config(n: int):
     integrations = []
     for i in range(n):
-        integrations.append({
-            "name": f"team{i}", "active": True, "contact_tag": f"team{i}",
-            "kustomer": {"base_url": "http://127.0.0.1:9", "org_name": f"org{i}", "api_key": {"env": "X"}},
-            "cloudtalk_webhook_secret": {"env": "X"},
-            "calls": {"create_customers_for_unknown_numbers": i % 2 == 0,
-                      "connected_numbers": [f"+{LINES[i % 2]}"]}})
-    return parse_config({"cloudtalk": {"base_url": "http://127.0.0.1:9/api", "key_id": {"env": "X"},
-                                       "key_secret": {"env": "X"}}, "integrations": integrations})
+        integrations.append(
+            {
+                "name": f"team{i}",
+                "active": True,
+                "contact_tag": f"team{i}",
+                "kustomer": {"base_url": "http://127.0.0.1:9", "org_name": f"org{i}", "api_key": {"env": "X"}},
+                "cloudtalk_webhook_secret": {"env": "X"},
+                "calls": {
+                    "create_customers_for_unknown_numbers": i % 2 == 0,
+                    "connected_numbers": [f"+{LINES[i % 2]}"],
+                },
+            }
+        )
+    return parse_config(
+        {
+            "cloudtalk": {"base_url": "http://127.0.0.1:9/api", "key_id": {"env": "X"}, "key_secret": {"env": "X"}},
+            "integrations": integrations,
+        }
+    )
 
 
 def call_envelope(i: int, rng: random.Random) -> Envelope:
     direction = rng.choice(["incoming", "incoming", "outgoing"])
     answered = rng.random() < 0.7
     body = {
-        "event": "call.ended", "call_id": 1_000_000_000 + i, "call_uuid": str(uuid.UUID(int=i)),
-        "direction": direction, "status": "answered" if answered else "missed",
-        "internal_number": rng.choice(LINES), "internal_number_name": "Line",
-        "external_number": 447700900000 + rng.randint(0, 9999), "contact_id": rng.choice([None, 1451646073]),
-        "agent_id": 493933, "agent_first_name": "Max", "agent_last_name": "Yellow", "agent_email": "max@example.com",
-        "started_at": "2026-03-02T09:14:05.000Z", "answered_at": "2026-03-02T09:14:17.000Z" if answered else None,
-        "ended_at": "2026-03-02T09:18:40.000Z", "waiting_time": 12, "talking_time": 263 if answered else 0,
-        "wrapup_time": 30, "is_voicemail": not answered and rng.random() < 0.3,
+        "event": "call.ended",
+        "call_id": 1_000_000_000 + i,
+        "call_uuid": str(uuid.UUID(int=i)),
+        "direction": direction,
+        "status": "answered" if answered else "missed",
+        "internal_number": rng.choice(LINES),
+        "internal_number_name": "Line",
+        "external_number": 447700900000 + rng.randint(0, 9999),
+        "contact_id": rng.choice([None, 1451646073]),
+        "agent_id": 493933,
+        "agent_first_name": "Max",
+        "agent_last_name": "Yellow",
+        "agent_email": "max@example.com",
+        "started_at": "2026-03-02T09:14:05.000Z",
+        "answered_at": "2026-03-02T09:14:17.000Z" if answered else None,
+        "ended_at": "2026-03-02T09:18:40.000Z",
+        "waiting_time": 12,
+        "talking_time": 263 if answered else 0,
+        "wrapup_time": 30,
+        "is_voicemail": not answered and rng.random() < 0.3,
         "recording_url": "https://my.cloudtalk.io/pub/r/x.wav" if answered else None,
-        "call_tags": ["Billing"], "call_notes": [], "rating": None,
+        "call_tags": ["Billing"],
+        "call_notes": [],
+        "rating": None,
     }
-    return Envelope(id=call_event_id(body["call_id"]), integration="team0", source="cloudtalk", type="call.ended",
-                    occurred_at=body["ended_at"], received_at=body["ended_at"], payload=body)
+    return Envelope(
+        id=call_event_id(body["call_id"]),
+        integration="team0",
+        source="cloudtalk",
+        type="call.ended",
+        occurred_at=body["ended_at"],
+        received_at=body["ended_at"],
+        payload=body,
+    )
 
 
 async def produce_events(bootstrap: str, topic: str, n: int) -> None:
@@ -88,9 +120,16 @@ async def produce_events(bootstrap: str, topic: str, n: int) -> None:
 
 async def processor_run(bootstrap: str, topics: Topics, src: str, cfg, n: int, batch: int) -> float:
     loop = TransactionalLoop(
-        LoopSettings(bootstrap=bootstrap, group_id=f"bench-proc-{uuid.uuid4().hex[:8]}", input_topics=(src,),
-                     deadletter_topic=topics.deadletter, max_batch=batch, poll_timeout_ms=200),
-        TransformStage("process-calls", decisions_transform(FLOWS["calls"], cfg, topics)))
+        LoopSettings(
+            bootstrap=bootstrap,
+            group_id=f"bench-proc-{uuid.uuid4().hex[:8]}",
+            input_topics=(src,),
+            deadletter_topic=topics.deadletter,
+            max_batch=batch,
+            poll_timeout_ms=200,
+        ),
+        TransformStage("process-calls", decisions_transform(FLOWS["calls"], cfg, topics)),
+    )
     await loop.start()
     task = asyncio.create_task(loop.run())
     started = None
@@ -128,17 +167,22 @@ async def main() -> None:
                 if which == "baseline":
                     result[which] = await baseline_copy(bootstrap, topics.raw_calls, copy_dst, args.events, args.batch)
                 else:
-                    result[which] = await processor_run(bootstrap, topics, topics.raw_calls, config(args.integrations),
-                                                        args.events, args.batch)
+                    result[which] = await processor_run(
+                        bootstrap, topics, topics.raw_calls, config(args.integrations), args.events, args.batch
+                    )
                 print(f"round {i + 1} {which:9} {result[which]:10,.0f} events/s", flush=True)
             rates.append(result["processor"])
             bases.append(result["baseline"])
             base_ratios.append(result["processor"] / result["baseline"])
         print(f"events: {args.events} call.ended, {args.integrations} integrations, batch {args.batch}")
-        print(f"baseline median {statistics.median(bases):,.0f} events/s; processor median "
-              f"{statistics.median(rates):,.0f} events/s (one process = one core)")
-        print(f"ratio processor/baseline: median {statistics.median(base_ratios):.2f} "
-              f"(rounds: {', '.join(f'{r:.2f}' for r in base_ratios)})")
+        print(
+            f"baseline median {statistics.median(bases):,.0f} events/s; processor median "
+            f"{statistics.median(rates):,.0f} events/s (one process = one core)"
+        )
+        print(
+            f"ratio processor/baseline: median {statistics.median(base_ratios):.2f} "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in base_ratios)})"
+        )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m devkit",
-                                     description="Development kit: local broker, simulators, demo.")
+    parser = argparse.ArgumentParser(
+        prog="python -m devkit", description="Development kit: local broker, simulators, demo."
+    )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     command = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in COMMANDS.items():

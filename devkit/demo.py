@@ -50,25 +50,33 @@ from pipeline.kafka.reading import read_topic
 from pipeline.kafka.topics import Topics, ensure_topics
 
 # the CloudTalk account's numbers
-SUPPORT_LINE = "+442012345678"   # connected to "support"
-SALES_LINE = "+14155550123"      # connected to "sales"
-BILLING_LINE = "+442079460000"   # connected to no integration
+SUPPORT_LINE = "+442012345678"  # connected to "support"
+SALES_LINE = "+14155550123"  # connected to "sales"
+BILLING_LINE = "+442079460000"  # connected to no integration
 LINES = {SUPPORT_LINE: "UK Support", SALES_LINE: "US Sales", BILLING_LINE: "UK Billing"}
 
 CALL_KINDS = [  # (weight, direction, status, voicemail)
-    (40, "incoming", "answered", False), (18, "incoming", "missed", False), (10, "incoming", "missed", True),
-    (20, "outgoing", "answered", False), (8, "outgoing", "missed", False), (4, "internal", "answered", False),
+    (40, "incoming", "answered", False),
+    (18, "incoming", "missed", False),
+    (10, "incoming", "missed", True),
+    (20, "outgoing", "answered", False),
+    (8, "outgoing", "missed", False),
+    (4, "internal", "answered", False),
 ]
 
 SECRETS = {
-    "DEMO_CLOUDTALK_KEY_ID": "demo-key-id", "DEMO_CLOUDTALK_KEY_SECRET": "demo-key-secret",
-    "DEMO_SUPPORT_KUSTOMER_KEY": "demo-support-kustomer-key", "DEMO_SALES_KUSTOMER_KEY": "demo-sales-kustomer-key",
-    "DEMO_SUPPORT_WEBHOOK_SECRET": "demo-support-webhook-secret", "DEMO_SALES_WEBHOOK_SECRET": "demo-sales-webhook-secret",
+    "DEMO_CLOUDTALK_KEY_ID": "demo-key-id",
+    "DEMO_CLOUDTALK_KEY_SECRET": "demo-key-secret",
+    "DEMO_SUPPORT_KUSTOMER_KEY": "demo-support-kustomer-key",
+    "DEMO_SALES_KUSTOMER_KEY": "demo-sales-kustomer-key",
+    "DEMO_SUPPORT_WEBHOOK_SECRET": "demo-support-webhook-secret",
+    "DEMO_SALES_WEBHOOK_SECRET": "demo-sales-webhook-secret",
 }
 
 
-def integrations_yaml(ct_url: str, support_url: str, sales_url: str, ct_rate: int = 60,
-                      token_file: str = "support-kustomer-webhook-token") -> str:
+def integrations_yaml(
+    ct_url: str, support_url: str, sales_url: str, ct_rate: int = 60, token_file: str = "support-kustomer-webhook-token"
+) -> str:
     return f"""\
 cloudtalk:
   base_url: {ct_url}/api
@@ -125,9 +133,10 @@ integrations:
 # The expected outcome: an independent model of the documented rules (README, reference 1.4)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Expectation:
-    emitted: Counter = field(default_factory=Counter)            # integration -> events logged
+    emitted: Counter = field(default_factory=Counter)  # integration -> events logged
     dropped: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # integration -> rule -> n
 
     def call(self, direction: str, status: str, voicemail: bool, line: str, known: bool) -> None:
@@ -153,11 +162,12 @@ class Expectation:
                 self.emitted[name] += 1
 
     def sms(self) -> None:
-        self.emitted["support"] += 1           # SMS on, every number, both types, unknown numbers allowed
+        self.emitted["support"] += 1  # SMS on, every number, both types, unknown numbers allowed
         self.dropped["sales"]["sms_disabled"] += 1
 
 
 # --------------------------------------------------------------------------------------------
+
 
 class Demo:
     def __init__(self, args: argparse.Namespace) -> None:
@@ -183,8 +193,10 @@ class Demo:
             bootstrap = given
         else:
             self.started_broker = broker.pid() is None
-            self.say(f"[1/9] Kafka broker at {broker.bootstrap} (state {broker.state_dir}"
-                     f"{'' if self.started_broker else ', already running: left running at the end'}) …")
+            self.say(
+                f"[1/9] Kafka broker at {broker.bootstrap} (state {broker.state_dir}"
+                f"{'' if self.started_broker else ', already running: left running at the end'}) …"
+            )
             bootstrap = await asyncio.to_thread(broker.up, 120.0, True)
         topics = Topics(self.prefix)
         await ensure_topics(bootstrap, topics.specs())
@@ -194,19 +206,30 @@ class Demo:
         urls = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
         config_path = self.workdir / "integrations.yaml"
         self.token_file = self.workdir / "secrets" / "support-kustomer-webhook-token"
-        config_path.write_text(integrations_yaml(urls["ct"], urls["k_support"], urls["k_sales"],
-                                                 self.args.cloudtalk_rate_limit, str(self.token_file)))
-        env = {"KAFKA_BOOTSTRAP": bootstrap, "TOPIC_PREFIX": self.prefix, "PIPELINE_CONFIG": str(config_path),
-               "LOG_LEVEL": "INFO", "CALLS_POLL_INITIAL_LOOKBACK_S": "1800", "CALLS_POLL_OVERLAP_S": "1800",
-               **SECRETS}
+        config_path.write_text(
+            integrations_yaml(
+                urls["ct"], urls["k_support"], urls["k_sales"], self.args.cloudtalk_rate_limit, str(self.token_file)
+            )
+        )
+        env = {
+            "KAFKA_BOOTSTRAP": bootstrap,
+            "TOPIC_PREFIX": self.prefix,
+            "PIPELINE_CONFIG": str(config_path),
+            "LOG_LEVEL": "INFO",
+            "CALLS_POLL_INITIAL_LOOKBACK_S": "1800",
+            "CALLS_POLL_OVERLAP_S": "1800",
+            **SECRETS,
+        }
         stack = Stack(self.workdir, env)
         self.failed_stop = False
         try:
             return await self._run(stack, bootstrap, topics, urls, ports)
         finally:
             if self.args.keep_running:
-                self.say(f"\n--keep-running: services stay up; logs in {self.workdir / 'logs'}; "
-                         f"stop them with kill, the broker with `python -m devkit kafka down`.")
+                self.say(
+                    f"\n--keep-running: services stay up; logs in {self.workdir / 'logs'}; "
+                    f"stop them with kill, the broker with `python -m devkit kafka down`."
+                )
             else:
                 codes = stack.stop_all()
                 bad = {k: v for k, v in codes.items() if v not in (0, None, -15)}
@@ -217,20 +240,46 @@ class Demo:
                     await asyncio.to_thread(broker.down, 30.0, True)
                     self.say("      stopped the Kafka broker it started")
 
-    async def _run(self, stack: Stack, bootstrap: str, topics: Topics, urls: dict[str, str],
-                   ports: dict[str, int]) -> int:
+    async def _run(
+        self, stack: Stack, bootstrap: str, topics: Topics, urls: dict[str, str], ports: dict[str, int]
+    ) -> int:
         rate = str(self.args.kustomer_rate_limit)
         self.say("[2/9] starting simulators and services as separate processes …")
-        stack.add("sim-cloudtalk", ["sim", "cloudtalk", "--port", str(ports["ct"]), "--key-id", SECRETS["DEMO_CLOUDTALK_KEY_ID"],
-                                    "--key-secret", SECRETS["DEMO_CLOUDTALK_KEY_SECRET"],
-                                    "--rate-limit", str(self.args.cloudtalk_rate_limit)],
-                  health=f"{urls['ct']}/_sim/settings")
+        stack.add(
+            "sim-cloudtalk",
+            [
+                "sim",
+                "cloudtalk",
+                "--port",
+                str(ports["ct"]),
+                "--key-id",
+                SECRETS["DEMO_CLOUDTALK_KEY_ID"],
+                "--key-secret",
+                SECRETS["DEMO_CLOUDTALK_KEY_SECRET"],
+                "--rate-limit",
+                str(self.args.cloudtalk_rate_limit),
+            ],
+            health=f"{urls['ct']}/_sim/settings",
+        )
         for name in ("support", "sales"):
             key = SECRETS[f"DEMO_{name.upper()}_KUSTOMER_KEY"]
-            stack.add(f"sim-kustomer-{name}", ["sim", "kustomer", "--port", str(ports[f"k_{name}"]), "--api-key", key,
-                                               "--rate-limit", rate, "--org-name", f"acme-{name}",
-                                               "--webhook-allow-http"],
-                      health=f"{urls[f'k_{name}']}/_sim/settings")
+            stack.add(
+                f"sim-kustomer-{name}",
+                [
+                    "sim",
+                    "kustomer",
+                    "--port",
+                    str(ports[f"k_{name}"]),
+                    "--api-key",
+                    key,
+                    "--rate-limit",
+                    rate,
+                    "--org-name",
+                    f"acme-{name}",
+                    "--webhook-allow-http",
+                ],
+                health=f"{urls[f'k_{name}']}/_sim/settings",
+            )
         await stack.wait_ready(timeout=60)
         await self._register_kustomer_webhook(stack, urls)
         stack.add("ingest", ["ingest", "--port", str(ports["ingest"])], health=f"{urls['ingest']}/readyz")
@@ -255,8 +304,19 @@ class Demo:
             window_from = (self.started_at - timedelta(minutes=15)).isoformat()  # calls start before they end
             window_to = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pipeline", "backfill", "calls", "--from", window_from, "--to", window_to,
-                env={**os.environ, **stack.base_env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                sys.executable,
+                "-m",
+                "pipeline",
+                "backfill",
+                "calls",
+                "--from",
+                window_from,
+                "--to",
+                window_to,
+                env={**os.environ, **stack.base_env},
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
             out, _ = await proc.communicate()
             backfilled = orjson.loads(out.decode().strip().splitlines()[-1]) if out else {}
             await self._wait_idle(http, bootstrap, topics, urls, "      ")
@@ -271,9 +331,20 @@ class Demo:
         """What an operator does once per integration: ``pipeline webhooks register``."""
         url = f"{urls['ingest']}/ingest/kustomer/support"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeline", "webhooks", "register", "--integration", "support", "--url", url,
-            "--write-secret-file", env={**os.environ, **stack.base_env},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "pipeline",
+            "webhooks",
+            "register",
+            "--integration",
+            "support",
+            "--url",
+            url,
+            "--write-secret-file",
+            env={**os.environ, **stack.base_env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"pipeline webhooks register failed: {err.decode()[-500:]}")
@@ -284,30 +355,57 @@ class Demo:
         self.known = [f"+4474009{n:05d}" for n in self.rng.sample(range(10_000, 99_999), 60)]
         self.known += [f"+1415555{n:04d}" for n in self.rng.sample(range(1000, 9999), 20)]
         self.unknown = [f"+4474008{n:05d}" for n in self.rng.sample(range(10_000, 99_999), 40)]
-        contacts = [{"name": f"Customer {i:03d}", "ContactNumber": [{"public_number": n}],
-                     "ContactEmail": [{"email": f"customer{i:03d}@example.org"}]}
-                    for i, n in enumerate(self.known)]
-        agents = [{"id": 493933 + i, "firstname": f, "lastname": "Agent", "email": f"{f.lower()}@example.com"}
-                  for i, f in enumerate(("Max", "Eva", "Ola"))]
+        contacts = [
+            {
+                "name": f"Customer {i:03d}",
+                "ContactNumber": [{"public_number": n}],
+                "ContactEmail": [{"email": f"customer{i:03d}@example.org"}],
+            }
+            for i, n in enumerate(self.known)
+        ]
+        agents = [
+            {"id": 493933 + i, "firstname": f, "lastname": "Agent", "email": f"{f.lower()}@example.com"}
+            for i, f in enumerate(("Max", "Eva", "Ola"))
+        ]
         numbers = [{"caller_id_e164": e164, "internal_name": name} for e164, name in LINES.items()]
         ingest = urls["ingest"]
         workflows = [
-            {"trigger": "call.ended", "url": f"{ingest}/ingest/cloudtalk/support/call-ended",
-             "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}},
-            {"trigger": "sms.received", "url": f"{ingest}/ingest/cloudtalk/support/sms",
-             "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}},
-            {"trigger": "sms.sent", "url": f"{ingest}/ingest/cloudtalk/support/sms",
-             "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}},
+            {
+                "trigger": "call.ended",
+                "url": f"{ingest}/ingest/cloudtalk/support/call-ended",
+                "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
+            },
+            {
+                "trigger": "sms.received",
+                "url": f"{ingest}/ingest/cloudtalk/support/sms",
+                "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
+            },
+            {
+                "trigger": "sms.sent",
+                "url": f"{ingest}/ingest/cloudtalk/support/sms",
+                "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
+            },
         ]
         if self.args.contacts_part:
-            workflows += [{"trigger": t, "url": f"{ingest}/ingest/cloudtalk/support/contact",
-                           "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]}}
-                          for t in ("contact.created", "contact.updated", "contact.deleted")]
-        await sim(http, "POST", f"{urls['ct']}/_sim/seed", {"contacts": contacts, "agents": agents, "numbers": numbers,
-                                                      "workflows": workflows})
+            workflows += [
+                {
+                    "trigger": t,
+                    "url": f"{ingest}/ingest/cloudtalk/support/contact",
+                    "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
+                }
+                for t in ("contact.created", "contact.updated", "contact.deleted")
+            ]
+        await sim(
+            http,
+            "POST",
+            f"{urls['ct']}/_sim/seed",
+            {"contacts": contacts, "agents": agents, "numbers": numbers, "workflows": workflows},
+        )
         self.agent_ids = [a["id"] for a in agents]
-        self.say(f"      {len(contacts)} contacts, {len(agents)} agents, {len(numbers)} numbers; "
-                 f"{len(workflows)} workflows → ingest")
+        self.say(
+            f"      {len(contacts)} contacts, {len(agents)} agents, {len(numbers)} numbers; "
+            f"{len(workflows)} workflows → ingest"
+        )
 
     async def _drive_day(self, http: aiohttp.ClientSession, ct: str) -> None:
         n_calls, n_sms = self.args.calls, self.args.sms
@@ -333,16 +431,24 @@ class Demo:
                 self.sent["calls delivered twice"] += times == 2
                 self.sent["calls only the poller finds"] += not deliver
                 self.sent[f"call {direction} {status}{' voicemail' if voicemail else ''}"] += 1
-                spec = {"direction": direction, "status": status, "internal_number": line,
-                        "internal_number_name": LINES[line], "external_number": number,
-                        "is_voicemail": voicemail, "recorded": status == "answered" and self.rng.random() < 0.5,
-                        "agent_id": self.rng.choice(self.agent_ids) if status == "answered" else None,
-                        "waiting_time": self.rng.randint(1, 40),
-                        "talking_time": self.rng.randint(20, 600) if status == "answered" else 0,
-                        "wrapup_time": self.rng.randint(0, 60), "tags": self.rng.sample(["Billing", "Refund", "VIP"], 1),
-                        "notes": ["Asked about the invoice"] if self.rng.random() < 0.3 else [],
-                        "rating": self.rng.randint(1, 5) if self.rng.random() < 0.3 else None,
-                        "deliver": deliver, "deliver_times": times}
+                spec = {
+                    "direction": direction,
+                    "status": status,
+                    "internal_number": line,
+                    "internal_number_name": LINES[line],
+                    "external_number": number,
+                    "is_voicemail": voicemail,
+                    "recorded": status == "answered" and self.rng.random() < 0.5,
+                    "agent_id": self.rng.choice(self.agent_ids) if status == "answered" else None,
+                    "waiting_time": self.rng.randint(1, 40),
+                    "talking_time": self.rng.randint(20, 600) if status == "answered" else 0,
+                    "wrapup_time": self.rng.randint(0, 60),
+                    "tags": self.rng.sample(["Billing", "Refund", "VIP"], 1),
+                    "notes": ["Asked about the invoice"] if self.rng.random() < 0.3 else [],
+                    "rating": self.rng.randint(1, 5) if self.rng.random() < 0.3 else None,
+                    "deliver": deliver,
+                    "deliver_times": times,
+                }
                 call = await sim(http, "POST", f"{ct}/_sim/calls", spec)
                 self.call_ids.append(call.get("call_id") or call.get("id"))
                 self.expect.call(direction, status, voicemail, line, known)
@@ -353,40 +459,71 @@ class Demo:
                 twice = self.rng.random() < 0.05
                 self.sent["sms"] += 1
                 self.sent["sms delivered twice"] += twice
-                await sim(http, "POST", f"{ct}/_sim/sms", {
-                    "direction": direction, "internal_number": sms_line, "external_number": number,
-                    "text": self.rng.choice(["Hi, is my refund processed yet?", "Thanks!", "Call me back please",
-                                             "Your ticket was updated."]),
-                    "agent_id": self.rng.choice(self.agent_ids) if direction == "outgoing" else None,
-                    "deliver_times": 2 if twice else 1})
+                await sim(
+                    http,
+                    "POST",
+                    f"{ct}/_sim/sms",
+                    {
+                        "direction": direction,
+                        "internal_number": sms_line,
+                        "external_number": number,
+                        "text": self.rng.choice(
+                            [
+                                "Hi, is my refund processed yet?",
+                                "Thanks!",
+                                "Call me back please",
+                                "Your ticket was updated.",
+                            ]
+                        ),
+                        "agent_id": self.rng.choice(self.agent_ids) if direction == "outgoing" else None,
+                        "deliver_times": 2 if twice else 1,
+                    },
+                )
                 self.expect.sms()
             if i % 100 == 0 or i == len(events):
                 self.say(f"      {i}/{len(events)} events sent ({i / (time.monotonic() - t0):.0f}/s)")
 
-    async def _wait_idle(self, http: aiohttp.ClientSession, bootstrap: str, topics: Topics, urls: dict[str, str],
-                         label: str, contacts: bool = False, quiet_s: float = 10.0) -> None:
+    async def _wait_idle(
+        self,
+        http: aiohttp.ClientSession,
+        bootstrap: str,
+        topics: Topics,
+        urls: dict[str, str],
+        label: str,
+        contacts: bool = False,
+        quiet_s: float = 10.0,
+    ) -> None:
         self.say(f"{label} waiting until the pipeline is idle …")
-        groups = {f"{self.prefix}process-calls": [topics.raw_calls], f"{self.prefix}process-sms": [topics.raw_sms],
-                  f"{self.prefix}sink-kustomer": [topics.kustomer_commands]}
+        groups = {
+            f"{self.prefix}process-calls": [topics.raw_calls],
+            f"{self.prefix}process-sms": [topics.raw_sms],
+            f"{self.prefix}sink-kustomer": [topics.kustomer_commands],
+        }
         if contacts:
-            groups |= {f"{self.prefix}process-contacts-import": [topics.raw_customers],
-                       f"{self.prefix}process-contacts-export": [topics.raw_contacts],
-                       f"{self.prefix}sink-cloudtalk": [topics.cloudtalk_commands]}
+            groups |= {
+                f"{self.prefix}process-contacts-import": [topics.raw_customers],
+                f"{self.prefix}process-contacts-export": [topics.raw_contacts],
+                f"{self.prefix}sink-cloudtalk": [topics.cloudtalk_commands],
+            }
         deadline = time.monotonic() + self.args.idle_timeout
         quiet_since = None
         last = None
         while time.monotonic() < deadline:
             lag = {g: sum((await group_lag(bootstrap, g, t)).values()) for g, t in groups.items()}
             pending = 0
-            for url in (f"{urls['ct']}/_sim/deliveries?status=pending",
-                        f"{urls['k_support']}/_sim/deliveries?status=pending"):
+            for url in (
+                f"{urls['ct']}/_sim/deliveries?status=pending",
+                f"{urls['k_support']}/_sim/deliveries?status=pending",
+            ):
                 state = await sim(http, "GET", url)
                 pending += len(state.get("deliveries", [])) if isinstance(state, dict) else 0
             convs = await self._conversation_counts(http, urls)
             snapshot = (tuple(lag.values()), pending, tuple(convs.values()))
             busy = any(lag.values()) or pending
-            self.say(f"      lag {', '.join(f'{g.removeprefix(self.prefix)}={v}' for g, v in lag.items())}; "
-                     f"webhooks pending {pending}; conversations {dict(convs)}")
+            self.say(
+                f"      lag {', '.join(f'{g.removeprefix(self.prefix)}={v}' for g, v in lag.items())}; "
+                f"webhooks pending {pending}; conversations {dict(convs)}"
+            )
             if not busy and snapshot == last:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= quiet_s:  # two poller periods without change
@@ -408,24 +545,34 @@ class Demo:
         writes = {}
         for name in ("support", "sales"):
             log = await sim(http, "GET", f"{urls[f'k_{name}']}/_sim/requests")
-            writes[name] = sum(1 for r in log.get("requests", []) if r["method"] in ("POST", "PUT", "PATCH")
-                               and r.get("effect"))
+            writes[name] = sum(
+                1 for r in log.get("requests", []) if r["method"] in ("POST", "PUT", "PATCH") and r.get("effect")
+            )
         return writes
 
-    async def _summary(self, http: aiohttp.ClientSession, bootstrap: str, topics: Topics, urls: dict[str, str],
-                       backfilled: dict[str, Any], writes_before: dict[str, int], writes_after: dict[str, int]) -> int:
+    async def _summary(
+        self,
+        http: aiohttp.ClientSession,
+        bootstrap: str,
+        topics: Topics,
+        urls: dict[str, str],
+        backfilled: dict[str, Any],
+        writes_before: dict[str, int],
+        writes_after: dict[str, int],
+    ) -> int:
         raw_calls = await read_topic(bootstrap, topics.raw_calls)
         raw_sms = await read_topic(bootstrap, topics.raw_sms)
         audit = await read_topic(bootstrap, topics.audit)
         dead = await read_topic(bootstrap, topics.deadletter)
         via = Counter(orjson.loads(r.value)["via"] for r in raw_calls)
-        decisions: dict[tuple[str, str], str] = {}   # (event, integration) -> emitted | dropped:<rule>
+        decisions: dict[tuple[str, str], str] = {}  # (event, integration) -> emitted | dropped:<rule>
         for r in audit:
             a = orjson.loads(r.value)
             if a["stage"].startswith("process-"):
                 for d in a["decisions"]:
                     decisions[(a["event_id"], d["integration"])] = (
-                        "emitted" if d["decision"] == "emitted" else f"dropped:{d['rule']}")
+                        "emitted" if d["decision"] == "emitted" else f"dropped:{d['rule']}"
+                    )
         got_dropped: dict[str, Counter] = defaultdict(Counter)
         got_emitted = Counter()
         for (_event, integration), d in decisions.items():
@@ -469,12 +616,18 @@ class Demo:
 
         self.say("[6/9] summary of calls and SMS")
         self.say("  sent by the CloudTalk simulator: " + ", ".join(f"{k} {v}" for k, v in self.sent.items()))
-        self.say(f"  raw events stored: calls {len(raw_calls)} ({', '.join(f'{k} {v}' for k, v in sorted(via.items()))}),"
-                 f" SMS {len(raw_sms)}")
-        self.say(f"  distinct calls stored: {len({orjson.loads(r.value)['id'] for r in raw_calls})} of "
-                 f"{self.sent['calls']} sent")
-        self.say(f"  backfill replay of the window: {backfilled.get('published', 0)} calls republished, "
-                 f"Kustomer writes caused: {sum(new_writes.values())}")
+        self.say(
+            f"  raw events stored: calls {len(raw_calls)} ({', '.join(f'{k} {v}' for k, v in sorted(via.items()))}),"
+            f" SMS {len(raw_sms)}"
+        )
+        self.say(
+            f"  distinct calls stored: {len({orjson.loads(r.value)['id'] for r in raw_calls})} of "
+            f"{self.sent['calls']} sent"
+        )
+        self.say(
+            f"  backfill replay of the window: {backfilled.get('published', 0)} calls republished, "
+            f"Kustomer writes caused: {sum(new_writes.values())}"
+        )
         self.say(f"  dead letters: {len(dead)}")
         width = max(len(r[1]) for r in checks.rows) + 2
         self.say(f"  {'':{width}}{'integration':12}{'count':>7}  check")
@@ -500,21 +653,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calls", type=int, default=420, help="calls in the scripted day (default 420)")
     p.add_argument("--sms", type=int, default=140, help="SMS in the scripted day (default 140)")
     p.add_argument("--seed", type=int, default=20261123, help="random seed of the scripted day")
-    p.add_argument("--kustomer-rate-limit", type=int, default=2000,
-                   help="Kustomer org budget per minute in the simulators (default 2000, the Ultimate plan)")
+    p.add_argument(
+        "--kustomer-rate-limit",
+        type=int,
+        default=2000,
+        help="Kustomer org budget per minute in the simulators (default 2000, the Ultimate plan)",
+    )
     p.add_argument("--customers", type=int, default=1000, help="Kustomer customers seeded for the contacts part")
     p.add_argument("--contacts", type=int, default=300, help="CloudTalk contacts seeded for the contacts part")
-    p.add_argument("--cloudtalk-rate-limit", type=int, default=3000,
-                   help="CloudTalk requests per minute in the simulator and the pipeline (default 3000; the real "
-                        "API allows 60, at which the initial import of 1,000 customers takes about an hour)")
-    p.add_argument("--no-contacts", dest="contacts_part", action="store_false",
-                   help="only the calls and SMS part")
+    p.add_argument(
+        "--cloudtalk-rate-limit",
+        type=int,
+        default=3000,
+        help="CloudTalk requests per minute in the simulator and the pipeline (default 3000; the real "
+        "API allows 60, at which the initial import of 1,000 customers takes about an hour)",
+    )
+    p.add_argument("--no-contacts", dest="contacts_part", action="store_false", help="only the calls and SMS part")
     p.add_argument("--idle-timeout", type=float, default=600.0)
     p.add_argument("--workdir", default=".run/demo", help="config and logs of each run (default .run/demo)")
     p.add_argument("--keep-running", action="store_true", help="leave the services running at the end")
-    p.add_argument("--stop-broker", action="store_true",
-                   help="stop the local broker at the end even when it was already running "
-                        "(one the demo started is always stopped, unless --keep-running)")
+    p.add_argument(
+        "--stop-broker",
+        action="store_true",
+        help="stop the local broker at the end even when it was already running "
+        "(one the demo started is always stopped, unless --keep-running)",
+    )
     p.set_defaults(func=run)
 
 

@@ -35,16 +35,66 @@ from pipeline.kafka.reading import read_topic
 # CloudTalk agents of the demo (the calls part seeds them); Kustomer users with these e-mails
 # become favorite agents, the others stay empty
 AGENT_EMAILS = ("max@example.com", "eva@example.com", "ola@example.com")
-FIRST = ("Jana", "Peter", "Lucia", "Martin", "Zuzana", "Tomas", "Eva", "Michal", "Katarina", "Juraj", "Anna",
-         "Lukas", "Monika", "Marek", "Petra", "Filip", "Ivana", "Robert", "Simona", "David")
-LAST = ("Novak", "Kovac", "Horvath", "Varga", "Toth", "Nagy", "Baranek", "Molnar", "Balaz", "Szabo", "Kral",
-        "Hudak", "Urban", "Polak", "Sokol", "Kollar", "Bartos", "Lukac", "Gajdos", "Blaho")
-COMPANIES = ("Acme s.r.o.", "Tatra Logistics a.s.", "Danube Foods", "Carpathia Travel", "Nordic Parts GmbH",
-             "Blue Harbor Ltd", "Orava Energy", "Vltava Media")
-CITIES = (("Bratislava", "81101", "Bratislavský kraj", "SK", "Slovakia"),
-          ("Košice", "04001", "Košický kraj", "SK", "Slovakia"),
-          ("Brno", "60200", "Jihomoravský kraj", "CZ", "Czechia"),
-          ("Berlin", "10115", "Berlin", "DE", "Germany"))
+FIRST = (
+    "Jana",
+    "Peter",
+    "Lucia",
+    "Martin",
+    "Zuzana",
+    "Tomas",
+    "Eva",
+    "Michal",
+    "Katarina",
+    "Juraj",
+    "Anna",
+    "Lukas",
+    "Monika",
+    "Marek",
+    "Petra",
+    "Filip",
+    "Ivana",
+    "Robert",
+    "Simona",
+    "David",
+)
+LAST = (
+    "Novak",
+    "Kovac",
+    "Horvath",
+    "Varga",
+    "Toth",
+    "Nagy",
+    "Baranek",
+    "Molnar",
+    "Balaz",
+    "Szabo",
+    "Kral",
+    "Hudak",
+    "Urban",
+    "Polak",
+    "Sokol",
+    "Kollar",
+    "Bartos",
+    "Lukac",
+    "Gajdos",
+    "Blaho",
+)
+COMPANIES = (
+    "Acme s.r.o.",
+    "Tatra Logistics a.s.",
+    "Danube Foods",
+    "Carpathia Travel",
+    "Nordic Parts GmbH",
+    "Blue Harbor Ltd",
+    "Orava Energy",
+    "Vltava Media",
+)
+CITIES = (
+    ("Bratislava", "81101", "Bratislavský kraj", "SK", "Slovakia"),
+    ("Košice", "04001", "Košický kraj", "SK", "Slovakia"),
+    ("Brno", "60200", "Jihomoravský kraj", "CZ", "Czechia"),
+    ("Berlin", "10115", "Berlin", "DE", "Germany"),
+)
 
 
 def e164(raw: str) -> str | None:
@@ -68,8 +118,17 @@ def name_key(name: str) -> str:
 class Numbers:
     """Distinct valid mobile numbers (SK, CZ, DE, FR) that no other part of the demo uses."""
 
-    PREFIXES = (("+421905", 13), ("+421911", 13), ("+421944", 13), ("+420602", 13), ("+420731", 13),
-                ("+4915112", 14), ("+4917623", 14), ("+33612", 12), ("+33698", 12))
+    PREFIXES = (
+        ("+421905", 13),
+        ("+421911", 13),
+        ("+421944", 13),
+        ("+420602", 13),
+        ("+420731", 13),
+        ("+4915112", 14),
+        ("+4917623", 14),
+        ("+33612", 12),
+        ("+33698", 12),
+    )
 
     def __init__(self, rng: Random) -> None:
         self.rng, self.used = rng, set()
@@ -98,17 +157,17 @@ def notation(number: str, style: int) -> str:
 class ContactsModel:
     """The seeded data and what the documented rules say must happen to it."""
 
-    customers: list[dict[str, Any]] = field(default_factory=list)       # Kustomer seed
+    customers: list[dict[str, Any]] = field(default_factory=list)  # Kustomer seed
     companies: list[dict[str, Any]] = field(default_factory=list)
     users: list[dict[str, Any]] = field(default_factory=list)
-    contacts: list[dict[str, Any]] = field(default_factory=list)        # CloudTalk seed (add bodies)
-    kind: dict[str, str] = field(default_factory=dict)                  # customer id -> category
-    contact_kind: list[str] = field(default_factory=list)               # per seeded contact
-    groups: list[list[str]] = field(default_factory=list)               # customer ids that become one contact
+    contacts: list[dict[str, Any]] = field(default_factory=list)  # CloudTalk seed (add bodies)
+    kind: dict[str, str] = field(default_factory=dict)  # customer id -> category
+    contact_kind: list[str] = field(default_factory=list)  # per seeded contact
+    groups: list[list[str]] = field(default_factory=list)  # customer ids that become one contact
     import_expect: Counter = field(default_factory=Counter)
     export_expect: Counter = field(default_factory=Counter)
     fields_expect: Counter = field(default_factory=Counter)
-    never_copied: set[str] = field(default_factory=set)                 # shared / WhatsApp values
+    never_copied: set[str] = field(default_factory=set)  # shared / WhatsApp values
 
     @classmethod
     def build(cls, rng: Random, n_customers: int, n_contacts: int) -> ContactsModel:
@@ -130,21 +189,31 @@ class ContactsModel:
                     return n
 
         def when() -> str:  # ascending updatedAt over the last 30 days
-            return (now - timedelta(days=30) + timedelta(minutes=next(seq))).isoformat(timespec="milliseconds") \
+            return (
+                (now - timedelta(days=30) + timedelta(minutes=next(seq)))
+                .isoformat(timespec="milliseconds")
                 .replace("+00:00", "Z")
+            )
 
         m.companies = [{"id": new_id(), "name": c} for c in COMPANIES]
         matched = [{"id": new_id(), "name": e.split("@")[0].title(), "email": e} for e in AGENT_EMAILS]
         unmatched = [{"id": new_id(), "name": "Temp Agent", "email": "temp.agent@acme.example"}]
         m.users = matched + unmatched
 
-        def customer(kind: str, *, name: str | None = None, phones: list[str] | None = None,
-                     **attrs: Any) -> dict[str, Any]:
+        def customer(
+            kind: str, *, name: str | None = None, phones: list[str] | None = None, **attrs: Any
+        ) -> dict[str, Any]:
             cid = new_id()
             name = name or new_name()
-            c = {"id": cid, "name": name, "updatedAt": when(), "createdBy": unmatched[0]["id"],
-                 "emails": [{"type": "work", "email": f"{name_key(name).replace(' ', '.')}.{cid[-4:]}@mail.example"}],
-                 **({"phones": [{"type": "mobile", "phone": p} for p in phones]} if phones else {}), **attrs}
+            c = {
+                "id": cid,
+                "name": name,
+                "updatedAt": when(),
+                "createdBy": unmatched[0]["id"],
+                "emails": [{"type": "work", "email": f"{name_key(name).replace(' ', '.')}.{cid[-4:]}@mail.example"}],
+                **({"phones": [{"type": "mobile", "phone": p} for p in phones]} if phones else {}),
+                **attrs,
+            }
             m.customers.append(c)
             m.kind[cid] = kind
             return c
@@ -187,8 +256,7 @@ class ContactsModel:
         for i in range(frac(0.05, n_customers)):  # the same name (spacing and case may differ)
             name = new_name()
             a = customer("same_name", name=name, phones=[nums.new()])
-            b = customer("same_name", name=name.upper() if i % 3 == 0 else name.replace(" ", "  "),
-                         phones=[nums.new()])
+            b = customer("same_name", name=name.upper() if i % 3 == 0 else name.replace(" ", "  "), phones=[nums.new()])
             m.groups.append([a["id"], b["id"]])
         for p in ct_phone:
             c = customer("existing_contact_phone", phones=[notation(p, 2)])
@@ -205,10 +273,19 @@ class ContactsModel:
                 m.fields_expect["company"] += 1
             if i % 3 == 1:
                 city, zip_code, region, code, country = CITIES[i % len(CITIES)]
-                attrs["locations"] = [{"type": "home", "address": "Home street 1"},
-                                      {"type": "work", "address1": f"Main street {i}", "address2": "2nd floor",
-                                       "cityName": city, "zipCode": zip_code, "regionName": region,
-                                       "countryCode": code, "countryName": country}]
+                attrs["locations"] = [
+                    {"type": "home", "address": "Home street 1"},
+                    {
+                        "type": "work",
+                        "address1": f"Main street {i}",
+                        "address2": "2nd floor",
+                        "cityName": city,
+                        "zipCode": zip_code,
+                        "regionName": region,
+                        "countryCode": code,
+                        "countryName": country,
+                    },
+                ]
                 m.fields_expect["work address"] += 1
                 m.fields_expect["country"] += 1
             if i % 5 == 0:
@@ -230,8 +307,9 @@ class ContactsModel:
 
         # --- the rest of the CloudTalk contacts --------------------------------------------------
         for e in email_collisions:
-            m.contacts.append({"name": new_name(), "ContactNumber": [{"public_number": nums.new()}],
-                               "ContactEmail": [{"email": e}]})
+            m.contacts.append(
+                {"name": new_name(), "ContactNumber": [{"public_number": nums.new()}], "ContactEmail": [{"email": e}]}
+            )
             m.contact_kind.append("email_collides")
         bad = ("+4412345678", "+15550100123", "+4420123")
         for i in range(frac(0.05, n_contacts)):
@@ -239,8 +317,13 @@ class ContactsModel:
             m.contact_kind.append("invalid_phone")
         while len(m.contacts) < n_contacts:
             i = len(m.contacts)
-            m.contacts.append({"name": new_name(), "ContactNumber": [{"public_number": nums.new()}],
-                               "ContactEmail": [{"email": f"ct.contact{i}@mail.example"}]})
+            m.contacts.append(
+                {
+                    "name": new_name(),
+                    "ContactNumber": [{"public_number": nums.new()}],
+                    "ContactEmail": [{"email": f"ct.contact{i}@mail.example"}],
+                }
+            )
             m.contact_kind.append("clean")
 
         # --- what the rules say -----------------------------------------------------------------
@@ -249,14 +332,18 @@ class ContactsModel:
         m.import_expect["skipped: no_valid_phone"] = k["invalid_phone"]
         new_groups = [g for g in m.groups if "ct" not in g]
         m.import_expect["created"] = len(new_groups)
-        m.import_expect["merged"] = sum(len(g) for g in m.groups if "ct" in g) - len([g for g in m.groups if "ct" in g]) \
+        m.import_expect["merged"] = (
+            sum(len(g) for g in m.groups if "ct" in g)
+            - len([g for g in m.groups if "ct" in g])
             + sum(len(g) - 1 for g in new_groups)
+        )
         ck = Counter(m.contact_kind)
         m.export_expect["exported"] = ck["clean"]
         m.export_expect["skipped: email_exists"] = ck["email_collides"]
         m.export_expect["skipped: invalid_phone"] = ck["invalid_phone"]
-        m.export_expect["skipped: imported_from_kustomer"] = ck["phone_collides"] + ck["name_collides"] \
-            + m.import_expect["created"]
+        m.export_expect["skipped: imported_from_kustomer"] = (
+            ck["phone_collides"] + ck["name_collides"] + m.import_expect["created"]
+        )
         return m
 
     def newest_name(self, group: list[str]) -> str:
@@ -272,8 +359,16 @@ def contact_numbers(contact: dict[str, Any]) -> set[str]:
     return {n if str(n).startswith("+") else f"+{n}" for n in contact.get("contact_numbers") or []}
 
 
-async def entity_outcomes(bootstrap: str, raw_topic: str, audit_topic: str, integration: str,
-                          entity: Any, process_stage: str, sink_stage: str, via: str = "poll") -> dict[str, str]:
+async def entity_outcomes(
+    bootstrap: str,
+    raw_topic: str,
+    audit_topic: str,
+    integration: str,
+    entity: Any,
+    process_stage: str,
+    sink_stage: str,
+    via: str = "poll",
+) -> dict[str, str]:
     """Entity id -> the outcome of its ``via`` event: ``dropped: rule`` at the processor or the
     sink's outcome (``created``, ``merged``, ``skipped: phone_exists`` …), from the audit trail."""
     events: dict[str, str] = {}
@@ -316,27 +411,48 @@ class Checks:
             self.problems.append(f"{section} {label}: {got}, expected {want}")
 
 
-def import_and_export_checks(model: ContactsModel, imports: dict[str, str], exports: dict[str, str],
-                             calls_day_expect: Counter, calls_day_ids: set[str], ct_state: dict[str, Any],
-                             k_customers: list[dict[str, Any]], own_created: int, link_prefix: str,
-                             tag: str) -> Checks:
+def import_and_export_checks(
+    model: ContactsModel,
+    imports: dict[str, str],
+    exports: dict[str, str],
+    calls_day_expect: Counter,
+    calls_day_ids: set[str],
+    ct_state: dict[str, Any],
+    k_customers: list[dict[str, Any]],
+    own_created: int,
+    link_prefix: str,
+    tag: str,
+) -> Checks:
     checks = Checks()
     seeded = set(model.kind)
     got_import = Counter("merged" if v in ("merged", "updated") else v for k, v in imports.items() if k in seeded)
     for label in sorted(set(model.import_expect) | set(got_import)):
-        checks.check("import (Kustomer → CloudTalk), per seeded customer", label, got_import[label],
-                     model.import_expect[label])
+        checks.check(
+            "import (Kustomer → CloudTalk), per seeded customer", label, got_import[label], model.import_expect[label]
+        )
     own = Counter(v for k, v in imports.items() if k not in seeded)
-    checks.check("import (Kustomer → CloudTalk), per seeded customer",
-                 "customers the calls flow created: skipped: own_write", own["skipped: own_write"], own_created)
+    checks.check(
+        "import (Kustomer → CloudTalk), per seeded customer",
+        "customers the calls flow created: skipped: own_write",
+        own["skipped: own_write"],
+        own_created,
+    )
 
     contacts = [c["Contact"] | {"links": [u["url"] for u in c.get("ExternalUrl") or []]} for c in ct_state["contacts"]]
     linked = [c for c in contacts if any(u.startswith(link_prefix) for u in c["links"])]
     section = "CloudTalk contacts after the import"
-    checks.check(section, "contacts linked to a Kustomer customer", len(linked),
-                 model.import_expect["created"] + sum(1 for g in model.groups if "ct" in g))
-    checks.check(section, "linked contacts without the contact tag",
-                 sum(1 for c in linked if tag not in {t.get("name") for t in c.get("tags") or []}), 0)
+    checks.check(
+        section,
+        "contacts linked to a Kustomer customer",
+        len(linked),
+        model.import_expect["created"] + sum(1 for g in model.groups if "ct" in g),
+    )
+    checks.check(
+        section,
+        "linked contacts without the contact tag",
+        sum(1 for c in linked if tag not in {t.get("name") for t in c.get("tags") or []}),
+        0,
+    )
     by_number: dict[str, list[str]] = defaultdict(list)
     for c in contacts:
         for n in contact_numbers(c):
@@ -345,9 +461,14 @@ def import_and_export_checks(model: ContactsModel, imports: dict[str, str], expo
     missing = split = 0
     merged_right = merged_total = 0
     for group in model.groups:
-        ids = {cid for cust in group if cust != "ct"
-               for p in customers[cust].get("phones") or [] if (n := e164(p["phone"]))
-               for cid in by_number.get(n, [])}
+        ids = {
+            cid
+            for cust in group
+            if cust != "ct"
+            for p in customers[cust].get("phones") or []
+            if (n := e164(p["phone"]))
+            for cid in by_number.get(n, [])
+        }
         numbers = [e164(p["phone"]) for cust in group if cust != "ct" for p in customers[cust].get("phones") or []]
         missing += sum(1 for n in numbers if n and not by_number.get(n))
         split += len(ids) > 1
@@ -358,27 +479,46 @@ def import_and_export_checks(model: ContactsModel, imports: dict[str, str], expo
     checks.check(section, "customer numbers missing in CloudTalk", missing, 0)
     checks.check(section, "customer groups split over several contacts", split, 0)
     checks.check(section, "merged pairs named after the newest customer", merged_right, merged_total)
-    copied = sum(1 for c in contacts for v in (contact_numbers(c) | set(c.get("contact_emails") or []))
-                 if v in model.never_copied)
+    copied = sum(
+        1
+        for c in contacts
+        for v in (contact_numbers(c) | set(c.get("contact_emails") or []))
+        if v in model.never_copied
+    )
     checks.check(section, "shared / WhatsApp values copied", copied, 0)
-    for key, expected in (("company", "company"), ("website", "website"), ("address", "work address"),
-                          ("country_id", "country"), ("favorite_agent", "favorite agent")):
-        checks.check(section, f"linked contacts with a {expected}", sum(1 for c in linked if c.get(key)),
-                     model.fields_expect[expected])
+    for key, expected in (
+        ("company", "company"),
+        ("website", "website"),
+        ("address", "work address"),
+        ("country_id", "country"),
+        ("favorite_agent", "favorite agent"),
+    ):
+        checks.check(
+            section,
+            f"linked contacts with a {expected}",
+            sum(1 for c in linked if c.get(key)),
+            model.fields_expect[expected],
+        )
 
     seeded_ct = {str(c["id"]) for c in contacts} - calls_day_ids
-    got_export = Counter("exported" if v in ("created", "reconciled") else v for k, v in exports.items()
-                         if k in seeded_ct)
+    got_export = Counter(
+        "exported" if v in ("created", "reconciled") else v for k, v in exports.items() if k in seeded_ct
+    )
     section = "export (CloudTalk → Kustomer), per contact"
     for label in sorted(set(model.export_expect) | set(got_export)):
         checks.check(section, label, got_export[label], model.export_expect[label])
-    got_calls_day = Counter("exported" if v in ("created", "reconciled") else v for k, v in exports.items()
-                            if k in calls_day_ids)
+    got_calls_day = Counter(
+        "exported" if v in ("created", "reconciled") else v for k, v in exports.items() if k in calls_day_ids
+    )
     for label in sorted(set(calls_day_expect) | set(got_calls_day)):
         checks.check(section, f"contacts of the calls part: {label}", got_calls_day[label], calls_day_expect[label])
     ext = Counter(attr(c, "externalId") for c in k_customers if str(attr(c, "externalId") or "").isdigit())
-    checks.check(section, "Kustomer customers with a CloudTalk contact id", len(ext),
-                 model.export_expect["exported"] + calls_day_expect["exported"])
+    checks.check(
+        section,
+        "Kustomer customers with a CloudTalk contact id",
+        len(ext),
+        model.export_expect["exported"] + calls_day_expect["exported"],
+    )
     checks.check(section, "duplicate customers (same externalId)", sum(n - 1 for n in ext.values() if n > 1), 0)
     return checks
 
@@ -408,6 +548,7 @@ def since(t0: float) -> str:
 # --------------------------------------------------------------------------------------------
 # The phases, driven from ``python -m devkit demo``
 # --------------------------------------------------------------------------------------------
+
 
 async def sim(http: Any, method: str, url: str, body: Any = None) -> Any:
     data = orjson.dumps(body) if body is not None else None
@@ -457,18 +598,30 @@ class ContactsPart:
         calls_day = ct_before["contacts"]
         calls_day_ids = {str(c["Contact"]["id"]) for c in calls_day}
         k_before = (await sim(self.http, "GET", f"{self.k}/_sim/state"))["customers"]
-        calls_day_bodies = [{"ContactNumber": [{"public_number": n} for n in sorted(contact_numbers(c["Contact"]))],
-                             "ContactEmail": [{"email": e} for e in c["Contact"].get("contact_emails") or []]}
-                            for c in calls_day]
+        calls_day_bodies = [
+            {
+                "ContactNumber": [{"public_number": n} for n in sorted(contact_numbers(c["Contact"]))],
+                "ContactEmail": [{"email": e} for e in c["Contact"].get("contact_emails") or []],
+            }
+            for c in calls_day
+        ]
 
-        self.say(f"[7/9] contacts: seeding Kustomer (support org) with {len(model.customers)} customers and "
-                 f"CloudTalk with {len(model.contacts)} more contacts …")
+        self.say(
+            f"[7/9] contacts: seeding Kustomer (support org) with {len(model.customers)} customers and "
+            f"CloudTalk with {len(model.contacts)} more contacts …"
+        )
         kinds = Counter(model.kind.values())
         self.say("      customers: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(kinds.items())))
-        self.say("      contacts: " + ", ".join(f"{k.replace('_', ' ')} {v}"
-                                                for k, v in sorted(Counter(model.contact_kind).items())))
-        await sim(self.http, "POST", f"{self.k}/_sim/seed",
-                  {"users": model.users, "companies": model.companies, "customers": model.customers})
+        self.say(
+            "      contacts: "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(Counter(model.contact_kind).items()))
+        )
+        await sim(
+            self.http,
+            "POST",
+            f"{self.k}/_sim/seed",
+            {"users": model.users, "companies": model.companies, "customers": model.customers},
+        )
         await sim(self.http, "POST", f"{self.ct}/_sim/seed", {"contacts": model.contacts})
         t0 = time.monotonic()
         self.say("      initial import: `pipeline poll customers` starts (support has no cursor yet) …")
@@ -488,18 +641,41 @@ class ContactsPart:
         await self.idle("      ")
         self.say(f"      export finished in {since(t0)}")
 
-        imports = await entity_outcomes(self.bootstrap, self.topics.raw_customers, self.topics.audit, "support",
-                                        lambda p: p["data"]["id"], "process-contacts-import", "sink-cloudtalk",
-                                        via="import")
-        exports = await entity_outcomes(self.bootstrap, self.topics.raw_contacts, self.topics.audit, "support",
-                                        lambda p: p["contact_id"], "process-contacts-export", "sink-kustomer",
-                                        via="import")
+        imports = await entity_outcomes(
+            self.bootstrap,
+            self.topics.raw_customers,
+            self.topics.audit,
+            "support",
+            lambda p: p["data"]["id"],
+            "process-contacts-import",
+            "sink-cloudtalk",
+            via="import",
+        )
+        exports = await entity_outcomes(
+            self.bootstrap,
+            self.topics.raw_contacts,
+            self.topics.audit,
+            "support",
+            lambda p: p["contact_id"],
+            "process-contacts-export",
+            "sink-kustomer",
+            via="import",
+        )
         ct_state = await sim(self.http, "GET", f"{self.ct}/_sim/state")
         k_customers = (await sim(self.http, "GET", f"{self.k}/_sim/state"))["customers"]
         link_prefix = "https://acme.kustomerapp.com/app/customers/"
-        checks = import_and_export_checks(model, imports, exports, calls_day_export_model(calls_day_bodies, k_before),
-                                          calls_day_ids, ct_state, k_customers, len(k_before), link_prefix,
-                                          "kustomer-support")
+        checks = import_and_export_checks(
+            model,
+            imports,
+            exports,
+            calls_day_export_model(calls_day_bodies, k_before),
+            calls_day_ids,
+            ct_state,
+            k_customers,
+            len(k_before),
+            link_prefix,
+            "kustomer-support",
+        )
         live = await self.live_edits(model, ct_state, k_customers, link_prefix, checks)
         return self.print_summary(checks, live)
 
@@ -507,9 +683,16 @@ class ContactsPart:
     async def writes(self) -> tuple[int, int]:
         ct = await sim(self.http, "GET", f"{self.ct}/_sim/requests")
         k = await sim(self.http, "GET", f"{self.k}/_sim/requests")
+
         def api_writes(log: dict[str, Any]) -> int:
-            return sum(1 for r in log.get("requests", []) if r.get("effect") and not r["path"].startswith("/_sim/")
-                       and not str(r["effect"]).startswith("webhook."))
+            return sum(
+                1
+                for r in log.get("requests", [])
+                if r.get("effect")
+                and not r["path"].startswith("/_sim/")
+                and not str(r["effect"]).startswith("webhook.")
+            )
+
         n_ct, n_k = api_writes(ct), api_writes(k)
         return n_ct, n_k
 
@@ -522,8 +705,14 @@ class ContactsPart:
             await asyncio.sleep(0.2)
         return f"NOT ARRIVED within {timeout:.0f}s"
 
-    async def live_edits(self, model: ContactsModel, ct_state: dict[str, Any], k_customers: list[dict[str, Any]],
-                         link_prefix: str, checks: Checks) -> list[tuple[str, str]]:
+    async def live_edits(
+        self,
+        model: ContactsModel,
+        ct_state: dict[str, Any],
+        k_customers: list[dict[str, Any]],
+        link_prefix: str,
+        checks: Checks,
+    ) -> list[tuple[str, str]]:
         self.say("      live edits by people on both sides …")
         await sim(self.http, "DELETE", f"{self.ct}/_sim/requests")
         await sim(self.http, "DELETE", f"{self.k}/_sim/requests")
@@ -539,14 +728,26 @@ class ContactsPart:
         # 1. an agent adds a number to a Kustomer customer → the CloudTalk contact gets it
         phones = [*single["phones"], {"type": "work", "phone": new_number}]
         await sim(self.http, "POST", f"{self.k}/_sim/customers/{single['id']}/edit", {"attributes": {"phones": phones}})
-        rows.append(("Kustomer: an agent adds a number to a customer → CloudTalk contact has it",
-                     await self.wait(lambda: ct_contact_with(new_number))))
+        rows.append(
+            (
+                "Kustomer: an agent adds a number to a customer → CloudTalk contact has it",
+                await self.wait(lambda: ct_contact_with(new_number)),
+            )
+        )
         # 2. an agent creates a Kustomer customer → a new CloudTalk contact
         fresh = nums.new()
-        await sim(self.http, "POST", f"{self.k}/_sim/customers",
-                  {"attributes": {"name": "Walk-in Customer", "phones": [{"type": "mobile", "phone": fresh}]}})
-        rows.append(("Kustomer: an agent creates a customer → new CloudTalk contact",
-                     await self.wait(lambda: ct_contact_with(fresh))))
+        await sim(
+            self.http,
+            "POST",
+            f"{self.k}/_sim/customers",
+            {"attributes": {"name": "Walk-in Customer", "phones": [{"type": "mobile", "phone": fresh}]}},
+        )
+        rows.append(
+            (
+                "Kustomer: an agent creates a customer → new CloudTalk contact",
+                await self.wait(lambda: ct_contact_with(fresh)),
+            )
+        )
         # 3. an agent renames an exported CloudTalk contact → the Kustomer customer follows
         exported = next(c for c in k_customers if str(attr(c, "externalId") or "").isdigit())
         contact_id = attr(exported, "externalId")
@@ -554,18 +755,26 @@ class ContactsPart:
 
         async def renamed() -> bool:
             state = await sim(self.http, "GET", f"{self.k}/_sim/state")
-            return any(c["id"] == exported["id"] and attr(c, "name") == "Renamed In CloudTalk"
-                       for c in state["customers"])
-        rows.append(("CloudTalk: an agent renames an exported contact → Kustomer customer renamed",
-                     await self.wait(renamed)))
+            return any(
+                c["id"] == exported["id"] and attr(c, "name") == "Renamed In CloudTalk" for c in state["customers"]
+            )
+
+        rows.append(
+            ("CloudTalk: an agent renames an exported contact → Kustomer customer renamed", await self.wait(renamed))
+        )
         # 4. an agent creates a CloudTalk contact → a new Kustomer customer
         other = nums.new()
-        await sim(self.http, "POST", f"{self.ct}/_sim/contacts",
-                  {"name": "New Lead", "ContactNumber": [{"public_number": other}]})
+        await sim(
+            self.http,
+            "POST",
+            f"{self.ct}/_sim/contacts",
+            {"name": "New Lead", "ContactNumber": [{"public_number": other}]},
+        )
 
         async def created() -> bool:
             state = await sim(self.http, "GET", f"{self.k}/_sim/state")
             return any(e164(p["phone"]) == other for c in state["customers"] for p in attr(c, "phones") or [])
+
         rows.append(("CloudTalk: an agent creates a contact → new Kustomer customer", await self.wait(created)))
         await self.idle("      ")
         n_ct, n_k = await self.writes()
@@ -574,8 +783,12 @@ class ContactsPart:
         for label, verdict in rows:
             self.say(f"      {label}: {verdict}")
             source, action = label.split(" → ")[0].split(": ", 1)
-            checks.check("live edits (no ping-pong)", f"arrived in the other system: {source} {action.removeprefix('an agent ')}",
-                         int(verdict.startswith("arrived")), 1)
+            checks.check(
+                "live edits (no ping-pong)",
+                f"arrived in the other system: {source} {action.removeprefix('an agent ')}",
+                int(verdict.startswith("arrived")),
+                1,
+            )
         return rows
 
     def print_summary(self, checks: Checks, live: list[tuple[str, str]]) -> int:
@@ -590,7 +803,8 @@ class ContactsPart:
         if checks.problems:
             self.say("  RESULT (contacts): MISMATCH\n    - " + "\n    - ".join(checks.problems))
             return 1
-        self.say("  RESULT (contacts): OK — imported, merged, exported and skipped exactly as the rules say; "
-                 "live edits arrived once, nothing echoed back")
+        self.say(
+            "  RESULT (contacts): OK — imported, merged, exported and skipped exactly as the rules say; "
+            "live edits arrived once, nothing echoed back"
+        )
         return 0
-

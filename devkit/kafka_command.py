@@ -1,4 +1,4 @@
-"""``python -m devkit kafka up|down|status``: the local single-node broker (see devkit.localkafka)."""
+"""``python -m devkit kafka up|down|status|fetch``: the local single-node broker (devkit.localkafka)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from devkit.localkafka import LocalKafka, LocalKafkaError, ensure_jars
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kafka", help="start/stop a real local Apache Kafka broker (no Docker needed)")
-    p.add_argument("action", choices=["up", "down", "status", "fetch"],
-                   help="up: start (harmless when running); down: stop by PID; status; fetch: only download jars")
+    p.add_argument(
+        "action",
+        choices=["up", "down", "status", "fetch"],
+        help="up: start (harmless when running); down: stop by PID; status; fetch: only download jars",
+    )
     p.add_argument("--state-dir", help="data, logs and PID file (env LOCAL_KAFKA_DIR, default .run/kafka)")
     p.add_argument("--port", type=int, help="client port (env LOCAL_KAFKA_PORT, default 9092)")
     p.add_argument("--controller-port", type=int, help="KRaft controller port (default port+1)")

@@ -42,7 +42,8 @@ class LocalKafkaError(RuntimeError):
 
 def cache_dir() -> Path:
     base = os.environ.get("PIPELINE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ctk-kustomer-pipeline")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ctk-kustomer-pipeline"
+    )
     return Path(base)
 
 
@@ -63,17 +64,20 @@ def ensure_jars(quiet: bool = False) -> Path:
     staging = target.parent / f"lib.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    cmd = ["mvn", "-B", "-f", str(POM), DEPENDENCY_PLUGIN, "-DincludeScope=runtime",
-           f"-DoutputDirectory={staging}"]
+    cmd = ["mvn", "-B", "-f", str(POM), DEPENDENCY_PLUGIN, "-DincludeScope=runtime", f"-DoutputDirectory={staging}"]
     if quiet:
         cmd.insert(1, "-q")
-    print(f"local-kafka: fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {target}",
-          file=sys.stderr, flush=True)
+    print(
+        f"local-kafka: fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {target}",
+        file=sys.stderr,
+        flush=True,
+    )
     result = subprocess.run(cmd, cwd=str(POM.parent), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise LocalKafkaError(f"Maven could not fetch the Kafka jars (exit {result.returncode}):\n"
-                              f"{result.stdout[-3000:]}")
+        raise LocalKafkaError(
+            f"Maven could not fetch the Kafka jars (exit {result.returncode}):\n{result.stdout[-3000:]}"
+        )
     jars = list(staging.glob("*.jar"))
     if not any(j.name.startswith(f"kafka_2.13-{KAFKA_VERSION}") for j in jars):
         raise LocalKafkaError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is missing in {staging}")
@@ -81,7 +85,6 @@ def ensure_jars(quiet: bool = False) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
-
 
 
 @dataclass
@@ -92,13 +95,13 @@ class LocalKafka:
     heap: str = "512m"
 
     @classmethod
-    def from_env(cls, state_dir: str | None = None, port: int | None = None,
-                 controller_port: int | None = None) -> LocalKafka:
+    def from_env(
+        cls, state_dir: str | None = None, port: int | None = None, controller_port: int | None = None
+    ) -> LocalKafka:
         sd = Path(state_dir or os.environ.get("LOCAL_KAFKA_DIR") or ".run/kafka").resolve()
         p = port or int(os.environ.get("LOCAL_KAFKA_PORT", "9092"))
         cp = controller_port or int(os.environ.get("LOCAL_KAFKA_CONTROLLER_PORT", str(p + 1)))
-        return cls(state_dir=sd, port=p, controller_port=cp,
-                   heap=os.environ.get("LOCAL_KAFKA_HEAP", "512m"))
+        return cls(state_dir=sd, port=p, controller_port=cp, heap=os.environ.get("LOCAL_KAFKA_HEAP", "512m"))
 
     @classmethod
     def ephemeral(cls, state_dir: Path) -> LocalKafka:
@@ -211,8 +214,15 @@ class LocalKafka:
         cluster_id = "-"
         while cluster_id.startswith("-"):  # as Kafka's Uuid.randomUuid: a leading '-' reads as an option
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        cmd = self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties_file),
-                         jvm=["-Xmx256m", f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}"])
+        cmd = self._java(
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.properties_file),
+            jvm=["-Xmx256m", f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}"],
+        )
         result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode != 0:
             raise LocalKafkaError(f"formatting KRaft storage failed:\n{result.stdout[-2000:]}")
@@ -236,13 +246,23 @@ class LocalKafka:
         # end-to-end benchmark) and the serial collector (one small heap, no concurrent GC threads
         # competing with the services). LOCAL_KAFKA_JVM_FLAGS replaces these two choices.
         tuning = os.environ.get("LOCAL_KAFKA_JVM_FLAGS", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1").split()
-        jvm = [f"-Xmx{self.heap}", f"-Xms{self.heap}", "-server", *tuning,
-               "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.log_dir}",
-               f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}"]
+        jvm = [
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-server",
+            *tuning,
+            "-Djava.awt.headless=true",
+            f"-Dkafka.logs.dir={self.log_dir}",
+            f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}",
+        ]
         out = open(self.log_dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(self._java("kafka.Kafka", str(self.properties_file), jvm=jvm),
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            self._java("kafka.Kafka", str(self.properties_file), jvm=jvm),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         out.close()
         self.pid_file.write_text(f"{proc.pid}\n")
         try:
@@ -281,8 +301,13 @@ class LocalKafka:
 
     def status(self) -> dict[str, object]:
         pid = self.pid()
-        return {"running": pid is not None, "pid": pid, "bootstrap": self.bootstrap,
-                "state_dir": str(self.state_dir), "log": str(self.log_file)}
+        return {
+            "running": pid is not None,
+            "pid": pid,
+            "bootstrap": self.bootstrap,
+            "state_dir": str(self.state_dir),
+            "log": str(self.log_file),
+        }
 
 
 async def wait_for_metadata(bootstrap: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:

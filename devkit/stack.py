@@ -1,8 +1,8 @@
 """Run the pipeline's services as separate processes (the demo and the end-to-end tests).
 
-Each service is ``python -m pipeline <args>`` (``python -m devkit sim …`` for a simulator) with its own environment, its log in
-``<workdir>/logs/<name>.log`` and its health endpoint on a free port. ``stop_all`` sends SIGTERM
-in reverse start order, waits, and kills what is left.
+Each service is ``python -m pipeline <args>`` (``python -m devkit sim …`` for a simulator) with
+its own environment, its log in ``<workdir>/logs/<name>.log`` and its health endpoint on a free
+port. ``stop_all`` sends SIGTERM in reverse start order, waits, and kills what is left.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ def entry_point(args: list[str]) -> str:
     return "devkit" if args and args[0] in DEVKIT_COMMANDS else "pipeline"
 
 
-
 @dataclass
 class Service:
     name: str
@@ -55,8 +54,15 @@ class Stack:
         self.base_env = base_env
         self.services: dict[str, Service] = {}
 
-    def add(self, name: str, args: list[str], env: dict[str, str] | None = None, *,
-            health: str | None = "readyz", port: int | None = None) -> Service:
+    def add(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        health: str | None = "readyz",
+        port: int | None = None,
+    ) -> Service:
         """Register and start a service. ``health``: readyz (pipeline services with METRICS_PORT),
         a full URL, or None."""
         env = dict(env or {})
@@ -76,8 +82,14 @@ class Stack:
         svc = self.services[name]
         env = {**os.environ, **self.base_env, **svc.env, "PYTHONUNBUFFERED": "1"}
         log = open(svc.log_path, "ab")  # noqa: SIM115 - handed to the child
-        svc.proc = subprocess.Popen([sys.executable, "-m", entry_point(svc.args), *svc.args], cwd=REPO_ROOT, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        svc.proc = subprocess.Popen(
+            [sys.executable, "-m", entry_point(svc.args), *svc.args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         svc.starts += 1
         svc.history.append(f"start pid={svc.proc.pid}")
@@ -102,8 +114,9 @@ class Stack:
                 for name in list(pending):
                     svc = self.services[name]
                     if svc.proc is not None and svc.proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {svc.proc.returncode}; see {svc.log_path}\n"
-                                           + self.tail(name))
+                        raise RuntimeError(
+                            f"{name} exited with {svc.proc.returncode}; see {svc.log_path}\n" + self.tail(name)
+                        )
                     try:
                         async with session.get(svc.health_url, timeout=aiohttp.ClientTimeout(total=2)) as r:
                             if r.status == 200:

@@ -32,8 +32,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # the development kit's commands: not part of the product, they live in devkit/ of a clone
-DEVKIT_COMMANDS = {"kafka": "a local Apache Kafka broker", "sim": "the CloudTalk and Kustomer simulators",
-                   "demo": "the demo"}
+DEVKIT_COMMANDS = {
+    "kafka": "a local Apache Kafka broker",
+    "sim": "the CloudTalk and Kustomer simulators",
+    "demo": "the demo",
+}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -58,8 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in DEVKIT_COMMANDS:
-        print(f"pipeline {command}: {DEVKIT_COMMANDS[command]} belongs to the development kit, not the product; "
-              f"from a clone run `python -m devkit {command}` (after `make install`)", file=sys.stderr)
+        print(
+            f"pipeline {command}: {DEVKIT_COMMANDS[command]} belongs to the development kit, not the product; "
+            f"from a clone run `python -m devkit {command}` (after `make install`)",
+            file=sys.stderr,
+        )
         return 2
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)

@@ -27,7 +27,6 @@ from pipeline.kafka.topics import Topics, ensure_topics
 REPO = Path(__file__).resolve().parent.parent
 
 
-
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory):
     given = os.environ.get("KAFKA_BOOTSTRAP")
@@ -71,10 +70,19 @@ class KafkaIO:
             await admin.close()
         return name
 
-    async def produce(self, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
-                      headers: list[tuple[str, bytes]] | None = None) -> int:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                    linger_ms=5, max_batch_size=256 * 1024)
+    async def produce(
+        self,
+        topic: str,
+        records: Iterable[tuple[bytes | None, bytes | None]],
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> int:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_batch_size=256 * 1024,
+        )
         await producer.start()
         n = 0
         try:
@@ -101,13 +109,25 @@ class KafkaIO:
         finally:
             await consumer.stop()
 
-    async def read_all(self, topic: str, *, expect: int | None = None, timeout: float = 30.0,
-                       isolation: str = "read_committed", idle: float = 1.0) -> list:
+    async def read_all(
+        self,
+        topic: str,
+        *,
+        expect: int | None = None,
+        timeout: float = 30.0,
+        isolation: str = "read_committed",
+        idle: float = 1.0,
+    ) -> list:
         """Every record from the beginning. With ``expect``, waits until that many arrived (or
         the timeout); without, reads until the topic is idle for ``idle`` seconds."""
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, group_id=None,
-                                    auto_offset_reset="earliest", enable_auto_commit=False,
-                                    isolation_level=isolation)
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level=isolation,
+        )
         await consumer.start()
         out: list = []
         loop = asyncio.get_running_loop()
@@ -141,7 +161,8 @@ def kafka(kafka_bootstrap: str) -> KafkaIO:
 def pipeline_env(kafka_bootstrap: str, topic_prefix: str, **extra: str) -> dict[str, str]:
     """Environment for a service started as a separate process."""
     env = dict(os.environ)
-    env.update({"KAFKA_BOOTSTRAP": kafka_bootstrap, "TOPIC_PREFIX": topic_prefix, "LOG_LEVEL": "INFO",
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {"KAFKA_BOOTSTRAP": kafka_bootstrap, "TOPIC_PREFIX": topic_prefix, "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    )
     env.update(extra)
     return env

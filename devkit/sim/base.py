@@ -37,10 +37,16 @@ SIM_PREFIX = "/_sim/"
 def configure_logging(name: str, level: str = "INFO") -> None:
     """JSON lines on stderr, one per event, tagged with the simulator's name."""
     structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    structlog.processors.EventRenamer("msg"), structlog.processors.JSONRenderer()],
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.EventRenamer("msg"),
+            structlog.processors.JSONRenderer(),
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr), cache_logger_on_first_use=True)
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
     structlog.contextvars.bind_contextvars(service=name)
 
 
@@ -73,13 +79,13 @@ def now_iso_ms(ts: float | None = None) -> str:
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, headers=headers,
-                        content_type="application/json")
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
 # --------------------------------------------------------------------------------------------
 # Request log
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LoggedRequest:
@@ -94,9 +100,17 @@ class LoggedRequest:
     fault: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "at": self.at, "method": self.method, "path": self.path,
-                "query": self.query, "status": self.status, "body": self.body,
-                "effect": self.effect, "fault": self.fault}
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "status": self.status,
+            "body": self.body,
+            "effect": self.effect,
+            "fault": self.fault,
+        }
 
 
 class RequestLog:
@@ -169,9 +183,17 @@ class FaultRule:
         return hit
 
     def as_dict(self) -> dict[str, Any]:
-        return {"match": self.match, "kind": self.kind, "status": self.status,
-                "probability": self.probability, "latency_ms": self.latency_ms,
-                "script": self.script, "times": self.times, "fired": self.fired, "seen": self.seen}
+        return {
+            "match": self.match,
+            "kind": self.kind,
+            "status": self.status,
+            "probability": self.probability,
+            "latency_ms": self.latency_ms,
+            "script": self.script,
+            "times": self.times,
+            "fired": self.fired,
+            "seen": self.seen,
+        }
 
 
 class FaultPlan:
@@ -201,6 +223,7 @@ class FaultPlan:
 # --------------------------------------------------------------------------------------------
 # Rate windows
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class WindowState:
@@ -266,8 +289,15 @@ def make_middleware(log: RequestLog, faults: FaultPlan) -> Callable[..., Awaitab
             body = orjson.loads(raw) if raw else None
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")[:2000]
-        entry = LoggedRequest(seq=log.next_seq(), at=time.time(), method=request.method, path=path,
-                              query=request.query_string, status=0, body=body)
+        entry = LoggedRequest(
+            seq=log.next_seq(),
+            at=time.time(),
+            method=request.method,
+            path=path,
+            query=request.query_string,
+            status=0,
+            body=body,
+        )
         rule = faults.pick(request.method, path)
         try:
             if rule is not None:
@@ -318,8 +348,7 @@ def _drop(request: web.Request) -> None:
         transport.abort()
 
 
-def inspection_routes(app: web.Application, log: RequestLog, faults: FaultPlan,
-                      reset: Callable[[], None]) -> None:
+def inspection_routes(app: web.Application, log: RequestLog, faults: FaultPlan, reset: Callable[[], None]) -> None:
     """``/_sim/requests`` (GET, DELETE), ``/_sim/faults`` (GET, POST, DELETE), ``/_sim/reset``."""
 
     async def get_requests(request: web.Request) -> web.Response:
@@ -327,9 +356,11 @@ def inspection_routes(app: web.Application, log: RequestLog, faults: FaultPlan,
         method = request.query.get("method")
         path = request.query.get("path")  # regex
         rx = re.compile(path) if path else None
-        rows = [e.as_dict() for e in log.entries
-                if e.seq > since and (method is None or e.method == method)
-                and (rx is None or rx.search(e.path))]
+        rows = [
+            e.as_dict()
+            for e in log.entries
+            if e.seq > since and (method is None or e.method == method) and (rx is None or rx.search(e.path))
+        ]
         return json_response({"requests": rows, "count": len(rows)})
 
     async def delete_requests(_request: web.Request) -> web.Response:
@@ -369,6 +400,7 @@ def inspection_routes(app: web.Application, log: RequestLog, faults: FaultPlan,
 # --------------------------------------------------------------------------------------------
 # Server
 # --------------------------------------------------------------------------------------------
+
 
 class SimServer:
     """Runs an app on ``host:port`` (port 0 = any free port); ``base_url`` once started."""

@@ -167,8 +167,7 @@ HELP = "CloudTalk REST API simulator (contacts, calls, reference data) with work
 DEFAULT_PORT = 8092
 API_PREFIX = "/api"
 
-TRIGGERS = ("call.ended", "sms.received", "sms.sent", "contact.created", "contact.updated",
-            "contact.deleted")
+TRIGGERS = ("call.ended", "sms.received", "sms.sent", "contact.created", "contact.updated", "contact.deleted")
 MERGE_RULES = ("none", "phone", "email", "phone_or_email", "phone_or_name")
 KEYWORD_FIELDS = ("name", "number", "email", "company")
 PHONE_VALIDATION = ("format", "possible", "valid")
@@ -184,42 +183,78 @@ DELIVERY_HEADERS = {
 
 # (id, name, ISO-2, ISO-3, calling code). Ids follow CloudTalk's (61 Denmark, 235 United Kingdom).
 COUNTRIES: tuple[tuple[int, str, str, str, str], ...] = (
-    (4, "Albania", "AL", "ALB", "355"), (11, "Argentina", "AR", "ARG", "54"),
-    (14, "Australia", "AU", "AUS", "61"), (15, "Austria", "AT", "AUT", "43"),
-    (21, "Belarus", "BY", "BLR", "375"), (22, "Belgium", "BE", "BEL", "32"),
-    (29, "Bosnia and Herzegovina", "BA", "BIH", "387"), (31, "Brazil", "BR", "BRA", "55"),
-    (36, "Bulgaria", "BG", "BGR", "359"), (41, "Canada", "CA", "CAN", "1"),
-    (46, "Chile", "CL", "CHL", "56"), (47, "China", "CN", "CHN", "86"),
-    (50, "Colombia", "CO", "COL", "57"), (55, "Croatia", "HR", "HRV", "385"),
-    (58, "Cyprus", "CY", "CYP", "357"), (59, "Czech Republic", "CZ", "CZE", "420"),
-    (61, "Denmark", "DK", "DNK", "45"), (66, "Egypt", "EG", "EGY", "20"),
-    (70, "Estonia", "EE", "EST", "372"), (75, "Finland", "FI", "FIN", "358"),
-    (76, "France", "FR", "FRA", "33"), (82, "Germany", "DE", "DEU", "49"),
-    (85, "Greece", "GR", "GRC", "30"), (98, "Hong Kong", "HK", "HKG", "852"),
-    (99, "Hungary", "HU", "HUN", "36"), (100, "Iceland", "IS", "ISL", "354"),
-    (101, "India", "IN", "IND", "91"), (102, "Indonesia", "ID", "IDN", "62"),
-    (105, "Ireland", "IE", "IRL", "353"), (107, "Israel", "IL", "ISR", "972"),
-    (108, "Italy", "IT", "ITA", "39"), (110, "Japan", "JP", "JPN", "81"),
-    (114, "Kenya", "KE", "KEN", "254"), (119, "Latvia", "LV", "LVA", "371"),
-    (125, "Lithuania", "LT", "LTU", "370"), (126, "Luxembourg", "LU", "LUX", "352"),
-    (128, "North Macedonia", "MK", "MKD", "389"), (131, "Malaysia", "MY", "MYS", "60"),
-    (134, "Malta", "MT", "MLT", "356"), (140, "Mexico", "MX", "MEX", "52"),
-    (145, "Montenegro", "ME", "MNE", "382"), (147, "Morocco", "MA", "MAR", "212"),
-    (154, "Netherlands", "NL", "NLD", "31"), (156, "New Zealand", "NZ", "NZL", "64"),
-    (159, "Nigeria", "NG", "NGA", "234"), (164, "Norway", "NO", "NOR", "47"),
-    (166, "Pakistan", "PK", "PAK", "92"), (172, "Peru", "PE", "PER", "51"),
-    (173, "Philippines", "PH", "PHL", "63"), (174, "Poland", "PL", "POL", "48"),
-    (175, "Portugal", "PT", "PRT", "351"), (179, "Romania", "RO", "ROU", "40"),
-    (180, "Russia", "RU", "RUS", "7"), (192, "Saudi Arabia", "SA", "SAU", "966"),
-    (194, "Serbia", "RS", "SRB", "381"), (197, "Singapore", "SG", "SGP", "65"),
-    (199, "Slovakia", "SK", "SVK", "421"), (200, "Slovenia", "SI", "SVN", "386"),
-    (203, "South Africa", "ZA", "ZAF", "27"), (204, "South Korea", "KR", "KOR", "82"),
-    (207, "Spain", "ES", "ESP", "34"), (213, "Sweden", "SE", "SWE", "46"),
-    (214, "Switzerland", "CH", "CHE", "41"), (216, "Taiwan", "TW", "TWN", "886"),
-    (219, "Thailand", "TH", "THA", "66"), (227, "Turkey", "TR", "TUR", "90"),
-    (233, "Ukraine", "UA", "UKR", "380"), (234, "United Arab Emirates", "AE", "ARE", "971"),
-    (235, "United Kingdom", "GB", "GBR", "44"), (236, "United States", "US", "USA", "1"),
-    (237, "Uruguay", "UY", "URY", "598"), (241, "Venezuela", "VE", "VEN", "58"),
+    (4, "Albania", "AL", "ALB", "355"),
+    (11, "Argentina", "AR", "ARG", "54"),
+    (14, "Australia", "AU", "AUS", "61"),
+    (15, "Austria", "AT", "AUT", "43"),
+    (21, "Belarus", "BY", "BLR", "375"),
+    (22, "Belgium", "BE", "BEL", "32"),
+    (29, "Bosnia and Herzegovina", "BA", "BIH", "387"),
+    (31, "Brazil", "BR", "BRA", "55"),
+    (36, "Bulgaria", "BG", "BGR", "359"),
+    (41, "Canada", "CA", "CAN", "1"),
+    (46, "Chile", "CL", "CHL", "56"),
+    (47, "China", "CN", "CHN", "86"),
+    (50, "Colombia", "CO", "COL", "57"),
+    (55, "Croatia", "HR", "HRV", "385"),
+    (58, "Cyprus", "CY", "CYP", "357"),
+    (59, "Czech Republic", "CZ", "CZE", "420"),
+    (61, "Denmark", "DK", "DNK", "45"),
+    (66, "Egypt", "EG", "EGY", "20"),
+    (70, "Estonia", "EE", "EST", "372"),
+    (75, "Finland", "FI", "FIN", "358"),
+    (76, "France", "FR", "FRA", "33"),
+    (82, "Germany", "DE", "DEU", "49"),
+    (85, "Greece", "GR", "GRC", "30"),
+    (98, "Hong Kong", "HK", "HKG", "852"),
+    (99, "Hungary", "HU", "HUN", "36"),
+    (100, "Iceland", "IS", "ISL", "354"),
+    (101, "India", "IN", "IND", "91"),
+    (102, "Indonesia", "ID", "IDN", "62"),
+    (105, "Ireland", "IE", "IRL", "353"),
+    (107, "Israel", "IL", "ISR", "972"),
+    (108, "Italy", "IT", "ITA", "39"),
+    (110, "Japan", "JP", "JPN", "81"),
+    (114, "Kenya", "KE", "KEN", "254"),
+    (119, "Latvia", "LV", "LVA", "371"),
+    (125, "Lithuania", "LT", "LTU", "370"),
+    (126, "Luxembourg", "LU", "LUX", "352"),
+    (128, "North Macedonia", "MK", "MKD", "389"),
+    (131, "Malaysia", "MY", "MYS", "60"),
+    (134, "Malta", "MT", "MLT", "356"),
+    (140, "Mexico", "MX", "MEX", "52"),
+    (145, "Montenegro", "ME", "MNE", "382"),
+    (147, "Morocco", "MA", "MAR", "212"),
+    (154, "Netherlands", "NL", "NLD", "31"),
+    (156, "New Zealand", "NZ", "NZL", "64"),
+    (159, "Nigeria", "NG", "NGA", "234"),
+    (164, "Norway", "NO", "NOR", "47"),
+    (166, "Pakistan", "PK", "PAK", "92"),
+    (172, "Peru", "PE", "PER", "51"),
+    (173, "Philippines", "PH", "PHL", "63"),
+    (174, "Poland", "PL", "POL", "48"),
+    (175, "Portugal", "PT", "PRT", "351"),
+    (179, "Romania", "RO", "ROU", "40"),
+    (180, "Russia", "RU", "RUS", "7"),
+    (192, "Saudi Arabia", "SA", "SAU", "966"),
+    (194, "Serbia", "RS", "SRB", "381"),
+    (197, "Singapore", "SG", "SGP", "65"),
+    (199, "Slovakia", "SK", "SVK", "421"),
+    (200, "Slovenia", "SI", "SVN", "386"),
+    (203, "South Africa", "ZA", "ZAF", "27"),
+    (204, "South Korea", "KR", "KOR", "82"),
+    (207, "Spain", "ES", "ESP", "34"),
+    (213, "Sweden", "SE", "SWE", "46"),
+    (214, "Switzerland", "CH", "CHE", "41"),
+    (216, "Taiwan", "TW", "TWN", "886"),
+    (219, "Thailand", "TH", "THA", "66"),
+    (227, "Turkey", "TR", "TUR", "90"),
+    (233, "Ukraine", "UA", "UKR", "380"),
+    (234, "United Arab Emirates", "AE", "ARE", "971"),
+    (235, "United Kingdom", "GB", "GBR", "44"),
+    (236, "United States", "US", "USA", "1"),
+    (237, "Uruguay", "UY", "URY", "598"),
+    (241, "Venezuela", "VE", "VEN", "58"),
     (242, "Vietnam", "VN", "VNM", "84"),
 )
 COUNTRY_IDS = frozenset(c[0] for c in COUNTRIES)
@@ -229,29 +264,30 @@ COUNTRY_IDS = frozenset(c[0] for c in COUNTRIES)
 # Settings
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CloudTalkSimSettings:
     """Everything configurable; [ASSUMPTION] marks defaults the reference could not confirm."""
 
-    key_id: str = "sim-key-id"                 # [--key-id] credentials of the default company
-    key_secret: str = "sim-key-secret"         # [--key-secret]
+    key_id: str = "sim-key-id"  # [--key-id] credentials of the default company
+    key_secret: str = "sim-key-secret"  # [--key-secret]
     company_name: str = "Simulated company"
-    rate_limit: int = 60                       # [--rate-limit] requests per window per company (§3.3)
-    window_seconds: float = 60.0               # [--window-seconds] rate window length
-    rate_headers_always: bool = True           # [--rate-headers always|429] [ASSUMPTION §3.3]
-    page_size: int = 30                        # [--page-size] default `limit` [ASSUMPTION §3.2]
+    rate_limit: int = 60  # [--rate-limit] requests per window per company (§3.3)
+    window_seconds: float = 60.0  # [--window-seconds] rate window length
+    rate_headers_always: bool = True  # [--rate-headers always|429] [ASSUMPTION §3.3]
+    page_size: int = 30  # [--page-size] default `limit` [ASSUMPTION §3.2]
     keyword_fields: tuple[str, ...] = ("name", "number", "email")  # [--keyword-fields] [ASSUMPTION §3.4]
-    keyword_substring: bool = True             # [--keyword-exact] substring vs whole-value match
-    merge_api_contacts: bool = False           # [--merge-api-contacts] [CONFLICT §1.9]: off for API
-    merge_rule: str = "phone_or_name"          # [--merge-rule] integration imports (§1.9)
-    phone_validation: str = "possible"         # [--phone-validation] format|possible|valid [ASSUMPTION]
-    call_missing_relation: str = "omit"        # [--call-missing-relation] omit|null [ASSUMPTION]
-    contact_updated_on_noop: bool = True       # [--no-updated-on-noop] an edit changing nothing still fires [ASSUMPTION]
-    wrapup_delay_s: float = 0.0                # [--wrapup-delay] call.ended fires after wrap-up (§3.7)
-    delivery_attempts: int = 5                 # [--delivery-attempts] tries per delivery, first included
-    delivery_base_delay_s: float = 0.5         # [--delivery-base-delay] backoff: base * 2**(n-1)
-    delivery_max_delay_s: float = 30.0         # backoff cap
-    delivery_timeout_s: float = 5.0            # [--delivery-timeout] per attempt
+    keyword_substring: bool = True  # [--keyword-exact] substring vs whole-value match
+    merge_api_contacts: bool = False  # [--merge-api-contacts] [CONFLICT §1.9]: off for API
+    merge_rule: str = "phone_or_name"  # [--merge-rule] integration imports (§1.9)
+    phone_validation: str = "possible"  # [--phone-validation] format|possible|valid [ASSUMPTION]
+    call_missing_relation: str = "omit"  # [--call-missing-relation] omit|null [ASSUMPTION]
+    contact_updated_on_noop: bool = True  # [--no-updated-on-noop] an edit changing nothing still fires [ASSUMPTION]
+    wrapup_delay_s: float = 0.0  # [--wrapup-delay] call.ended fires after wrap-up (§3.7)
+    delivery_attempts: int = 5  # [--delivery-attempts] tries per delivery, first included
+    delivery_base_delay_s: float = 0.5  # [--delivery-base-delay] backoff: base * 2**(n-1)
+    delivery_max_delay_s: float = 30.0  # backoff cap
+    delivery_timeout_s: float = 5.0  # [--delivery-timeout] per attempt
 
     def __post_init__(self) -> None:
         self.keyword_fields = tuple(self.keyword_fields)
@@ -320,16 +356,27 @@ def _coerce_setting(name: str, value: Any, current: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 MESSAGES = {
-    400: "Bad request.", 401: "Unauthorized action", 403: "Forbidden.", 404: "Not found.",
-    405: "Method not allowed.", 406: "Invalid input data.", 408: "Request timeout.",
-    409: "Conflict.", 410: "Gone.", 424: "Failed dependency.", 429: "Too Many Requests",
-    500: "Something went wrong.", 502: "Bad gateway.", 503: "Service unavailable.",
+    400: "Bad request.",
+    401: "Unauthorized action",
+    403: "Forbidden.",
+    404: "Not found.",
+    405: "Method not allowed.",
+    406: "Invalid input data.",
+    408: "Request timeout.",
+    409: "Conflict.",
+    410: "Gone.",
+    424: "Failed dependency.",
+    429: "Too Many Requests",
+    500: "Something went wrong.",
+    502: "Bad gateway.",
+    503: "Service unavailable.",
     504: "Gateway timeout.",
 }
 
 
-def error_response(status: int, message: str | None = None, data: Any = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, message: str | None = None, data: Any = None, headers: dict[str, str] | None = None
+) -> web.Response:
     """``{"responseData": {"status", "message"[, "data"]}}`` for every error the API answers."""
     body: dict[str, Any] = {"status": status, "message": message or MESSAGES.get(status, "Error.")}
     if data is not None:
@@ -439,8 +486,17 @@ def iso(ts: float | None) -> str | None:
 # State
 # --------------------------------------------------------------------------------------------
 
-SCALAR_LIMITS = {"name": 150, "title": 255, "company": 100, "industry": 100, "website": 100,
-                 "address": 255, "city": 255, "zip": 15, "state": 255}
+SCALAR_LIMITS = {
+    "name": 150,
+    "title": 255,
+    "company": 100,
+    "industry": 100,
+    "website": 100,
+    "address": 255,
+    "city": 255,
+    "zip": 15,
+    "state": 255,
+}
 LIST_FIELDS = ("ContactNumber", "ContactEmail", "ContactsTag", "ExternalUrl", "ContactAttribute")
 
 
@@ -461,11 +517,11 @@ class Contact:
     country_id: int | None = None
     favorite_agent: int | None = None
     type: str = "contact"
-    numbers: list[str] = field(default_factory=list)        # +E.164
+    numbers: list[str] = field(default_factory=list)  # +E.164
     emails: list[str] = field(default_factory=list)
     tag_ids: list[int] = field(default_factory=list)
     external_urls: list[dict[str, str]] = field(default_factory=list)  # {name, url}
-    attributes: list[tuple[int, str]] = field(default_factory=list)    # (attribute id, value)
+    attributes: list[tuple[int, str]] = field(default_factory=list)  # (attribute id, value)
 
     def snapshot(self) -> tuple:
         return tuple(v for k, v in asdict(self).items() if k not in ("modified",))
@@ -555,8 +611,14 @@ class Workflow:
     active: bool = True
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "trigger": self.trigger, "url": self.url, "method": self.method,
-                "header_names": sorted(self.headers), "active": self.active}
+        return {
+            "id": self.id,
+            "trigger": self.trigger,
+            "url": self.url,
+            "method": self.method,
+            "header_names": sorted(self.headers),
+            "active": self.active,
+        }
 
 
 @dataclass
@@ -575,11 +637,20 @@ class Delivery:
     delivered_at: float | None = None
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "workflow_id": self.workflow_id, "trigger": self.trigger,
-                "url": self.url, "method": self.method, "body": self.body,
-                "header_names": self.header_names, "copy": self.copy,
-                "created_at": iso(self.created_at), "status": self.status,
-                "attempts": self.attempts, "delivered_at": iso(self.delivered_at)}
+        return {
+            "id": self.id,
+            "workflow_id": self.workflow_id,
+            "trigger": self.trigger,
+            "url": self.url,
+            "method": self.method,
+            "body": self.body,
+            "header_names": self.header_names,
+            "copy": self.copy,
+            "created_at": iso(self.created_at),
+            "status": self.status,
+            "attempts": self.attempts,
+            "delivered_at": iso(self.delivered_at),
+        }
 
 
 @dataclass
@@ -621,6 +692,7 @@ COMPANY = web.RequestKey("cloudtalk_company", Company)  # the authenticated comp
 # Contact bodies: validate everything first, then apply (a 406 never changes state)
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ContactChanges:
     scalars: dict[str, str] = field(default_factory=dict)
@@ -655,8 +727,7 @@ def _list_items(body: dict[str, Any], key: str, errors: _Errors) -> list[dict[st
     return value
 
 
-def parse_contact_body(body: Any, company: Company, settings: CloudTalkSimSettings, *,
-                       partial: bool) -> ContactChanges:
+def parse_contact_body(body: Any, company: Company, settings: CloudTalkSimSettings, *, partial: bool) -> ContactChanges:
     """Validate an add (``partial=False``) or edit body; raise :class:`InvalidInput`."""
     errors = _Errors()
     if not isinstance(body, dict):
@@ -706,14 +777,22 @@ def parse_contact_body(body: Any, company: Company, settings: CloudTalkSimSettin
     return changes
 
 
-def _parse_list(key: str, items: list[dict[str, Any]], changes: ContactChanges, company: Company,
-                settings: CloudTalkSimSettings, errors: _Errors) -> None:
+def _parse_list(
+    key: str,
+    items: list[dict[str, Any]],
+    changes: ContactChanges,
+    company: Company,
+    settings: CloudTalkSimSettings,
+    errors: _Errors,
+) -> None:
     if key == "ContactNumber":
         for item in items:
             number = check_e164(item.get("public_number"), settings.phone_validation)
             if number is None:
-                errors.add("public_number", f"{item.get('public_number')!r} is not a full international "
-                                            "E.164 number (e.g. +442012345678).")
+                errors.add(
+                    "public_number",
+                    f"{item.get('public_number')!r} is not a full international E.164 number (e.g. +442012345678).",
+                )
             elif number not in changes.numbers:
                 changes.numbers.append(number)
     elif key == "ContactEmail":
@@ -764,8 +843,7 @@ def _ensure_tags(company: Company, names: Iterable[str], next_id: Callable[[], i
     return ids
 
 
-def apply_changes(contact: Contact, changes: ContactChanges, company: Company,
-                  next_tag_id: Callable[[], int]) -> None:
+def apply_changes(contact: Contact, changes: ContactChanges, company: Company, next_tag_id: Callable[[], int]) -> None:
     """Only sent keys change; sent lists replace the stored list."""
     for key, value in changes.scalars.items():
         setattr(contact, key, value)
@@ -785,8 +863,7 @@ def apply_changes(contact: Contact, changes: ContactChanges, company: Company,
         contact.attributes = list(changes.attributes)
 
 
-def merge_changes(contact: Contact, changes: ContactChanges, company: Company,
-                  next_tag_id: Callable[[], int]) -> None:
+def merge_changes(contact: Contact, changes: ContactChanges, company: Company, next_tag_id: Callable[[], int]) -> None:
     """§1.9: union of numbers and e-mails, newest value of every other attribute."""
     for key, value in changes.scalars.items():
         if value:
@@ -814,9 +891,12 @@ def find_merge_target(company: Company, changes: ContactChanges, rule: str) -> C
         phone_hit = bool(numbers & set(contact.numbers))
         email_hit = bool(emails & {e.lower() for e in contact.emails})
         name_hit = bool(name) and contact.name.strip() == name
-        if ((rule == "phone" and phone_hit) or (rule == "email" and email_hit)
-                or (rule == "phone_or_email" and (phone_hit or email_hit))
-                or (rule == "phone_or_name" and (phone_hit or name_hit))):
+        if (
+            (rule == "phone" and phone_hit)
+            or (rule == "email" and email_hit)
+            or (rule == "phone_or_email" and (phone_hit or email_hit))
+            or (rule == "phone_or_name" and (phone_hit or name_hit))
+        ):
             return contact
     return None
 
@@ -824,6 +904,7 @@ def find_merge_target(company: Company, changes: ContactChanges, rule: str) -> C
 # --------------------------------------------------------------------------------------------
 # Renderers (the API's shapes)
 # --------------------------------------------------------------------------------------------
+
 
 def _sid(value: int | None) -> str | None:
     return None if value is None else str(value)
@@ -834,12 +915,24 @@ def render_contact_show(c: Contact, company: Company) -> dict[str, Any]:
     attrs = [(aid, company.attributes.get(aid, ""), value) for aid, value in c.attributes]
     return {
         "Contact": {
-            "id": str(c.id), "name": c.name, "title": c.title, "company": c.company,
-            "industry": c.industry, "website": c.website, "address": c.address, "city": c.city,
-            "zip": c.zip, "state": c.state, "country_id": _sid(c.country_id),
-            "favorite_agent": _sid(c.favorite_agent), "type": c.type,
-            "created": iso(c.created), "modified": iso(c.modified),
-            "contact_numbers": list(c.numbers), "contact_emails": list(c.emails), "tags": tags,
+            "id": str(c.id),
+            "name": c.name,
+            "title": c.title,
+            "company": c.company,
+            "industry": c.industry,
+            "website": c.website,
+            "address": c.address,
+            "city": c.city,
+            "zip": c.zip,
+            "state": c.state,
+            "country_id": _sid(c.country_id),
+            "favorite_agent": _sid(c.favorite_agent),
+            "type": c.type,
+            "created": iso(c.created),
+            "modified": iso(c.modified),
+            "contact_numbers": list(c.numbers),
+            "contact_emails": list(c.emails),
+            "tags": tags,
             "external_urls": [{"external_system": u["name"], "external_url": u["url"]} for u in c.external_urls],
             "custom_fields": [{"key": title, "value": value} for _, title, value in attrs],
         },
@@ -847,8 +940,7 @@ def render_contact_show(c: Contact, company: Company) -> dict[str, Any]:
         "ContactNumber": [{"public_number": n} for n in c.numbers],
         "ContactEmail": [{"email": e} for e in c.emails],
         "ContactsTag": [{"name": t["name"]} for t in tags],
-        "ContactAttribute": [{"attribute_id": str(aid), "title": title, "value": value}
-                             for aid, title, value in attrs],
+        "ContactAttribute": [{"attribute_id": str(aid), "title": title, "value": value} for aid, title, value in attrs],
     }
 
 
@@ -857,53 +949,94 @@ def render_contact_index(c: Contact, company: Company) -> dict[str, Any]:
         "Contact": {"id": str(c.id), "name": c.name, "company": c.company},
         "ContactNumber": {"public_number": c.numbers[0] if c.numbers else None},
         "ContactEmail": {"email": c.emails[0] if c.emails else None},
-        "ContactAttribute": [{"attribute_id": str(aid), "title": company.attributes.get(aid, ""), "value": v}
-                             for aid, v in c.attributes],
+        "ContactAttribute": [
+            {"attribute_id": str(aid), "title": company.attributes.get(aid, ""), "value": v} for aid, v in c.attributes
+        ],
     }
 
 
 def render_agent_index(a: Agent) -> dict[str, Any]:
-    return {"Agent": {
-        "id": str(a.id), "name": a.voice_id, "firstname": a.firstname, "lastname": a.lastname,
-        "email": a.email, "is_daily_limit_ok": a.is_daily_limit_ok, "status_outbound": a.status_outbound,
-        "availability_status": a.availability_status,
-        "extension": _sid(a.extension), "call_number_id": a.call_number_id,
-        "default_number": a.default_number, "associated_numbers": list(a.associated_numbers),
-        "daily_price_limit": a.daily_price_limit,
-    }}
+    return {
+        "Agent": {
+            "id": str(a.id),
+            "name": a.voice_id,
+            "firstname": a.firstname,
+            "lastname": a.lastname,
+            "email": a.email,
+            "is_daily_limit_ok": a.is_daily_limit_ok,
+            "status_outbound": a.status_outbound,
+            "availability_status": a.availability_status,
+            "extension": _sid(a.extension),
+            "call_number_id": a.call_number_id,
+            "default_number": a.default_number,
+            "associated_numbers": list(a.associated_numbers),
+            "daily_price_limit": a.daily_price_limit,
+        }
+    }
 
 
 def render_agent_call(a: Agent) -> dict[str, Any]:
-    return {"id": str(a.id), "firstname": a.firstname, "lastname": a.lastname,
-            "fullname": f"{a.firstname} {a.lastname}".strip(), "email": a.email,
-            "language": a.language, "role": a.role, "status": a.availability_status,
-            "default_outbound_number": digits(a.default_number),
-            "associated_numbers": [digits(n) for n in a.associated_numbers], "groups": list(a.groups)}
+    return {
+        "id": str(a.id),
+        "firstname": a.firstname,
+        "lastname": a.lastname,
+        "fullname": f"{a.firstname} {a.lastname}".strip(),
+        "email": a.email,
+        "language": a.language,
+        "role": a.role,
+        "status": a.availability_status,
+        "default_outbound_number": digits(a.default_number),
+        "associated_numbers": [digits(n) for n in a.associated_numbers],
+        "groups": list(a.groups),
+    }
 
 
 def render_number_index(n: CallNumber) -> dict[str, Any]:
-    return {"CallNumber": {
-        "id": str(n.id), "country_code": n.country_code, "area_code": n.area_code,
-        "internal_name": n.internal_name, "caller_id_e164": digits(n.e164),
-        "is_redirected": n.is_redirected, "connected_to": _sid(n.connected_to),
-        "source_id": _sid(n.source_id),
-    }}
+    return {
+        "CallNumber": {
+            "id": str(n.id),
+            "country_code": n.country_code,
+            "area_code": n.area_code,
+            "internal_name": n.internal_name,
+            "caller_id_e164": digits(n.e164),
+            "is_redirected": n.is_redirected,
+            "connected_to": _sid(n.connected_to),
+            "source_id": _sid(n.source_id),
+        }
+    }
 
 
 def render_number_call(n: CallNumber) -> dict[str, Any]:
-    return {"id": str(n.id), "internal_name": n.internal_name, "caller_id_e164": digits(n.e164),
-            "country_code": n.country_code, "area_code": n.area_code}
+    return {
+        "id": str(n.id),
+        "internal_name": n.internal_name,
+        "caller_id_e164": digits(n.e164),
+        "country_code": n.country_code,
+        "area_code": n.area_code,
+    }
 
 
 def render_contact_call(c: Contact, company: Company) -> dict[str, Any]:
     show = render_contact_show(c, company)["Contact"]
     agent = company.agents.get(c.favorite_agent) if c.favorite_agent is not None else None
-    return {"id": show["id"], "name": c.name, "title": c.title, "company": c.company,
-            "industry": c.industry, "address": c.address, "city": c.city, "zip": c.zip,
-            "state": c.state, "type": c.type, "contact_numbers": [digits(n) for n in c.numbers],
-            "contact_emails": list(c.emails), "tags": show["tags"],
-            "external_urls": show["external_urls"], "custom_fields": show["custom_fields"],
-            "favorite_agent": render_agent_call(agent) if agent else None}
+    return {
+        "id": show["id"],
+        "name": c.name,
+        "title": c.title,
+        "company": c.company,
+        "industry": c.industry,
+        "address": c.address,
+        "city": c.city,
+        "zip": c.zip,
+        "state": c.state,
+        "type": c.type,
+        "contact_numbers": [digits(n) for n in c.numbers],
+        "contact_emails": list(c.emails),
+        "tags": show["tags"],
+        "external_urls": show["external_urls"],
+        "custom_fields": show["custom_fields"],
+        "favorite_agent": render_agent_call(agent) if agent else None,
+    }
 
 
 def recording_url(call: Call) -> str | None:
@@ -916,18 +1049,31 @@ def recording_url(call: Call) -> str | None:
 def render_call(call: Call, company: Company, settings: CloudTalkSimSettings) -> dict[str, Any]:
     internal_cc, _ = number_parts(call.internal)
     external_cc, _ = number_parts(call.external)
-    item: dict[str, Any] = {"Cdr": {
-        "id": str(call.id), "billsec": str(call.waiting_time + call.talking_time), "type": call.direction,
-        "country_code": external_cc, "public_external": digits(call.external),
-        "public_internal": digits(call.internal), "recorded": call.recorded,
-        "is_voicemail": call.is_voicemail, "fax_email": "", "is_redirected": "0",
-        "redirected_from": "", "transferred_from": "", "is_local": internal_cc == external_cc,
-        "user_id": _sid(call.agent_id), "talking_time": str(call.talking_time),
-        "started_at": iso(call.started_at), "answered_at": iso(call.answered_at),
-        "ended_at": iso(call.ended_at), "waiting_time": call.waiting_time,
-        "wrapup_time": call.wrapup_time,
-        "recording_link": f"https://my.cloudtalk.io/r/play/{call.id}" if call.recorded else None,
-    }}
+    item: dict[str, Any] = {
+        "Cdr": {
+            "id": str(call.id),
+            "billsec": str(call.waiting_time + call.talking_time),
+            "type": call.direction,
+            "country_code": external_cc,
+            "public_external": digits(call.external),
+            "public_internal": digits(call.internal),
+            "recorded": call.recorded,
+            "is_voicemail": call.is_voicemail,
+            "fax_email": "",
+            "is_redirected": "0",
+            "redirected_from": "",
+            "transferred_from": "",
+            "is_local": internal_cc == external_cc,
+            "user_id": _sid(call.agent_id),
+            "talking_time": str(call.talking_time),
+            "started_at": iso(call.started_at),
+            "answered_at": iso(call.answered_at),
+            "ended_at": iso(call.ended_at),
+            "waiting_time": call.waiting_time,
+            "wrapup_time": call.wrapup_time,
+            "recording_link": f"https://my.cloudtalk.io/r/play/{call.id}" if call.recorded else None,
+        }
+    }
     contact = company.contacts.get(call.contact_id) if call.contact_id is not None else None
     if contact is not None:
         item["Contact"] = render_contact_call(contact, company)
@@ -943,8 +1089,7 @@ def render_call(call: Call, company: Company, settings: CloudTalkSimSettings) ->
     item["BillingData"] = {"price": "0.000000"}
     item["Notes"] = [{"id": str(nid), "name": text} for nid, text in call.notes]
     item["Tags"] = [{"id": str(t), "name": company.tags.get(t, "")} for t in call.tag_ids]
-    item["Ratings"] = ([{"id": str(call.rating[0]), "type": "agent", "rating": call.rating[1]}]
-                       if call.rating else [])
+    item["Ratings"] = [{"id": str(call.rating[0]), "type": "agent", "rating": call.rating[1]}] if call.rating else []
     return item
 
 
@@ -952,19 +1097,27 @@ def call_ended_body(call: Call, company: Company) -> dict[str, Any]:
     number = company.number_by_e164(call.internal)
     agent = company.agents.get(call.agent_id) if call.agent_id is not None else None
     return {
-        "event": "call.ended", "call_id": call.id, "call_uuid": call.uuid,
-        "direction": call.direction, "status": "answered" if call.answered else "missed",
+        "event": "call.ended",
+        "call_id": call.id,
+        "call_uuid": call.uuid,
+        "direction": call.direction,
+        "status": "answered" if call.answered else "missed",
         "internal_number": as_int_number(call.internal),
         "internal_number_name": number.internal_name if number else None,
-        "external_number": as_int_number(call.external), "contact_id": call.contact_id,
+        "external_number": as_int_number(call.external),
+        "contact_id": call.contact_id,
         "agent_id": call.agent_id,
         "agent_first_name": agent.firstname if agent else None,
         "agent_last_name": agent.lastname if agent else None,
         "agent_email": agent.email if agent else None,
-        "started_at": iso(call.started_at), "answered_at": iso(call.answered_at),
-        "ended_at": iso(call.ended_at), "waiting_time": call.waiting_time,
-        "talking_time": call.talking_time, "wrapup_time": call.wrapup_time,
-        "is_voicemail": call.is_voicemail, "recording_url": recording_url(call),
+        "started_at": iso(call.started_at),
+        "answered_at": iso(call.answered_at),
+        "ended_at": iso(call.ended_at),
+        "waiting_time": call.waiting_time,
+        "talking_time": call.talking_time,
+        "wrapup_time": call.wrapup_time,
+        "is_voicemail": call.is_voicemail,
+        "recording_url": recording_url(call),
         "call_tags": [company.tags.get(t, "") for t in call.tag_ids],
         "call_notes": [text for _, text in call.notes],
         "rating": call.rating[1] if call.rating else None,
@@ -975,26 +1128,41 @@ def sms_body(sms: Sms) -> dict[str, Any]:
     incoming = sms.direction == "incoming"
     sender, recipient = (sms.external, sms.internal) if incoming else (sms.internal, sms.external)
     return {
-        "event": "sms.received" if incoming else "sms.sent", "sms_id": sms.id,
-        "direction": sms.direction, "sender": as_int_number(sender),
-        "recipient": as_int_number(recipient), "internal_number": as_int_number(sms.internal),
-        "external_number": as_int_number(sms.external), "contact_id": sms.contact_id,
-        "agent_id": None if incoming else sms.agent_id, "text": sms.text,
+        "event": "sms.received" if incoming else "sms.sent",
+        "sms_id": sms.id,
+        "direction": sms.direction,
+        "sender": as_int_number(sender),
+        "recipient": as_int_number(recipient),
+        "internal_number": as_int_number(sms.internal),
+        "external_number": as_int_number(sms.external),
+        "contact_id": sms.contact_id,
+        "agent_id": None if incoming else sms.agent_id,
+        "text": sms.text,
         "created_at": iso(sms.created_at),
     }
 
 
 def contact_body(event: str, c: Contact, company: Company) -> dict[str, Any]:
     return {
-        "event": event, "contact_id": c.id, "name": c.name, "title": c.title,
-        "company": c.company, "industry": c.industry, "website": c.website,
-        "address": c.address, "city": c.city, "zip": c.zip, "state": c.state,
-        "country_id": c.country_id, "favorite_agent": c.favorite_agent,
+        "event": event,
+        "contact_id": c.id,
+        "name": c.name,
+        "title": c.title,
+        "company": c.company,
+        "industry": c.industry,
+        "website": c.website,
+        "address": c.address,
+        "city": c.city,
+        "zip": c.zip,
+        "state": c.state,
+        "country_id": c.country_id,
+        "favorite_agent": c.favorite_agent,
         "contact_numbers": [as_int_number(n) for n in c.numbers],
         "contact_emails": list(c.emails),
         "tags": [company.tags[t] for t in c.tag_ids if t in company.tags],
         "external_urls": [{"name": u["name"], "url": u["url"]} for u in c.external_urls],
-        "created_at": iso(c.created), "modified_at": iso(c.modified),
+        "created_at": iso(c.created),
+        "modified_at": iso(c.modified),
     }
 
 
@@ -1002,8 +1170,10 @@ def contact_body(event: str, c: Contact, company: Company) -> dict[str, Any]:
 # Query helpers
 # --------------------------------------------------------------------------------------------
 
-def int_param(query: Any, name: str, errors: _Errors, *, minimum: int | None = None,
-              maximum: int | None = None) -> int | None:
+
+def int_param(
+    query: Any, name: str, errors: _Errors, *, minimum: int | None = None, maximum: int | None = None
+) -> int | None:
     raw = query.get(name)
     if raw is None or raw == "":
         return None
@@ -1028,8 +1198,13 @@ def page_params(query: Any, settings: CloudTalkSimSettings, errors: _Errors) -> 
 def paginate(items: list[Any], page: int, limit: int, render: Callable[[Any], Any]) -> dict[str, Any]:
     total = len(items)
     start = (page - 1) * limit
-    return {"itemsCount": total, "pageCount": max(1, math.ceil(total / limit)), "pageNumber": page,
-            "limit": limit, "data": [render(item) for item in items[start:start + limit]]}
+    return {
+        "itemsCount": total,
+        "pageCount": max(1, math.ceil(total / limit)),
+        "pageNumber": page,
+        "limit": limit,
+        "data": [render(item) for item in items[start : start + limit]],
+    }
 
 
 def keyword_matches(c: Contact, keyword: str, settings: CloudTalkSimSettings) -> bool:
@@ -1089,21 +1264,39 @@ def ok(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> w
 # The simulator
 # --------------------------------------------------------------------------------------------
 
+
 class CloudTalkSim:
     """State, settings and behaviour of the simulated CloudTalk; :meth:`build_app` serves it."""
 
-    def __init__(self, settings: CloudTalkSimSettings | None = None, seed: dict[str, Any] | None = None,
-                 fault_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: CloudTalkSimSettings | None = None,
+        seed: dict[str, Any] | None = None,
+        fault_seed: int | None = None,
+    ) -> None:
         self.settings = settings or CloudTalkSimSettings()
         self.log = RequestLog()
         self.faults = FaultPlan(fault_seed)
         self.window = FixedWindow(self.settings.rate_limit, self.settings.window_seconds)
         self.initial_seed = seed or {}
         self.companies: list[Company] = []
-        self._ids = {name: itertools.count(start) for name, start in (
-            ("company", 100001), ("contact", 1451646001), ("tag", 601), ("attribute", 121),
-            ("agent", 493901), ("number", 12301), ("call", 1002409001), ("sms", 88231001),
-            ("note", 21), ("rating", 9), ("workflow", 1), ("delivery", 1))}
+        self._ids = {
+            name: itertools.count(start)
+            for name, start in (
+                ("company", 100001),
+                ("contact", 1451646001),
+                ("tag", 601),
+                ("attribute", 121),
+                ("agent", 493901),
+                ("number", 12301),
+                ("call", 1002409001),
+                ("sms", 88231001),
+                ("note", 21),
+                ("rating", 9),
+                ("workflow", 1),
+                ("delivery", 1),
+            )
+        }
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.root_url: str | None = None  # set once served (inspection routes live here)
@@ -1143,8 +1336,9 @@ class CloudTalkSim:
             return None
         login, password = credentials
         for company in self.companies:
-            if (secrets.compare_digest(login.encode(), company.key_id.encode())
-                    and secrets.compare_digest(password.encode(), company.key_secret.encode())):
+            if secrets.compare_digest(login.encode(), company.key_id.encode()) and secrets.compare_digest(
+                password.encode(), company.key_secret.encode()
+            ):
                 return company
         return None
 
@@ -1199,12 +1393,15 @@ class CloudTalkSim:
             raise ValueError(f"number needs caller_id_e164 in E.164: {spec!r}")
         calling, area = number_parts(e164)
         number = CallNumber(
-            id=int(spec.get("id") or self.next_id("number")), e164=e164,
+            id=int(spec.get("id") or self.next_id("number")),
+            e164=e164,
             internal_name=str(spec.get("internal_name") or e164),
             country_code=str(spec.get("country_code") or calling),
             area_code=str(spec.get("area_code") if spec.get("area_code") is not None else area),
-            connected_to=spec.get("connected_to", 1), source_id=spec.get("source_id"),
-            is_redirected=bool(spec.get("is_redirected", False)))
+            connected_to=spec.get("connected_to", 1),
+            source_id=spec.get("source_id"),
+            is_redirected=bool(spec.get("is_redirected", False)),
+        )
         company.numbers[number.id] = number
         return number
 
@@ -1215,15 +1412,23 @@ class CloudTalkSim:
         default = default or (numbers[0] if numbers else None)
         call_number = company.number_by_e164(default) if default else None
         agent = Agent(
-            id=aid, firstname=str(spec.get("firstname", "")), lastname=str(spec.get("lastname", "")),
-            email=str(spec.get("email", "")), voice_id=str(spec.get("name") or 100000 + aid % 900000),
-            extension=spec.get("extension"), availability_status=spec.get("availability_status", "online"),
-            language=spec.get("language", "en"), role=spec.get("role", "Agent"),
-            groups=list(spec.get("groups", [])), associated_numbers=numbers, default_number=default,
+            id=aid,
+            firstname=str(spec.get("firstname", "")),
+            lastname=str(spec.get("lastname", "")),
+            email=str(spec.get("email", "")),
+            voice_id=str(spec.get("name") or 100000 + aid % 900000),
+            extension=spec.get("extension"),
+            availability_status=spec.get("availability_status", "online"),
+            language=spec.get("language", "en"),
+            role=spec.get("role", "Agent"),
+            groups=list(spec.get("groups", [])),
+            associated_numbers=numbers,
+            default_number=default,
             call_number_id=spec.get("call_number_id") or (call_number.id if call_number else None),
             status_outbound=bool(spec.get("status_outbound", True)),
             is_daily_limit_ok=bool(spec.get("is_daily_limit_ok", True)),
-            daily_price_limit=spec.get("daily_price_limit"))
+            daily_price_limit=spec.get("daily_price_limit"),
+        )
         company.agents[aid] = agent
         return agent
 
@@ -1239,15 +1444,24 @@ class CloudTalkSim:
 
     # ---- contacts ---------------------------------------------------------------------------
 
-    def _insert_contact(self, company: Company, body: Any, *, fire: bool,
-                        explicit_id: Any = None, merge_rule: str = "none") -> Contact:
+    def _insert_contact(
+        self, company: Company, body: Any, *, fire: bool, explicit_id: Any = None, merge_rule: str = "none"
+    ) -> Contact:
         changes = parse_contact_body(body, company, self.settings, partial=False)
-        return self._create_from_changes(company, changes, body, fire=fire, explicit_id=explicit_id,
-                                         merge_rule=merge_rule)[0]
+        return self._create_from_changes(
+            company, changes, body, fire=fire, explicit_id=explicit_id, merge_rule=merge_rule
+        )[0]
 
-    def _create_from_changes(self, company: Company, changes: ContactChanges, body: dict[str, Any], *,
-                             fire: bool, explicit_id: Any = None,
-                             merge_rule: str = "none") -> tuple[Contact, bool]:
+    def _create_from_changes(
+        self,
+        company: Company,
+        changes: ContactChanges,
+        body: dict[str, Any],
+        *,
+        fire: bool,
+        explicit_id: Any = None,
+        merge_rule: str = "none",
+    ) -> tuple[Contact, bool]:
         now = time.time()
         target = find_merge_target(company, changes, merge_rule) if merge_rule != "none" else None
         if target is not None:
@@ -1259,8 +1473,13 @@ class CloudTalkSim:
         cid = int(explicit_id) if explicit_id is not None else self.next_id("contact")
         if cid in company.contacts:
             raise ValueError(f"contact {cid} exists")
-        contact = Contact(id=cid, name="", created=now, modified=now,
-                          type=body.get("type", "contact") if body.get("type") in ("contact", "lead") else "contact")
+        contact = Contact(
+            id=cid,
+            name="",
+            created=now,
+            modified=now,
+            type=body.get("type", "contact") if body.get("type") in ("contact", "lead") else "contact",
+        )
         apply_changes(contact, changes, company, lambda: self.next_id("tag"))
         company.contacts[cid] = contact
         if fire:
@@ -1302,17 +1521,20 @@ class CloudTalkSim:
         company = company or self.company
         contact = self.get_contact(contact_id, company)
         del company.contacts[contact_id]
-        body = {"event": "contact.deleted", "contact_id": contact.id, "name": contact.name,
-                "modified_at": now_iso_ms()}
+        body = {"event": "contact.deleted", "contact_id": contact.id, "name": contact.name, "modified_at": now_iso_ms()}
         self.fire(company, "contact.deleted", body)
         return contact
 
-    def change_tags(self, contact_id: int, names: Any, *, add: bool,
-                    company: Company | None = None) -> tuple[Contact, list[dict[str, str]]]:
+    def change_tags(
+        self, contact_id: int, names: Any, *, add: bool, company: Company | None = None
+    ) -> tuple[Contact, list[dict[str, str]]]:
         company = company or self.company
         contact = self.get_contact(contact_id, company)
-        if (not isinstance(names, list) or not names
-                or not all(isinstance(n, str) and n.strip() and len(n) <= 255 for n in names)):
+        if (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(n, str) and n.strip() and len(n) <= 255 for n in names)
+        ):
             raise InvalidInput({"tags": ["tags must be a non-empty list of tag names."]})
         if add:
             ids = _ensure_tags(company, names, lambda: self.next_id("tag"))
@@ -1350,8 +1572,11 @@ class CloudTalkSim:
         if spec.get("agent_id") is not None and agent_id not in company.agents:
             errors.add("agent_id", "Agent does not exist.")
         durations = {}
-        for key, default in (("waiting_time", 5), ("talking_time", 60 if status == "answered" else 0),
-                             ("wrapup_time", 0)):
+        for key, default in (
+            ("waiting_time", 5),
+            ("talking_time", 60 if status == "answered" else 0),
+            ("wrapup_time", 0),
+        ):
             value = spec.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 errors.add(key, f"{key} must be a non-negative integer (seconds).")
@@ -1377,26 +1602,36 @@ class CloudTalkSim:
         if started is None:
             started = time.time() - durations["waiting_time"] - durations["talking_time"]
         if company.number_by_e164(internal) is None:
-            self._seed_number(company, {"caller_id_e164": internal,
-                                        "internal_name": spec.get("internal_number_name")})
+            self._seed_number(company, {"caller_id_e164": internal, "internal_name": spec.get("internal_number_name")})
         contact_id = _as_id(spec.get("contact_id")) if spec.get("contact_id") is not None else None
         if contact_id is None and direction != "internal":
             contact = company.contact_by_number(external)
             contact_id = contact.id if contact else None
         call = Call(
-            id=self.next_id("call"), uuid=str(uuid.uuid4()), direction=direction,
-            answered=status == "answered", internal=internal, external=external,
-            contact_id=contact_id, agent_id=agent_id, started_at=started,
-            waiting_time=durations["waiting_time"], talking_time=durations["talking_time"],
-            wrapup_time=durations["wrapup_time"], is_voicemail=bool(spec.get("is_voicemail", False)),
-            recorded=bool(spec.get("recorded", False)), recording_token=secrets.token_urlsafe(12),
+            id=self.next_id("call"),
+            uuid=str(uuid.uuid4()),
+            direction=direction,
+            answered=status == "answered",
+            internal=internal,
+            external=external,
+            contact_id=contact_id,
+            agent_id=agent_id,
+            started_at=started,
+            waiting_time=durations["waiting_time"],
+            talking_time=durations["talking_time"],
+            wrapup_time=durations["wrapup_time"],
+            is_voicemail=bool(spec.get("is_voicemail", False)),
+            recorded=bool(spec.get("recorded", False)),
+            recording_token=secrets.token_urlsafe(12),
             tag_ids=_ensure_tags(company, tags, lambda: self.next_id("tag")),
             notes=[(self.next_id("note"), n) for n in notes],
-            rating=(self.next_id("rating"), rating) if rating is not None else None)
+            rating=(self.next_id("rating"), rating) if rating is not None else None,
+        )
         company.calls.append(call)
         if spec.get("deliver", True):
-            self.fire(company, "call.ended", call_ended_body(call, company), times=times,
-                      delay=self.settings.wrapup_delay_s)
+            self.fire(
+                company, "call.ended", call_ended_body(call, company), times=times, delay=self.settings.wrapup_delay_s
+            )
         return call
 
     def sms_event(self, spec: dict[str, Any], company: Company | None = None) -> Sms:
@@ -1427,9 +1662,16 @@ class CloudTalkSim:
         errors.raise_if_any()
         assert internal is not None and external is not None and created is not None
         contact = company.contact_by_number(external)
-        sms = Sms(id=self.next_id("sms"), direction=direction, internal=internal, external=external,
-                  contact_id=contact.id if contact else None,
-                  agent_id=None if direction == "incoming" else agent_id, text=text, created_at=created)
+        sms = Sms(
+            id=self.next_id("sms"),
+            direction=direction,
+            internal=internal,
+            external=external,
+            contact_id=contact.id if contact else None,
+            agent_id=None if direction == "incoming" else agent_id,
+            text=text,
+            created_at=created,
+        )
         company.sms.append(sms)
         if spec.get("deliver", True):
             trigger = "sms.received" if direction == "incoming" else "sms.sent"
@@ -1438,9 +1680,15 @@ class CloudTalkSim:
 
     # ---- workflows and deliveries -----------------------------------------------------------
 
-    def add_workflow(self, trigger: str, url: str, method: str = "POST",
-                     headers: dict[str, str] | None = None, active: bool = True,
-                     company: Company | None = None) -> Workflow:
+    def add_workflow(
+        self,
+        trigger: str,
+        url: str,
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
+        active: bool = True,
+        company: Company | None = None,
+    ) -> Workflow:
         if trigger != "*" and trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS} or '*'")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -1455,17 +1703,26 @@ class CloudTalkSim:
         (company or self.company).workflows.append(workflow)
         return workflow
 
-    def fire(self, company: Company, trigger: str, body: dict[str, Any], *, times: int = 1,
-             delay: float = 0.0) -> list[Delivery]:
+    def fire(
+        self, company: Company, trigger: str, body: dict[str, Any], *, times: int = 1, delay: float = 0.0
+    ) -> list[Delivery]:
         """Queue one delivery per matching active workflow (``times`` copies each)."""
         out = []
         for workflow in company.workflows:
             if not workflow.active or workflow.trigger not in (trigger, "*"):
                 continue
             for copy in range(1, times + 1):
-                delivery = Delivery(self.next_id("delivery"), workflow.id, trigger, workflow.url,
-                                    workflow.method, body,
-                                    sorted(set(DELIVERY_HEADERS) | set(workflow.headers)), copy, time.time())
+                delivery = Delivery(
+                    self.next_id("delivery"),
+                    workflow.id,
+                    trigger,
+                    workflow.url,
+                    workflow.method,
+                    body,
+                    sorted(set(DELIVERY_HEADERS) | set(workflow.headers)),
+                    copy,
+                    time.time(),
+                )
                 company.deliveries.append(delivery)
                 out.append(delivery)
                 self._spawn(self._deliver(delivery, workflow, delay))
@@ -1495,9 +1752,14 @@ class CloudTalkSim:
         for attempt in range(1, settings.delivery_attempts + 1):
             record: dict[str, Any] = {"attempt": attempt, "at": now_iso_ms(), "status": None, "error": None}
             try:
-                async with session.request(delivery.method, delivery.url, data=data, headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=settings.delivery_timeout_s),
-                                           allow_redirects=False) as resp:
+                async with session.request(
+                    delivery.method,
+                    delivery.url,
+                    data=data,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=settings.delivery_timeout_s),
+                    allow_redirects=False,
+                ) as resp:
                     await resp.read()
                     record["status"] = resp.status
             except (TimeoutError, aiohttp.ClientError) as exc:
@@ -1506,14 +1768,26 @@ class CloudTalkSim:
             status = record["status"]
             if status is not None and 200 <= status < 300:
                 delivery.status, delivery.delivered_at = "delivered", time.time()
-                log.info("workflow_delivered", trigger=delivery.trigger, delivery_id=delivery.id,
-                         attempt=attempt, status=status)
+                log.info(
+                    "workflow_delivered",
+                    trigger=delivery.trigger,
+                    delivery_id=delivery.id,
+                    attempt=attempt,
+                    status=status,
+                )
                 return
-            log.warning("workflow_delivery_failed", trigger=delivery.trigger, delivery_id=delivery.id,
-                        attempt=attempt, status=status, error=record["error"])
+            log.warning(
+                "workflow_delivery_failed",
+                trigger=delivery.trigger,
+                delivery_id=delivery.id,
+                attempt=attempt,
+                status=status,
+                error=record["error"],
+            )
             if attempt < settings.delivery_attempts:
-                await asyncio.sleep(min(settings.delivery_base_delay_s * 2 ** (attempt - 1),
-                                        settings.delivery_max_delay_s))
+                await asyncio.sleep(
+                    min(settings.delivery_base_delay_s * 2 ** (attempt - 1), settings.delivery_max_delay_s)
+                )
         delivery.status = "failed"
 
     async def wait_deliveries(self, within_s: float = 10.0) -> bool:
@@ -1542,7 +1816,9 @@ class CloudTalkSim:
         company = company or self.company
         return {
             "company": {"id": company.id, "name": company.name, "key_id": company.key_id},
-            "contacts": [render_contact_show(c, company) for c in sorted(company.contacts.values(), key=lambda c: c.id)],
+            "contacts": [
+                render_contact_show(c, company) for c in sorted(company.contacts.values(), key=lambda c: c.id)
+            ],
             "calls": [render_call(c, company, self.settings) for c in company.calls],
             "sms": [sms_body(s) for s in company.sms],
             "deliveries": [d.public() for d in company.deliveries],
@@ -1557,8 +1833,11 @@ class CloudTalkSim:
     # ---- HTTP -------------------------------------------------------------------------------
 
     def rate_headers(self, state: WindowState) -> dict[str, str]:
-        return {"X-CloudTalkAPI-Limit": str(state.limit), "X-CloudTalkAPI-Remaining": str(state.remaining),
-                "X-CloudTalkAPI-ResetTime": str(math.ceil(state.reset_at))}
+        return {
+            "X-CloudTalkAPI-Limit": str(state.limit),
+            "X-CloudTalkAPI-Remaining": str(state.remaining),
+            "X-CloudTalkAPI-ResetTime": str(math.ceil(state.reset_at)),
+        }
 
     @web.middleware
     async def api_middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
@@ -1638,11 +1917,14 @@ class CloudTalkSim:
         tag_id = int_param(q, "tag_id", errors)
         errors.raise_if_any()
         keyword, industry = q.get("keyword"), q.get("industry")
-        items = [c for c in sorted(company.contacts.values(), key=lambda c: c.id)
-                 if (country_id is None or c.country_id == country_id)
-                 and (tag_id is None or tag_id in c.tag_ids)
-                 and (not industry or c.industry.lower() == industry.lower())
-                 and (not keyword or keyword_matches(c, keyword, self.settings))]
+        items = [
+            c
+            for c in sorted(company.contacts.values(), key=lambda c: c.id)
+            if (country_id is None or c.country_id == country_id)
+            and (tag_id is None or tag_id in c.tag_ids)
+            and (not industry or c.industry.lower() == industry.lower())
+            and (not keyword or keyword_matches(c, keyword, self.settings))
+        ]
         return ok(paginate(items, page, limit, lambda c: render_contact_index(c, company)))
 
     async def h_contacts_add(self, request: web.Request) -> web.Response:
@@ -1673,8 +1955,12 @@ class CloudTalkSim:
 
     async def h_attributes(self, request: web.Request) -> web.Response:
         company: Company = request[COMPANY]
-        return ok([{"ContactAttribute": {"id": str(aid), "title": title}}
-                   for aid, title in sorted(company.attributes.items())])
+        return ok(
+            [
+                {"ContactAttribute": {"id": str(aid), "title": title}}
+                for aid, title in sorted(company.attributes.items())
+            ]
+        )
 
     async def _tags_change(self, request: web.Request, add: bool) -> web.Response:
         company: Company = request[COMPANY]
@@ -1694,9 +1980,12 @@ class CloudTalkSim:
         return await self._tags_change(request, add=False)
 
     async def h_countries(self, _request: web.Request) -> web.Response:
-        return ok([{"Country": {"id": str(cid), "name": name, "country_code": iso2, "iso3": iso3,
-                                "calling_code": calling}}
-                   for cid, name, iso2, iso3, calling in COUNTRIES])
+        return ok(
+            [
+                {"Country": {"id": str(cid), "name": name, "country_code": iso2, "iso3": iso3, "calling_code": calling}}
+                for cid, name, iso2, iso3, calling in COUNTRIES
+            ]
+        )
 
     async def h_agents(self, request: web.Request) -> web.Response:
         company: Company = request[COMPANY]
@@ -1706,9 +1995,12 @@ class CloudTalkSim:
         agent_id = int_param(q, "id", errors)
         errors.raise_if_any()
         number = loose_e164(q.get("associated_number")) if q.get("associated_number") else None
-        items = [a for _, a in sorted(company.agents.items())
-                 if (agent_id is None or a.id == agent_id)
-                 and (not q.get("associated_number") or number in a.associated_numbers)]
+        items = [
+            a
+            for _, a in sorted(company.agents.items())
+            if (agent_id is None or a.id == agent_id)
+            and (not q.get("associated_number") or number in a.associated_numbers)
+        ]
         return ok(paginate(items, page, limit, render_agent_index))
 
     async def h_numbers(self, request: web.Request) -> web.Response:
@@ -1722,12 +2014,15 @@ class CloudTalkSim:
         connected_to = int_param(q, "connected_to", errors, minimum=0, maximum=3)
         is_free = int_param(q, "is_free", errors, minimum=0, maximum=1)
         errors.raise_if_any()
-        items = [n for _, n in sorted(company.numbers.items())
-                 if (nid is None or n.id == nid)
-                 and (country_code is None or n.country_code == str(country_code))
-                 and (area_code is None or n.area_code == str(area_code))
-                 and (connected_to is None or n.connected_to == connected_to)
-                 and (is_free is None or (n.source_id is None) == bool(is_free))]
+        items = [
+            n
+            for _, n in sorted(company.numbers.items())
+            if (nid is None or n.id == nid)
+            and (country_code is None or n.country_code == str(country_code))
+            and (area_code is None or n.area_code == str(area_code))
+            and (connected_to is None or n.connected_to == connected_to)
+            and (is_free is None or (n.source_id is None) == bool(is_free))
+        ]
         return ok(paginate(items, page, limit, render_number_index))
 
     async def h_tags(self, request: web.Request) -> web.Response:
@@ -1745,8 +2040,10 @@ class CloudTalkSim:
         q = request.query
         errors = _Errors()
         page, limit = page_params(q, self.settings, errors)
-        ints = {name: int_param(q, name, errors)
-                for name in ("call_id", "contact_id", "user_id", "tag_id", "agent_extension")}
+        ints = {
+            name: int_param(q, name, errors)
+            for name in ("call_id", "contact_id", "user_id", "tag_id", "agent_extension")
+        }
         window: dict[str, float | None] = {}
         for name in ("date_from", "date_to"):
             window[name] = parse_time(q[name]) if q.get(name) else None
@@ -1760,22 +2057,27 @@ class CloudTalkSim:
         errors.raise_if_any()
         external = loose_e164(q["public_external"]) if q.get("public_external") else None
         internal = loose_e164(q["public_internal"]) if q.get("public_internal") else None
-        ext_agents = ({a.id for a in company.agents.values() if a.extension == ints["agent_extension"]}
-                      if ints["agent_extension"] is not None else None)
+        ext_agents = (
+            {a.id for a in company.agents.values() if a.extension == ints["agent_extension"]}
+            if ints["agent_extension"] is not None
+            else None
+        )
 
         def keep(c: Call) -> bool:
             started = math.floor(c.started_at)
-            return ((window["date_from"] is None or started >= window["date_from"])
-                    and (window["date_to"] is None or started <= window["date_to"])
-                    and (not ctype or c.direction == ctype)
-                    and (not status or c.answered == (status == "answered"))
-                    and (ints["call_id"] is None or c.id == ints["call_id"])
-                    and (ints["contact_id"] is None or c.contact_id == ints["contact_id"])
-                    and (ints["user_id"] is None or c.agent_id == ints["user_id"])
-                    and (ints["tag_id"] is None or ints["tag_id"] in c.tag_ids)
-                    and (ext_agents is None or c.agent_id in ext_agents)
-                    and (not q.get("public_external") or c.external == external)
-                    and (not q.get("public_internal") or c.internal == internal))
+            return (
+                (window["date_from"] is None or started >= window["date_from"])
+                and (window["date_to"] is None or started <= window["date_to"])
+                and (not ctype or c.direction == ctype)
+                and (not status or c.answered == (status == "answered"))
+                and (ints["call_id"] is None or c.id == ints["call_id"])
+                and (ints["contact_id"] is None or c.contact_id == ints["contact_id"])
+                and (ints["user_id"] is None or c.agent_id == ints["user_id"])
+                and (ints["tag_id"] is None or ints["tag_id"] in c.tag_ids)
+                and (ext_agents is None or c.agent_id in ext_agents)
+                and (not q.get("public_external") or c.external == external)
+                and (not q.get("public_internal") or c.internal == internal)
+            )
 
         items = sorted((c for c in company.calls if keep(c)), key=lambda c: (c.started_at, c.id))
         return ok(paginate(items, page, limit, lambda c: render_call(c, company, self.settings)))
@@ -1833,9 +2135,16 @@ class CloudTalkSim:
         if not isinstance(body, dict):
             raise ValueError("body must be a JSON object")
         call = self.end_call(body, company)
-        return json_response({"call_id": call.id, "call_uuid": call.uuid, "contact_id": call.contact_id,
-                              "record": render_call(call, company, self.settings),
-                              "body": call_ended_body(call, company)}, status=201)
+        return json_response(
+            {
+                "call_id": call.id,
+                "call_uuid": call.uuid,
+                "contact_id": call.contact_id,
+                "record": render_call(call, company, self.settings),
+                "body": call_ended_body(call, company),
+            },
+            status=201,
+        )
 
     @_inspect
     async def i_sms(self, _request: web.Request, company: Company, body: Any) -> web.Response:
@@ -1852,8 +2161,9 @@ class CloudTalkSim:
     @_inspect
     async def i_import_contact(self, _request: web.Request, company: Company, body: Any) -> web.Response:
         contact, merged = self.import_contact(body, company)
-        return json_response({"id": contact.id, "merged": merged,
-                              "contact": render_contact_show(contact, company)}, status=201)
+        return json_response(
+            {"id": contact.id, "merged": merged, "contact": render_contact_show(contact, company)}, status=201
+        )
 
     @_inspect
     async def i_edit_contact(self, request: web.Request, company: Company, body: Any) -> web.Response:
@@ -1894,8 +2204,11 @@ class CloudTalkSim:
     async def i_deliveries(self, request: web.Request, company: Company, _body: Any) -> web.Response:
         q = request.query
         since = int(q.get("since", "0"))
-        rows = [d.public() for d in company.deliveries
-                if d.id > since and q.get("trigger") in (None, d.trigger) and q.get("status") in (None, d.status)]
+        rows = [
+            d.public()
+            for d in company.deliveries
+            if d.id > since and q.get("trigger") in (None, d.trigger) and q.get("status") in (None, d.status)
+        ]
         return json_response({"deliveries": rows, "count": len(rows)})
 
     @_inspect
@@ -1924,9 +2237,13 @@ CLOUDTALK_SIM = web.AppKey("cloudtalk_sim", CloudTalkSim)  # the simulator behin
 
 
 @contextlib.asynccontextmanager
-async def running_cloudtalk_sim(settings: CloudTalkSimSettings | None = None, *,
-                                seed: dict[str, Any] | None = None, host: str = "127.0.0.1",
-                                port: int = 0) -> AsyncIterator[tuple[CloudTalkSim, str]]:
+async def running_cloudtalk_sim(
+    settings: CloudTalkSimSettings | None = None,
+    *,
+    seed: dict[str, Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> AsyncIterator[tuple[CloudTalkSim, str]]:
     """``async with running_cloudtalk_sim(settings) as (sim, api_base_url)``; the inspection routes
     live at ``api_base_url`` without ``/api`` (also ``sim.root_url``)."""
     sim = CloudTalkSim(settings, seed=seed)
@@ -1951,32 +2268,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--key-id", default=d.key_id, help="API access key id of the default company")
     a("--key-secret", default=d.key_secret, help="API access key secret of the default company")
-    a("--company", action="append", default=[], metavar="KEY_ID:SECRET",
-      type=lambda s: _pair(s, ":", "KEY_ID:SECRET"), help="another company (own data and rate window); repeatable")
+    a(
+        "--company",
+        action="append",
+        default=[],
+        metavar="KEY_ID:SECRET",
+        type=lambda s: _pair(s, ":", "KEY_ID:SECRET"),
+        help="another company (own data and rate window); repeatable",
+    )
     a("--rate-limit", type=int, default=d.rate_limit, help="requests per window per company (default 60)")
     a("--window-seconds", type=float, default=d.window_seconds, help="rate window length (default 60)")
-    a("--rate-headers", choices=("always", "429"), default="always",
-      help="send X-CloudTalkAPI-* headers on every response or only on 429 (default always)")
+    a(
+        "--rate-headers",
+        choices=("always", "429"),
+        default="always",
+        help="send X-CloudTalkAPI-* headers on every response or only on 429 (default always)",
+    )
     a("--page-size", type=int, default=d.page_size, help="default page size when limit is omitted (default 30)")
-    a("--keyword-fields", default=",".join(d.keyword_fields),
-      help=f"what keyword searches, comma-separated from {','.join(KEYWORD_FIELDS)}")
+    a(
+        "--keyword-fields",
+        default=",".join(d.keyword_fields),
+        help=f"what keyword searches, comma-separated from {','.join(KEYWORD_FIELDS)}",
+    )
     a("--keyword-exact", action="store_true", help="keyword must equal a whole value (default: substring)")
     a("--merge-api-contacts", action="store_true", help="apply the merge rule to API-created contacts too")
     a("--merge-rule", choices=MERGE_RULES, default=d.merge_rule, help="merge rule of integration imports")
-    a("--phone-validation", choices=PHONE_VALIDATION, default=d.phone_validation,
-      help="E.164 check of contact numbers: format, possible (default) or valid number")
-    a("--call-missing-relation", choices=MISSING_RELATION, default=d.call_missing_relation,
-      help="call records without contact/agent: omit the key (default) or send null")
+    a(
+        "--phone-validation",
+        choices=PHONE_VALIDATION,
+        default=d.phone_validation,
+        help="E.164 check of contact numbers: format, possible (default) or valid number",
+    )
+    a(
+        "--call-missing-relation",
+        choices=MISSING_RELATION,
+        default=d.call_missing_relation,
+        help="call records without contact/agent: omit the key (default) or send null",
+    )
     a("--no-updated-on-noop", action="store_true", help="an edit that changes nothing fires no contact.updated")
     a("--wrapup-delay", type=float, default=d.wrapup_delay_s, help="seconds between call end and call.ended")
     a("--delivery-attempts", type=int, default=d.delivery_attempts, help="tries per workflow delivery")
     a("--delivery-base-delay", type=float, default=d.delivery_base_delay_s, help="first retry delay (s)")
     a("--delivery-timeout", type=float, default=d.delivery_timeout_s, help="per-attempt timeout (s)")
-    a("--workflow", action="append", default=[], metavar="TRIGGER=URL",
-      type=lambda s: _pair(s, "=", "TRIGGER=URL"),
-      help=f"deliver TRIGGER ({', '.join(TRIGGERS)} or *) to URL; repeatable")
-    a("--workflow-header", action="append", default=[], metavar="NAME:VALUE",
-      type=lambda s: _pair(s, ":", "NAME:VALUE"), help="static header on every delivery; repeatable")
+    a(
+        "--workflow",
+        action="append",
+        default=[],
+        metavar="TRIGGER=URL",
+        type=lambda s: _pair(s, "=", "TRIGGER=URL"),
+        help=f"deliver TRIGGER ({', '.join(TRIGGERS)} or *) to URL; repeatable",
+    )
+    a(
+        "--workflow-header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        type=lambda s: _pair(s, ":", "NAME:VALUE"),
+        help="static header on every delivery; repeatable",
+    )
     a("--workflow-method", default="POST", choices=("POST", "PUT", "PATCH", "GET", "DELETE"))
     a("--seed-file", type=Path, default=None, help="JSON seed: contacts, agents, numbers, tags, attributes, workflows")
     a("--fault-seed", type=int, default=None, help="random seed of probabilistic faults")
@@ -1984,16 +2333,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> CloudTalkSimSettings:
     return CloudTalkSimSettings(
-        key_id=args.key_id, key_secret=args.key_secret, rate_limit=args.rate_limit,
-        window_seconds=args.window_seconds, rate_headers_always=args.rate_headers == "always",
+        key_id=args.key_id,
+        key_secret=args.key_secret,
+        rate_limit=args.rate_limit,
+        window_seconds=args.window_seconds,
+        rate_headers_always=args.rate_headers == "always",
         page_size=args.page_size,
         keyword_fields=tuple(f.strip() for f in args.keyword_fields.split(",") if f.strip()),
-        keyword_substring=not args.keyword_exact, merge_api_contacts=args.merge_api_contacts,
-        merge_rule=args.merge_rule, phone_validation=args.phone_validation,
+        keyword_substring=not args.keyword_exact,
+        merge_api_contacts=args.merge_api_contacts,
+        merge_rule=args.merge_rule,
+        phone_validation=args.phone_validation,
         call_missing_relation=args.call_missing_relation,
-        contact_updated_on_noop=not args.no_updated_on_noop, wrapup_delay_s=args.wrapup_delay,
-        delivery_attempts=args.delivery_attempts, delivery_base_delay_s=args.delivery_base_delay,
-        delivery_timeout_s=args.delivery_timeout)
+        contact_updated_on_noop=not args.no_updated_on_noop,
+        wrapup_delay_s=args.wrapup_delay,
+        delivery_attempts=args.delivery_attempts,
+        delivery_base_delay_s=args.delivery_base_delay,
+        delivery_timeout_s=args.delivery_timeout,
+    )
 
 
 def app_from_args(args: argparse.Namespace) -> web.Application:
@@ -2001,10 +2358,15 @@ def app_from_args(args: argparse.Namespace) -> web.Application:
     headers = dict(args.workflow_header)
     seed["workflows"] = list(seed.get("workflows", [])) + [
         {"trigger": trigger, "url": url, "method": args.workflow_method, "headers": headers}
-        for trigger, url in args.workflow]
+        for trigger, url in args.workflow
+    ]
     sim = CloudTalkSim(settings_from_args(args), seed=seed, fault_seed=args.fault_seed)
     for key_id, key_secret in args.company:
         sim.add_company(key_id, key_secret)
-    log.info("cloudtalk_sim_configured", companies=len(sim.companies),
-             workflows=len(sim.company.workflows), rate_limit=sim.settings.rate_limit)
+    log.info(
+        "cloudtalk_sim_configured",
+        companies=len(sim.companies),
+        workflows=len(sim.company.workflows),
+        rate_limit=sim.settings.rate_limit,
+    )
     return sim.build_app()

@@ -23,8 +23,9 @@ HELP = {"kustomer": "Kustomer REST API simulator", "cloudtalk": "CloudTalk REST 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sim", help="run a CloudTalk or Kustomer API simulator")
     platforms = p.add_subparsers(dest="platform", metavar="<platform>", required=True)
-    chosen = next((a for a in sys.argv[sys.argv.index("sim") + 1:] if a in SIMULATORS), None) \
-        if "sim" in sys.argv else None
+    chosen = (
+        next((a for a in sys.argv[sys.argv.index("sim") + 1 :] if a in SIMULATORS), None) if "sim" in sys.argv else None
+    )
     for name, module_name in SIMULATORS.items():
         if chosen is not None and name != chosen:  # only the chosen simulator is imported
             platforms.add_parser(name, help=HELP[name], add_help=False)
@@ -32,8 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         module = importlib.import_module(module_name)
         sp = platforms.add_parser(name, help=module.HELP)
         sp.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-        sp.add_argument("--port", type=int, default=module.DEFAULT_PORT,
-                        help=f"listen port (default {module.DEFAULT_PORT}; 0 = any free port)")
+        sp.add_argument(
+            "--port",
+            type=int,
+            default=module.DEFAULT_PORT,
+            help=f"listen port (default {module.DEFAULT_PORT}; 0 = any free port)",
+        )
         sp.add_argument("--log-level", default="INFO")
         module.add_arguments(sp)
         sp.set_defaults(func=lambda args, module=module, name=name: _run(name, module, args))

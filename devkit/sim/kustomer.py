@@ -7,7 +7,8 @@ API routes (``Authorization: Bearer <key>``; JSON:API envelopes of §2.1)::
     GET    /v1/auth/tokens/current · /v1/users/current · /v1/users · /v1/users/{id}
     GET    /v1/companies · /v1/companies/{id}          POST /v1/companies
     POST   /v1/customers                               201 (setting create_status)
-    GET    /v1/customers                               filter[updatedAt|createdAt][gte|gt|lte|lt], sort, page, pageSize ≤ 100
+    GET    /v1/customers                               filter[updatedAt|createdAt][gte|gt|lte|lt], sort, page,
+                                                       pageSize ≤ 100
     GET    /v1/customers/{id}                          also email={e}, phone={p}, externalId={x} (404 when none)
     PUT    /v1/customers/{id}[?replace=false]          without replace=false the sent body replaces the customer
     PATCH  /v1/customers/{id}                          [ASSUMPTION] partial update (setting patch_customers)
@@ -105,19 +106,30 @@ UNIQUE_LISTS = {"emails": "email", "phones": "phone", "whatsapps": "phone", "soc
 UNIQUE_KINDS = {"emails": "email", "phones": "phone", "whatsapps": "whatsapp", "socials": "username"}
 SHARED_LISTS = ("sharedEmails", "sharedPhones", "sharedWhatsapps", "sharedSocials", "sharedExternalIds")
 CUSTOMER_EVENTS = ("kustomer.customer.create", "kustomer.customer.update")
-SUBSCRIBABLE = CUSTOMER_EVENTS + ("kustomer.conversation.create", "kustomer.conversation.update",
-                                  "kustomer.message.create")
+SUBSCRIBABLE = CUSTOMER_EVENTS + (
+    "kustomer.conversation.create",
+    "kustomer.conversation.update",
+    "kustomer.message.create",
+)
 
 # accepted roles per operation (any one); org.admin and the base families grant everything
 R_CUSTOMER_READ = ("org.permission.customer.read", "org.user.customer.read")
 R_CUSTOMER_WRITE = ("org.permission.customer.create", "org.permission.customer.update", "org.user.customer.write")
 R_CONV_READ = ("org.permission.conversation.read", "org.user.conversation.read")
-R_CONV_WRITE = ("org.permission.conversation.create", "org.permission.conversation.update", "org.user.conversation.write")
+R_CONV_WRITE = (
+    "org.permission.conversation.create",
+    "org.permission.conversation.update",
+    "org.user.conversation.write",
+)
 R_NOTE_READ = ("org.permission.note.read", "org.user.note.read")
 R_NOTE_WRITE = ("org.permission.note.create", "org.permission.note.update", "org.user.note.write")
 R_SEARCH = ("org.permission.search.create", "org.user.search.read", "org.admin.search.read")
-R_HOOKS = ("org.permission.outbound_webhook", "org.permission.outbound_webhook.read", "org.admin.outbound_webhooks",
-           "org.outbound_webhooks")
+R_HOOKS = (
+    "org.permission.outbound_webhook",
+    "org.permission.outbound_webhook.read",
+    "org.admin.outbound_webhooks",
+    "org.outbound_webhooks",
+)
 R_ANY = ("*",)
 
 
@@ -125,27 +137,27 @@ R_ANY = ("*",)
 class KustomerSimSettings:
     """Everything configurable; [ASSUMPTION] marks defaults the reference could not confirm."""
 
-    org_name: str = "acme"                     # [--org-name]
-    rate_limit: int = 1000                     # [--rate-limit] org-wide per window (Enterprise plan)
-    window_seconds: float = 60.0               # [--window-seconds]
-    per_customer_limit: int = 120              # [--per-customer-limit] conversation / note creates per customer
-    search_limit: int = 100                    # [--search-limit] searches per window per key
-    rate_headers_always: bool = True           # [--rate-headers always|429] [ASSUMPTION §2.8]
-    create_status: int = 201                   # [--create-status] [ASSUMPTION §6.11] 200 or 201
-    unique_phones: str = "exact"               # [--unique-phones exact|e164] [ASSUMPTION §2.3.3] how phone
-                                               # uniqueness compares values; lookups match on E.164 either way
-    patch_customers: bool = True               # [--no-patch-customers] [ASSUMPTION §2.2]
-    legacy_notes_route: bool = True            # [--no-legacy-notes] [ASSUMPTION §2.2]
+    org_name: str = "acme"  # [--org-name]
+    rate_limit: int = 1000  # [--rate-limit] org-wide per window (Enterprise plan)
+    window_seconds: float = 60.0  # [--window-seconds]
+    per_customer_limit: int = 120  # [--per-customer-limit] conversation / note creates per customer
+    search_limit: int = 100  # [--search-limit] searches per window per key
+    rate_headers_always: bool = True  # [--rate-headers always|429] [ASSUMPTION §2.8]
+    create_status: int = 201  # [--create-status] [ASSUMPTION §6.11] 200 or 201
+    unique_phones: str = "exact"  # [--unique-phones exact|e164] [ASSUMPTION §2.3.3] how phone
+    # uniqueness compares values; lookups match on E.164 either way
+    patch_customers: bool = True  # [--no-patch-customers] [ASSUMPTION §2.2]
+    legacy_notes_route: bool = True  # [--no-legacy-notes] [ASSUMPTION §2.2]
     max_page_size: int = 100
     search_max_page_size: int = 500
     note_max_length: int = 10_240
-    webhook_allow_http: bool = False           # [--webhook-allow-http] the API demands https
-    webhook_attempts: int = 6                  # [--webhook-attempts] tries per event
-    webhook_base_delay_s: float = 0.5          # [--webhook-base-delay] backoff base * 2**(n-1)
+    webhook_allow_http: bool = False  # [--webhook-allow-http] the API demands https
+    webhook_attempts: int = 6  # [--webhook-attempts] tries per event
+    webhook_base_delay_s: float = 0.5  # [--webhook-base-delay] backoff base * 2**(n-1)
     webhook_max_delay_s: float = 30.0
-    webhook_timeout_s: float = 5.0             # [--webhook-timeout] per attempt
-    webhook_shuffle_ms: int = 0                # [--webhook-shuffle-ms] random delay before a delivery: out of order
-    webhook_disable_after: int = 50            # events failed in a row before a webhook is disabled
+    webhook_timeout_s: float = 5.0  # [--webhook-timeout] per attempt
+    webhook_shuffle_ms: int = 0  # [--webhook-shuffle-ms] random delay before a delivery: out of order
+    webhook_disable_after: int = 50  # events failed in a row before a webhook is disabled
 
     def check(self) -> None:
         problems = []
@@ -166,8 +178,17 @@ class KustomerSimSettings:
 class ApiError(Exception):
     """An error answer in Kustomer's shape (both §2.9 forms at once)."""
 
-    CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "duplicate",
-             413: "payload_too_large", 429: "too_many_requests", 500: "internal_error", 503: "unavailable"}
+    CODES = {
+        400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        409: "duplicate",
+        413: "payload_too_large",
+        429: "too_many_requests",
+        500: "internal_error",
+        503: "unavailable",
+    }
 
     def __init__(self, status: int, detail: str, pointer: str | None = None, parameter: str | None = None) -> None:
         super().__init__(detail)
@@ -175,8 +196,14 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         code = self.CODES.get(self.status, "error")
-        err: dict[str, Any] = {"status": str(self.status), "code": code, "title": code.replace("_", " "),
-                               "detail": self.detail, "message": self.detail, "meta": {}}
+        err: dict[str, Any] = {
+            "status": str(self.status),
+            "code": code,
+            "title": code.replace("_", " "),
+            "detail": self.detail,
+            "message": self.detail,
+            "meta": {},
+        }
         if self.pointer:
             err["source"] = {"pointer": self.pointer}
         elif self.parameter:
@@ -249,8 +276,14 @@ class Delivery:
 
 
 class KustomerSim:
-    def __init__(self, settings: KustomerSimSettings | None = None, *, keys: dict[str, tuple[str, ...]] | None = None,
-                 seed: dict[str, Any] | None = None, fault_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: KustomerSimSettings | None = None,
+        *,
+        keys: dict[str, tuple[str, ...]] | None = None,
+        seed: dict[str, Any] | None = None,
+        fault_seed: int | None = None,
+    ) -> None:
         self.settings = settings or KustomerSimSettings()
         self.settings.check()
         self.log = RequestLog()
@@ -289,7 +322,9 @@ class KustomerSim:
     def new_id(self) -> str:
         return object_id(lambda: next(self._counter))
 
-    def add_user(self, name: str, email: str | None, machine: bool = False, user_id: str | None = None) -> dict[str, Any]:
+    def add_user(
+        self, name: str, email: str | None, machine: bool = False, user_id: str | None = None
+    ) -> dict[str, Any]:
         uid = user_id or self.new_id()
         now = time.time()
         self.users[uid] = {"id": uid, "name": name, "email": email, "machine": machine, "createdAt": now}
@@ -308,8 +343,12 @@ class KustomerSim:
         for c in data.get("companies") or []:
             cid = c.get("id") or self.new_id()
             now = time.time()
-            self.companies[cid] = {"id": cid, "attributes": {"name": c.get("name"), **(c.get("attributes") or {})},
-                                   "createdAt": now, "updatedAt": now}
+            self.companies[cid] = {
+                "id": cid,
+                "attributes": {"name": c.get("name"), **(c.get("attributes") or {})},
+                "createdAt": now,
+                "updatedAt": now,
+            }
             out["companies"].append(cid)
         for c in data.get("customers") or []:
             attrs = {k: v for k, v in c.items() if k not in ("id", "createdBy", "modifiedBy", "company")}
@@ -317,8 +356,9 @@ class KustomerSim:
             if author not in self.users:
                 self.add_user("Seeded user", None, user_id=author)
             ts = _parse_time(c["updatedAt"]) if c.get("updatedAt") else None
-            customer = self._create_customer(attrs, author, cid=c.get("id"), company=c.get("company"), at=ts,
-                                             check=True)
+            customer = self._create_customer(
+                attrs, author, cid=c.get("id"), company=c.get("company"), at=ts, check=True
+            )
             out["customers"].append(customer["id"])
         return out
 
@@ -326,13 +366,28 @@ class KustomerSim:
     def _validate_customer(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or not body:
             raise ApiError(400, "Invalid request body or parameters: expected a JSON object.", "/data")
-        for key in ("name", "externalId", "username", "avatarUrl", "birthdayAt", "defaultLang", "importedAt", "company"):
+        for key in (
+            "name",
+            "externalId",
+            "username",
+            "avatarUrl",
+            "birthdayAt",
+            "defaultLang",
+            "importedAt",
+            "company",
+        ):
             if key in body and body[key] is not None and not isinstance(body[key], str):
                 raise ApiError(400, f"{key} must be a string.", f"/data/attributes/{key}")
         if "gender" in body and body["gender"] not in (None, "m", "f"):
             raise ApiError(400, "gender must be one of m, f.", "/data/attributes/gender")
-        for list_name, value_key in (*UNIQUE_LISTS.items(), ("sharedEmails", "email"), ("sharedPhones", "phone"),
-                                     ("sharedWhatsapps", "phone"), ("sharedSocials", "username"), ("urls", "url")):
+        for list_name, value_key in (
+            *UNIQUE_LISTS.items(),
+            ("sharedEmails", "email"),
+            ("sharedPhones", "phone"),
+            ("sharedWhatsapps", "phone"),
+            ("sharedSocials", "username"),
+            ("urls", "url"),
+        ):
             items = body.get(list_name)
             if items is None:
                 continue
@@ -340,15 +395,23 @@ class KustomerSim:
                 raise ApiError(400, f"{list_name} must be an array.", f"/data/attributes/{list_name}")
             for i, item in enumerate(items):
                 if not isinstance(item, dict) or not isinstance(item.get(value_key), str) or not item[value_key]:
-                    raise ApiError(400, f"{list_name}[{i}].{value_key} is required and must be a string.",
-                                   f"/data/attributes/{list_name}/{i}/{value_key}")
+                    raise ApiError(
+                        400,
+                        f"{list_name}[{i}].{value_key} is required and must be a string.",
+                        f"/data/attributes/{list_name}/{i}/{value_key}",
+                    )
                 if list_name in ("emails", "sharedEmails") and "@" not in item["email"]:
-                    raise ApiError(400, f"{list_name}[{i}].email is not a valid e-mail address.",
-                                   f"/data/attributes/{list_name}/{i}/email")
+                    raise ApiError(
+                        400,
+                        f"{list_name}[{i}].email is not a valid e-mail address.",
+                        f"/data/attributes/{list_name}/{i}/email",
+                    )
         for list_name in ("externalIds", "sharedExternalIds"):
             items = body.get(list_name)
-            if items is not None and (not isinstance(items, list) or
-                                      not all(isinstance(x, dict) and isinstance(x.get("externalId"), str) for x in items)):
+            if items is not None and (
+                not isinstance(items, list)
+                or not all(isinstance(x, dict) and isinstance(x.get("externalId"), str) for x in items)
+            ):
                 raise ApiError(400, f"{list_name} must be an array of {{externalId}}.", f"/data/attributes/{list_name}")
         if "locations" in body and body["locations"] is not None and not isinstance(body["locations"], list):
             raise ApiError(400, "locations must be an array.", "/data/attributes/locations")
@@ -360,8 +423,11 @@ class KustomerSim:
                 raise ApiError(400, "custom must be an object.", "/data/attributes/custom")
             for k in custom:
                 if not k.endswith(CUSTOM_SUFFIXES):
-                    raise ApiError(400, f"custom attribute {k!r} must end with one of {', '.join(CUSTOM_SUFFIXES)}.",
-                                   f"/data/attributes/custom/{k}")
+                    raise ApiError(
+                        400,
+                        f"custom attribute {k!r} must end with one of {', '.join(CUSTOM_SUFFIXES)}.",
+                        f"/data/attributes/custom/{k}",
+                    )
         return body
 
     def _unique_values(self, attrs: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -371,8 +437,11 @@ class KustomerSim:
             kind = UNIQUE_KINDS[list_name]
             for i, item in enumerate(attrs.get(list_name) or []):
                 value = item[value_key]
-                compared = value.strip() if kind == "phone" and self.settings.unique_phones == "exact" \
+                compared = (
+                    value.strip()
+                    if kind == "phone" and self.settings.unique_phones == "exact"
                     else _unique_value(kind, value)
+                )
                 out.append((kind, compared, f"/data/attributes/{list_name}/{i}/{value_key}"))
         ext = [attrs["externalId"]] if attrs.get("externalId") else []
         ext += [x["externalId"] for x in attrs.get("externalIds") or []]
@@ -401,30 +470,54 @@ class KustomerSim:
                     del self.unique[(kind, value)]
                 if self.lookup.get(normalized) == customer["id"]:
                     del self.lookup[normalized]
-                    other = next((cid for (k, v), cid in self.unique.items()
-                                  if k == kind and cid != customer["id"] and _unique_value(k, v) == normalized[1]), None)
+                    other = next(
+                        (
+                            cid
+                            for (k, v), cid in self.unique.items()
+                            if k == kind and cid != customer["id"] and _unique_value(k, v) == normalized[1]
+                        ),
+                        None,
+                    )
                     if other:
                         self.lookup[normalized] = other
 
     def _normalize_lists(self, attrs: dict[str, Any]) -> None:
         for name in ("emails", "sharedEmails"):
             if attrs.get(name) is not None:
-                attrs[name] = [{"type": x.get("type") or "other", "email": x["email"], "verified": False,
-                                "externalVerified": False} for x in attrs[name]]
+                attrs[name] = [
+                    {
+                        "type": x.get("type") or "other",
+                        "email": x["email"],
+                        "verified": False,
+                        "externalVerified": False,
+                    }
+                    for x in attrs[name]
+                ]
         for name in ("phones", "sharedPhones", "whatsapps", "sharedWhatsapps"):
             if attrs.get(name) is not None:
-                attrs[name] = [{"type": x.get("type") or "other", "phone": x["phone"], "verified": False}
-                               for x in attrs[name]]
+                attrs[name] = [
+                    {"type": x.get("type") or "other", "phone": x["phone"], "verified": False} for x in attrs[name]
+                ]
         if attrs.get("externalId") and not attrs.get("externalIds"):
             attrs["externalIds"] = [{"externalId": attrs["externalId"]}]
         if attrs.get("externalIds") is not None:
-            attrs["externalIds"] = [{"externalId": x["externalId"], "verified": False, "externalVerified": False}
-                                    for x in attrs["externalIds"]]
+            attrs["externalIds"] = [
+                {"externalId": x["externalId"], "verified": False, "externalVerified": False}
+                for x in attrs["externalIds"]
+            ]
             if not attrs.get("externalId") and attrs["externalIds"]:
                 attrs["externalId"] = attrs["externalIds"][0]["externalId"]
 
-    def _create_customer(self, body: dict[str, Any], author: str, *, cid: str | None = None, company: str | None = None,
-                         at: float | None = None, check: bool = True) -> dict[str, Any]:
+    def _create_customer(
+        self,
+        body: dict[str, Any],
+        author: str,
+        *,
+        cid: str | None = None,
+        company: str | None = None,
+        at: float | None = None,
+        check: bool = True,
+    ) -> dict[str, Any]:
         attrs = dict(self._validate_customer(body)) if check else dict(body)
         self._normalize_lists(attrs)
         if company is None and isinstance(attrs.get("company"), str) and attrs["company"] in self.companies:
@@ -432,13 +525,23 @@ class KustomerSim:
         self._check_unique(attrs, None)
         now = at or time.time()
         cid = cid or self.new_id()
-        customer = {"id": cid, "attributes": attrs, "rev": 1, "createdAt": now, "updatedAt": now, "createdBy": author,
-                    "modifiedBy": author, "company": company if company in self.companies else None}
+        customer = {
+            "id": cid,
+            "attributes": attrs,
+            "rev": 1,
+            "createdAt": now,
+            "updatedAt": now,
+            "createdBy": author,
+            "modifiedBy": author,
+            "company": company if company in self.companies else None,
+        }
         self.customers[cid] = customer
         self._index(customer, True)
         return customer
 
-    def _update_customer(self, customer: dict[str, Any], body: dict[str, Any], author: str, replace: bool) -> dict[str, Any]:
+    def _update_customer(
+        self, customer: dict[str, Any], body: dict[str, Any], author: str, replace: bool
+    ) -> dict[str, Any]:
         body = self._validate_customer(body)
         new_attrs = dict(body) if replace else {**customer["attributes"], **body}
         if not replace and "externalId" in body and "externalIds" not in body:
@@ -464,22 +567,41 @@ class KustomerSim:
         last_conv = max(convs, key=lambda x: x["createdAt"], default=None)
         company = self.companies.get(c.get("company") or "")
         attributes = {
-            "name": name, "displayName": name or self._display_fallback(a), "displayColor": "teal",
-            "displayIcon": "flower", "firstName": first or None, "lastName": last or None,
+            "name": name,
+            "displayName": name or self._display_fallback(a),
+            "displayColor": "teal",
+            "displayIcon": "flower",
+            "firstName": first or None,
+            "lastName": last or None,
             "companyName": (company or {}).get("attributes", {}).get("name") if company else a.get("companyName"),
-            "externalId": a.get("externalId"), "externalIds": a.get("externalIds") or [],
+            "externalId": a.get("externalId"),
+            "externalIds": a.get("externalIds") or [],
             "sharedExternalIds": a.get("sharedExternalIds") or [],
-            "emails": a.get("emails") or [], "sharedEmails": a.get("sharedEmails") or [],
-            "phones": a.get("phones") or [], "sharedPhones": a.get("sharedPhones") or [],
-            "whatsapps": a.get("whatsapps") or [], "sharedWhatsapps": a.get("sharedWhatsapps") or [],
-            "socials": a.get("socials") or [], "sharedSocials": a.get("sharedSocials") or [],
-            "facebookIds": [], "instagramIds": [], "urls": a.get("urls") or [], "locations": a.get("locations") or [],
-            "tags": a.get("tags") or [], "custom": a.get("custom") or {},
+            "emails": a.get("emails") or [],
+            "sharedEmails": a.get("sharedEmails") or [],
+            "phones": a.get("phones") or [],
+            "sharedPhones": a.get("sharedPhones") or [],
+            "whatsapps": a.get("whatsapps") or [],
+            "sharedWhatsapps": a.get("sharedWhatsapps") or [],
+            "socials": a.get("socials") or [],
+            "sharedSocials": a.get("sharedSocials") or [],
+            "facebookIds": [],
+            "instagramIds": [],
+            "urls": a.get("urls") or [],
+            "locations": a.get("locations") or [],
+            "tags": a.get("tags") or [],
+            "custom": a.get("custom") or {},
             "conversationCounts": {"all": len(convs), **counts},
             "lastConversation": ({"id": last_conv["id"], "channels": [], "tags": []} if last_conv else None),
-            "birthdayAt": a.get("birthdayAt"), "gender": a.get("gender"), "defaultLang": a.get("defaultLang"),
-            "verified": False, "deleted": False, "rev": c["rev"],
-            "createdAt": _iso(c["createdAt"]), "updatedAt": _iso(c["updatedAt"]), "modifiedAt": _iso(c["updatedAt"]),
+            "birthdayAt": a.get("birthdayAt"),
+            "gender": a.get("gender"),
+            "defaultLang": a.get("defaultLang"),
+            "verified": False,
+            "deleted": False,
+            "rev": c["rev"],
+            "createdAt": _iso(c["createdAt"]),
+            "updatedAt": _iso(c["updatedAt"]),
+            "modifiedAt": _iso(c["updatedAt"]),
             "lastActivityAt": _iso(c["updatedAt"]),
         }
         rel = {
@@ -490,8 +612,13 @@ class KustomerSim:
         }
         if company:
             rel["company"] = self._rel("company", company["id"], "companies")
-        return {"type": "customer", "id": c["id"], "attributes": attributes, "relationships": rel,
-                "links": {"self": f"/v1/customers/{c['id']}"}}
+        return {
+            "type": "customer",
+            "id": c["id"],
+            "attributes": attributes,
+            "relationships": rel,
+            "links": {"self": f"/v1/customers/{c['id']}"},
+        }
 
     @staticmethod
     def _display_fallback(a: dict[str, Any]) -> str | None:
@@ -509,18 +636,32 @@ class KustomerSim:
         return self.customers.get(cid) if cid else None
 
     # -- webhooks --------------------------------------------------------------------------------
-    def customer_event(self, customer: dict[str, Any], name: str, client: str,
-                       before: dict[str, Any] | None = None) -> None:
+    def customer_event(
+        self, customer: dict[str, Any], name: str, client: str, before: dict[str, Any] | None = None
+    ) -> None:
         """Queue ``name`` for every enabled webhook subscribed to it."""
         resource = self.customer_resource(customer)
         event: dict[str, Any] = {
-            "id": self.new_id(), "name": name, "org": self.org_id, "orgName": self.settings.org_name,
-            "partition": self.org_id, "data": resource, "createdAt": now_iso_ms(), "persist": True,
-            "client": client, "dataId": customer["id"], "meta": {"customChanged": False}, "snsFilters": []}
+            "id": self.new_id(),
+            "name": name,
+            "org": self.org_id,
+            "orgName": self.settings.org_name,
+            "partition": self.org_id,
+            "data": resource,
+            "createdAt": now_iso_ms(),
+            "persist": True,
+            "client": client,
+            "dataId": customer["id"],
+            "meta": {"customChanged": False},
+            "snsFilters": [],
+        }
         if name.endswith(".update") and before is not None:
             after = resource["attributes"]
-            changed = {k: {"op": "replace", "before": before.get(k), "after": after.get(k)}
-                       for k in after if k not in ("updatedAt", "modifiedAt", "lastActivityAt") and before.get(k) != after.get(k)}
+            changed = {
+                k: {"op": "replace", "before": before.get(k), "after": after.get(k)}
+                for k in after
+                if k not in ("updatedAt", "modifiedAt", "lastActivityAt") and before.get(k) != after.get(k)
+            }
             event["changes"] = {"attributes": changed, "relationships": {}}
             event["meta"]["customChanged"] = "custom" in changed
         for hook in self.webhooks.values():
@@ -540,16 +681,24 @@ class KustomerSim:
         if s.webhook_shuffle_ms:
             await asyncio.sleep(random.uniform(0, s.webhook_shuffle_ms / 1000))
         signature = hmac.new(hook.token.encode(), delivery.body, hashlib.sha256).hexdigest()
-        headers = {"Content-Type": "application/json", "X-Kustomer-Webhook-Event": delivery.event,
-                   "X-Kustomer-Webhook-Signature": signature, "User-Agent": "Kustomer-Webhooks/1.0"}
+        headers = {
+            "Content-Type": "application/json",
+            "X-Kustomer-Webhook-Event": delivery.event,
+            "X-Kustomer-Webhook-Signature": signature,
+            "User-Agent": "Kustomer-Webhooks/1.0",
+        }
         headers.update({h["name"]: h["value"] for h in hook.headers})
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession()
         for attempt in range(1, s.webhook_attempts + 1):
             started = time.time()
             try:
-                async with self._http.post(hook.url, data=delivery.body, headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s)) as r:
+                async with self._http.post(
+                    hook.url,
+                    data=delivery.body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=s.webhook_timeout_s),
+                ) as r:
                     ok = 200 <= r.status < 300
                     delivery.attempts.append({"at": _iso(started), "status": r.status})
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -587,28 +736,54 @@ class KustomerSim:
     def conversation_resource(self, c: dict[str, Any]) -> dict[str, Any]:
         a = c["attributes"]
         note_count = sum(1 for n in self.notes.values() if n["conversation"] == c["id"])
-        attrs = {**a, "channels": [], "messageCount": 0, "noteCount": note_count, "inboundMessageCount": 0,
-                 "outboundMessageCount": 0, "createdAt": _iso(c["createdAt"]), "updatedAt": _iso(c["updatedAt"]),
-                 "modifiedAt": _iso(c["updatedAt"]), "ended": a["status"] == "done",
-                 "endedAt": _iso(c["updatedAt"]) if a["status"] == "done" else None, "rev": c["rev"]}
-        return {"type": "conversation", "id": c["id"], "attributes": attrs,
-                "relationships": {"customer": self._rel("customer", c["customer"], "customers"),
-                                  "createdBy": self._rel("user", c["createdBy"], "users"),
-                                  "modifiedBy": self._rel("user", c["modifiedBy"], "users"),
-                                  "org": self._rel("org", self.org_id, "orgs")},
-                "links": {"self": f"/v1/conversations/{c['id']}"}}
+        attrs = {
+            **a,
+            "channels": [],
+            "messageCount": 0,
+            "noteCount": note_count,
+            "inboundMessageCount": 0,
+            "outboundMessageCount": 0,
+            "createdAt": _iso(c["createdAt"]),
+            "updatedAt": _iso(c["updatedAt"]),
+            "modifiedAt": _iso(c["updatedAt"]),
+            "ended": a["status"] == "done",
+            "endedAt": _iso(c["updatedAt"]) if a["status"] == "done" else None,
+            "rev": c["rev"],
+        }
+        return {
+            "type": "conversation",
+            "id": c["id"],
+            "attributes": attrs,
+            "relationships": {
+                "customer": self._rel("customer", c["customer"], "customers"),
+                "createdBy": self._rel("user", c["createdBy"], "users"),
+                "modifiedBy": self._rel("user", c["modifiedBy"], "users"),
+                "org": self._rel("org", self.org_id, "orgs"),
+            },
+            "links": {"self": f"/v1/conversations/{c['id']}"},
+        }
 
     def note_resource(self, n: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "note", "id": n["id"],
-                "attributes": {"body": n["body"], "userMentions": n["userMentions"], "createdAt": _iso(n["createdAt"]),
-                               "updatedAt": _iso(n["updatedAt"]), "modifiedAt": _iso(n["updatedAt"]),
-                               "createdByTeams": []},
-                "relationships": {"conversation": self._rel("conversation", n["conversation"], "conversations"),
-                                  "customer": self._rel("customer", n["customer"], "customers"),
-                                  "createdBy": self._rel("user", n["createdBy"], "users"),
-                                  "modifiedBy": self._rel("user", n["createdBy"], "users"),
-                                  "org": self._rel("org", self.org_id, "orgs")},
-                "links": {"self": f"/v1/notes/{n['id']}"}}
+        return {
+            "type": "note",
+            "id": n["id"],
+            "attributes": {
+                "body": n["body"],
+                "userMentions": n["userMentions"],
+                "createdAt": _iso(n["createdAt"]),
+                "updatedAt": _iso(n["updatedAt"]),
+                "modifiedAt": _iso(n["updatedAt"]),
+                "createdByTeams": [],
+            },
+            "relationships": {
+                "conversation": self._rel("conversation", n["conversation"], "conversations"),
+                "customer": self._rel("customer", n["customer"], "customers"),
+                "createdBy": self._rel("user", n["createdBy"], "users"),
+                "modifiedBy": self._rel("user", n["createdBy"], "users"),
+                "org": self._rel("org", self.org_id, "orgs"),
+            },
+            "links": {"self": f"/v1/notes/{n['id']}"},
+        }
 
     def _validate_conversation(self, body: Any, create: bool) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -633,10 +808,13 @@ class KustomerSim:
                 raise ApiError(400, f"{key} must be an array of at most 10 ids.", f"/data/attributes/{key}")
         if "tags" in body and not isinstance(body["tags"], list):
             raise ApiError(400, "tags must be an array of tag ids.", "/data/attributes/tags")
-        for k in (body.get("custom") or {}):
+        for k in body.get("custom") or {}:
             if not k.endswith(CUSTOM_SUFFIXES):
-                raise ApiError(400, f"custom attribute {k!r} must end with one of {', '.join(CUSTOM_SUFFIXES)}.",
-                               f"/data/attributes/custom/{k}")
+                raise ApiError(
+                    400,
+                    f"custom attribute {k!r} must end with one of {', '.join(CUSTOM_SUFFIXES)}.",
+                    f"/data/attributes/custom/{k}",
+                )
         return body
 
     def _validate_note(self, body: Any, need_conversation: bool) -> dict[str, Any]:
@@ -646,8 +824,9 @@ class KustomerSim:
         if not isinstance(text, str) or not text:
             raise ApiError(400, "body is required.", "/data/attributes/body")
         if len(text) > self.settings.note_max_length:
-            raise ApiError(400, f"body must be at most {self.settings.note_max_length} characters.",
-                           "/data/attributes/body")
+            raise ApiError(
+                400, f"body must be at most {self.settings.note_max_length} characters.", "/data/attributes/body"
+            )
         if need_conversation:
             conv = body.get("conversation")
             if not isinstance(conv, str) or not conv:
@@ -667,17 +846,25 @@ class KustomerSim:
         now = time.time()
         created = _parse_time(body["createdAt"]) if isinstance(body.get("createdAt"), str) else None
         nid = self.new_id()
-        note = {"id": nid, "body": body["body"], "conversation": conversation_id, "customer": conv["customer"],
-                "userMentions": body.get("userMentions") or [], "createdAt": created or now, "updatedAt": now,
-                "createdBy": author}
+        note = {
+            "id": nid,
+            "body": body["body"],
+            "conversation": conversation_id,
+            "customer": conv["customer"],
+            "userMentions": body.get("userMentions") or [],
+            "createdAt": created or now,
+            "updatedAt": now,
+            "createdBy": author,
+        }
         self.notes[nid] = note
         conv["updatedAt"] = now
         return note
 
     # -- app -------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
-        app = web.Application(middlewares=[make_middleware(self.log, self.faults), self._api_middleware],
-                              client_max_size=4 * 1024 * 1024)
+        app = web.Application(
+            middlewares=[make_middleware(self.log, self.faults), self._api_middleware], client_max_size=4 * 1024 * 1024
+        )
         app[FAULT_RESPONDER] = self._fault_response
         inspection_routes(app, self.log, self.faults, self.reset)
         _Routes(self).add(app)
@@ -685,8 +872,11 @@ class KustomerSim:
         return app
 
     def rate_headers(self, state: WindowState) -> dict[str, str]:
-        return {"x-ratelimit-limit": str(state.limit), "x-ratelimit-remaining": str(state.remaining),
-                "x-ratelimit-reset": str(int(state.reset_at + 0.999))}
+        return {
+            "x-ratelimit-limit": str(state.limit),
+            "x-ratelimit-remaining": str(state.remaining),
+            "x-ratelimit-reset": str(int(state.reset_at + 0.999)),
+        }
 
     async def _fault_response(self, request: web.Request, status: int) -> web.StreamResponse:
         headers = self.rate_headers(self.org_window.peek())
@@ -695,7 +885,9 @@ class KustomerSim:
         return json_response(ApiError(status, f"simulated fault {status}").body(), status, headers)
 
     @web.middleware
-    async def _api_middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    async def _api_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ):
         if request.path.startswith(SIM_PREFIX):
             return await handler(request)
         s = self.settings
@@ -730,6 +922,7 @@ def route(*roles: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn.roles = roles or R_ANY  # type: ignore[attr-defined]
         return fn
+
     return mark
 
 
@@ -760,17 +953,24 @@ def _paged(request: web.Request, items: list[Any], max_size: int) -> dict[str, A
     page, size = _page_params(request, max_size)
     total = len(items)
     pages = max(1, -(-total // size))
-    chunk = items[(page - 1) * size: page * size]
+    chunk = items[(page - 1) * size : page * size]
 
     def link(p: int) -> str:
         query = dict(request.query)
         query.update(page=str(p), pageSize=str(size))
         return f"{request.path}?{urllib.parse.urlencode(query)}"
 
-    return {"data": chunk,
-            "links": {"self": link(page), "first": link(1), "prev": link(page - 1) if page > 1 else None,
-                      "next": link(page + 1) if page < pages else None, "last": link(pages)},
-            "meta": {"page": page, "pageSize": size, "total": total, "totalPages": pages}}
+    return {
+        "data": chunk,
+        "links": {
+            "self": link(page),
+            "first": link(1),
+            "prev": link(page - 1) if page > 1 else None,
+            "next": link(page + 1) if page < pages else None,
+            "last": link(pages),
+        },
+        "meta": {"page": page, "pageSize": size, "total": total, "totalPages": pages},
+    }
 
 
 class _Routes:
@@ -821,24 +1021,44 @@ class _Routes:
         r.add_post(SIM_PREFIX + "settings", self.set_settings)
 
     def user_resource(self, u: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "user", "id": u["id"],
-                "attributes": {"name": u["name"], "displayName": u["name"], "email": u["email"],
-                               "userType": "machine" if u["machine"] else "user", "createdAt": _iso(u["createdAt"])},
-                "links": {"self": f"/v1/users/{u['id']}"}}
+        return {
+            "type": "user",
+            "id": u["id"],
+            "attributes": {
+                "name": u["name"],
+                "displayName": u["name"],
+                "email": u["email"],
+                "userType": "machine" if u["machine"] else "user",
+                "createdAt": _iso(u["createdAt"]),
+            },
+            "links": {"self": f"/v1/users/{u['id']}"},
+        }
 
     def company_resource(self, c: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "company", "id": c["id"],
-                "attributes": {**c["attributes"], "createdAt": _iso(c["createdAt"]), "updatedAt": _iso(c["updatedAt"])},
-                "links": {"self": f"/v1/companies/{c['id']}"}}
+        return {
+            "type": "company",
+            "id": c["id"],
+            "attributes": {**c["attributes"], "createdAt": _iso(c["createdAt"]), "updatedAt": _iso(c["updatedAt"])},
+            "links": {"self": f"/v1/companies/{c['id']}"},
+        }
 
     # -- identity ----------------------------------------------------------------------------
     @route()
     async def token_current(self, request: web.Request) -> web.Response:
         key: Key = request[SIM_KEY]
-        return json_response({"data": {"type": "token", "id": hashlib.sha1(key.token.encode()).hexdigest()[:24],
-                                       "attributes": {"name": key.name, "roles": list(key.roles)},
-                                       "relationships": {"user": self.sim._rel("user", key.user_id, "users"),
-                                                         "org": self.sim._rel("org", self.sim.org_id, "orgs")}}})
+        return json_response(
+            {
+                "data": {
+                    "type": "token",
+                    "id": hashlib.sha1(key.token.encode()).hexdigest()[:24],
+                    "attributes": {"name": key.name, "roles": list(key.roles)},
+                    "relationships": {
+                        "user": self.sim._rel("user", key.user_id, "users"),
+                        "org": self.sim._rel("org", self.sim.org_id, "orgs"),
+                    },
+                }
+            }
+        )
 
     @route()
     async def user_current(self, request: web.Request) -> web.Response:
@@ -882,7 +1102,7 @@ class _Routes:
     def _lookup(self, ident: str) -> dict[str, Any] | None:
         for prefix, kind in (("email=", "email"), ("phone=", "phone"), ("externalId=", "externalId")):
             if ident.startswith(prefix):
-                return self.sim.find_customer(kind, urllib.parse.unquote(ident[len(prefix):]))
+                return self.sim.find_customer(kind, urllib.parse.unquote(ident[len(prefix) :]))
         return self.sim.customers.get(ident)
 
     def _customer_or_404(self, ident: str) -> dict[str, Any]:
@@ -935,9 +1155,15 @@ class _Routes:
                     continue
                 ts = _parse_time(raw)
                 if ts is None:
-                    raise ApiError(400, f"filter[{field_name}][{op}] must be a date.", parameter=f"filter[{field_name}][{op}]")
-                cmp = {"gte": lambda a, b: a >= b - 0.0005, "gt": lambda a, b: a > b + 0.0005,
-                       "lte": lambda a, b: a <= b + 0.0005, "lt": lambda a, b: a < b - 0.0005}[op]
+                    raise ApiError(
+                        400, f"filter[{field_name}][{op}] must be a date.", parameter=f"filter[{field_name}][{op}]"
+                    )
+                cmp = {
+                    "gte": lambda a, b: a >= b - 0.0005,
+                    "gt": lambda a, b: a > b + 0.0005,
+                    "lte": lambda a, b: a <= b + 0.0005,
+                    "lt": lambda a, b: a < b - 0.0005,
+                }[op]
                 items = [c for c in items if cmp(c[field_name], ts)]
         sort = request.query.get("sort", "-createdAt")
         field_name = sort.lstrip("-")
@@ -951,8 +1177,11 @@ class _Routes:
     @route(*R_CONV_READ)
     async def customer_conversations(self, request: web.Request) -> web.Response:
         customer = self._customer_or_404(request.match_info["ident"])
-        items = sorted((c for c in self.sim.conversations.values() if c["customer"] == customer["id"]),
-                       key=lambda c: (c["createdAt"], c["id"]), reverse=True)
+        items = sorted(
+            (c for c in self.sim.conversations.values() if c["customer"] == customer["id"]),
+            key=lambda c: (c["createdAt"], c["id"]),
+            reverse=True,
+        )
         page = _paged(request, items, self.sim.settings.max_page_size)
         page["data"] = [self.sim.conversation_resource(c) for c in page["data"]]
         return json_response(page)
@@ -981,9 +1210,11 @@ class _Routes:
                     raise ApiError(400, f"each criterion in {group} must have one attribute.", f"/{group}")
         items = [x for x in items if self._matches(context, x, body)]
         for spec in reversed(body.get("sort") or [{f"{context}_updated_at": "desc"}]):
-            (attr, direction), = spec.items()
-            items.sort(key=lambda x, a=attr: str(self._value(context, x, a)[0] if self._value(context, x, a) else ""),
-                       reverse=str(direction).lower() == "desc")
+            ((attr, direction),) = spec.items()
+            items.sort(
+                key=lambda x, a=attr: str(self._value(context, x, a)[0] if self._value(context, x, a) else ""),
+                reverse=str(direction).lower() == "desc",
+            )
         page = _paged(request, items, self.sim.settings.search_max_page_size)
         render = self.sim.customer_resource if context == "customer" else self.sim.conversation_resource
         if request.query.get("idsOnly") == "true":
@@ -1011,10 +1242,10 @@ class _Routes:
 
     def _matches(self, context: str, item: dict[str, Any], body: dict[str, Any]) -> bool:
         def test(crit: dict[str, Any]) -> bool:
-            (attr, cond), = crit.items()
+            ((attr, cond),) = crit.items()
             if not isinstance(cond, dict) or len(cond) != 1:
                 raise ApiError(400, f"criterion {attr!r} needs exactly one operator.", "/and")
-            (op, want), = cond.items()
+            ((op, want),) = cond.items()
             values = self._value(context, item, attr)
             if attr.endswith(("_updated_at", "_created_at")):
                 ts = _parse_time(str(want))
@@ -1028,8 +1259,13 @@ class _Routes:
                 want, got = str(want).lower(), values
             else:
                 got = values
-            ops = {"equals": lambda a: a == want, "gte": lambda a: a >= want, "gt": lambda a: a > want,
-                   "lte": lambda a: a <= want, "lt": lambda a: a < want}
+            ops = {
+                "equals": lambda a: a == want,
+                "gte": lambda a: a >= want,
+                "gt": lambda a: a > want,
+                "lte": lambda a: a <= want,
+                "lt": lambda a: a < want,
+            }
             if op not in ops:
                 raise ApiError(400, f"unknown operator {op!r}.", "/and")
             return any(ops[op](v) for v in got if v is not None)
@@ -1048,13 +1284,29 @@ class _Routes:
         author = request[SIM_KEY].user_id
         now = time.time()
         cid = self.sim.new_id()
-        attrs = {"name": body.get("name"), "status": body.get("status", "open"), "direction": body.get("direction", "in"),
-                 "priority": body.get("priority", 1), "externalId": body.get("externalId"), "tags": body.get("tags") or [],
-                 "assignedUsers": body.get("assignedUsers") or [], "assignedTeams": body.get("assignedTeams") or [],
-                 "custom": body.get("custom") or {}, "defaultLang": body.get("defaultLang"),
-                 "importedAt": body.get("importedAt")}
-        conv = {"id": cid, "customer": body["customer"], "attributes": attrs, "createdAt": now, "updatedAt": now,
-                "rev": 1, "createdBy": author, "modifiedBy": author}
+        attrs = {
+            "name": body.get("name"),
+            "status": body.get("status", "open"),
+            "direction": body.get("direction", "in"),
+            "priority": body.get("priority", 1),
+            "externalId": body.get("externalId"),
+            "tags": body.get("tags") or [],
+            "assignedUsers": body.get("assignedUsers") or [],
+            "assignedTeams": body.get("assignedTeams") or [],
+            "custom": body.get("custom") or {},
+            "defaultLang": body.get("defaultLang"),
+            "importedAt": body.get("importedAt"),
+        }
+        conv = {
+            "id": cid,
+            "customer": body["customer"],
+            "attributes": attrs,
+            "createdAt": now,
+            "updatedAt": now,
+            "rev": 1,
+            "createdBy": author,
+            "modifiedBy": author,
+        }
         self.sim.conversations[cid] = conv
         set_effect(request, f"conversation.create {cid} externalId={attrs['externalId']}")
         return json_response({"data": self.sim.conversation_resource(conv)}, self.sim.settings.create_status)
@@ -1067,7 +1319,9 @@ class _Routes:
 
     @route(*R_CONV_READ)
     async def get_conversation(self, request: web.Request) -> web.Response:
-        return json_response({"data": self.sim.conversation_resource(self._conversation_or_404(request.match_info["id"]))})
+        return json_response(
+            {"data": self.sim.conversation_resource(self._conversation_or_404(request.match_info["id"]))}
+        )
 
     @route(*R_CONV_WRITE)
     async def update_conversation(self, request: web.Request) -> web.Response:
@@ -1109,8 +1363,10 @@ class _Routes:
     @route(*R_NOTE_READ)
     async def conversation_notes(self, request: web.Request) -> web.Response:
         conv = self._conversation_or_404(request.match_info["id"])
-        items = sorted((n for n in self.sim.notes.values() if n["conversation"] == conv["id"]),
-                       key=lambda n: (n["createdAt"], n["id"]))
+        items = sorted(
+            (n for n in self.sim.notes.values() if n["conversation"] == conv["id"]),
+            key=lambda n: (n["createdAt"], n["id"]),
+        )
         page = _paged(request, items, self.sim.settings.max_page_size)
         page["data"] = [self.sim.note_resource(n) for n in page["data"]]
         return json_response(page)
@@ -1135,10 +1391,20 @@ class _Routes:
 
     # -- outbound webhooks -------------------------------------------------------------------
     def webhook_resource(self, h: Webhook) -> dict[str, Any]:
-        return {"type": "outboundWebhook", "id": h.id,
-                "attributes": {"name": h.name, "url": h.url, "events": h.events, "headers": h.headers,
-                               "enabled": h.enabled, "token": h.token, "createdAt": _iso(h.created_at)},
-                "links": {"self": f"/v1/outbound-webhooks/{h.id}"}}
+        return {
+            "type": "outboundWebhook",
+            "id": h.id,
+            "attributes": {
+                "name": h.name,
+                "url": h.url,
+                "events": h.events,
+                "headers": h.headers,
+                "enabled": h.enabled,
+                "token": h.token,
+                "createdAt": _iso(h.created_at),
+            },
+            "links": {"self": f"/v1/outbound-webhooks/{h.id}"},
+        }
 
     @route(*R_HOOKS)
     async def webhook_events(self, request: web.Request) -> web.Response:
@@ -1162,10 +1428,19 @@ class _Routes:
         if unknown:
             raise ApiError(400, f"unknown event(s): {', '.join(map(str, unknown))}.", "/data/attributes/events")
         headers = body.get("headers") or []
-        if not isinstance(headers, list) or not all(isinstance(h, dict) and {"name", "value"} <= set(h) for h in headers):
+        if not isinstance(headers, list) or not all(
+            isinstance(h, dict) and {"name", "value"} <= set(h) for h in headers
+        ):
             raise ApiError(400, "headers must be an array of {name, value}.", "/data/attributes/headers")
-        hook = Webhook(self.sim.new_id(), name, url, list(events), headers, secrets.token_hex(24),
-                       enabled=bool(body.get("enabled", True)))
+        hook = Webhook(
+            self.sim.new_id(),
+            name,
+            url,
+            list(events),
+            headers,
+            secrets.token_hex(24),
+            enabled=bool(body.get("enabled", True)),
+        )
         self.sim.webhooks[hook.id] = hook
         set_effect(request, f"webhook.create {hook.id}")
         return json_response({"data": self.webhook_resource(hook)}, self.sim.settings.create_status)
@@ -1191,17 +1466,19 @@ class _Routes:
     # -- inspection --------------------------------------------------------------------------
     async def state(self, request: web.Request) -> web.Response:
         sim = self.sim
-        return json_response({
-            "org": {"id": sim.org_id, "name": sim.settings.org_name},
-            "customers": [sim.customer_resource(c) for c in sim.customers.values()],
-            "companies": [self.company_resource(c) for c in sim.companies.values()],
-            "users": [self.user_resource(u) for u in sim.users.values()],
-            "keys": [{"name": k.name, "roles": list(k.roles), "user": k.user_id} for k in sim.keys.values()],
-            "conversations": [sim.conversation_resource(c) for c in sim.conversations.values()],
-            "notes": [sim.note_resource(n) for n in sim.notes.values()],
-            "webhooks": [self.webhook_resource(h) for h in sim.webhooks.values()],
-            "deliveries": [self._delivery(d) for d in sim.deliveries],
-        })
+        return json_response(
+            {
+                "org": {"id": sim.org_id, "name": sim.settings.org_name},
+                "customers": [sim.customer_resource(c) for c in sim.customers.values()],
+                "companies": [self.company_resource(c) for c in sim.companies.values()],
+                "users": [self.user_resource(u) for u in sim.users.values()],
+                "keys": [{"name": k.name, "roles": list(k.roles), "user": k.user_id} for k in sim.keys.values()],
+                "conversations": [sim.conversation_resource(c) for c in sim.conversations.values()],
+                "notes": [sim.note_resource(n) for n in sim.notes.values()],
+                "webhooks": [self.webhook_resource(h) for h in sim.webhooks.values()],
+                "deliveries": [self._delivery(d) for d in sim.deliveries],
+            }
+        )
 
     async def seed(self, request: web.Request) -> web.Response:
         try:
@@ -1250,8 +1527,14 @@ class _Routes:
 
     @staticmethod
     def _delivery(d: Delivery) -> dict[str, Any]:
-        return {"event_id": d.event_id, "webhook": d.webhook_id, "event": d.event, "status": d.status,
-                "attempts": d.attempts, "body": orjson.loads(d.body)}
+        return {
+            "event_id": d.event_id,
+            "webhook": d.webhook_id,
+            "event": d.event,
+            "status": d.status,
+            "attempts": d.attempts,
+            "body": orjson.loads(d.body),
+        }
 
     async def deliveries(self, request: web.Request) -> web.Response:
         status = request.query.get("status")
@@ -1293,9 +1576,14 @@ class _Routes:
 
 
 @contextlib.asynccontextmanager
-async def running_kustomer_sim(settings: KustomerSimSettings | None = None, *, keys: dict[str, tuple[str, ...]] | None = None,
-                               seed: dict[str, Any] | None = None, host: str = "127.0.0.1",
-                               port: int = 0) -> AsyncIterator[tuple[KustomerSim, str]]:
+async def running_kustomer_sim(
+    settings: KustomerSimSettings | None = None,
+    *,
+    keys: dict[str, tuple[str, ...]] | None = None,
+    seed: dict[str, Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> AsyncIterator[tuple[KustomerSim, str]]:
     """``async with running_kustomer_sim(settings, keys={"k": ALL_ROLES}) as (sim, base_url)``."""
     sim = KustomerSim(settings, keys=keys, seed=seed)
     server = SimServer(sim.build_app(), host, port)
@@ -1318,8 +1606,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--search-limit", type=int, default=d.search_limit)
     a("--rate-headers", choices=("always", "429"), default="always")
     a("--create-status", type=int, choices=(200, 201), default=d.create_status)
-    a("--unique-phones", choices=("exact", "e164"), default=d.unique_phones,
-      help="phone uniqueness compares the exact stored value (default) or E.164")
+    a(
+        "--unique-phones",
+        choices=("exact", "e164"),
+        default=d.unique_phones,
+        help="phone uniqueness compares the exact stored value (default) or E.164",
+    )
     a("--no-patch-customers", action="store_true")
     a("--no-legacy-notes", action="store_true")
     a("--webhook-allow-http", action="store_true", help="accept http:// webhook URLs (local runs)")
@@ -1333,14 +1625,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def app_from_args(args: argparse.Namespace) -> web.Application:
     settings = KustomerSimSettings(
-        org_name=args.org_name, rate_limit=args.rate_limit, window_seconds=args.window_seconds,
-        per_customer_limit=args.per_customer_limit, search_limit=args.search_limit,
-        rate_headers_always=args.rate_headers == "always", create_status=args.create_status,
+        org_name=args.org_name,
+        rate_limit=args.rate_limit,
+        window_seconds=args.window_seconds,
+        per_customer_limit=args.per_customer_limit,
+        search_limit=args.search_limit,
+        rate_headers_always=args.rate_headers == "always",
+        create_status=args.create_status,
         unique_phones=args.unique_phones,
-        patch_customers=not args.no_patch_customers, legacy_notes_route=not args.no_legacy_notes,
-        webhook_allow_http=args.webhook_allow_http, webhook_attempts=args.webhook_attempts,
-        webhook_base_delay_s=args.webhook_base_delay, webhook_timeout_s=args.webhook_timeout,
-        webhook_shuffle_ms=args.webhook_shuffle_ms)
+        patch_customers=not args.no_patch_customers,
+        legacy_notes_route=not args.no_legacy_notes,
+        webhook_allow_http=args.webhook_allow_http,
+        webhook_attempts=args.webhook_attempts,
+        webhook_base_delay_s=args.webhook_base_delay,
+        webhook_timeout_s=args.webhook_timeout,
+        webhook_shuffle_ms=args.webhook_shuffle_ms,
+    )
     keys = {k: ALL_ROLES for k in args.api_key} or {"sim-api-key": ALL_ROLES}
     seed = orjson.loads(args.seed_file.read_bytes()) if args.seed_file else None
     sim = KustomerSim(settings, keys=keys, seed=seed, fault_seed=args.fault_seed)

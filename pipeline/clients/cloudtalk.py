@@ -38,8 +38,15 @@ T = TypeVar("T")
 class ValidationError(RejectedError):
     """406 ``Invalid input data.``; ``fields`` maps a field to its messages."""
 
-    def __init__(self, target: str, op: str, status: int | None, message: str, body: Any = None,
-                 fields: Mapping[str, list[str]] | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        op: str,
+        status: int | None,
+        message: str,
+        body: Any = None,
+        fields: Mapping[str, list[str]] | None = None,
+    ) -> None:
         super().__init__(target, op, status, message, body)
         self.fields: dict[str, list[str]] = dict(fields or {})
 
@@ -47,6 +54,7 @@ class ValidationError(RejectedError):
 # --------------------------------------------------------------------------------------------
 # Resource shapes
 # --------------------------------------------------------------------------------------------
+
 
 class Page(TypedDict, Generic[T]):
     itemsCount: int
@@ -280,6 +288,7 @@ def format_time(value: datetime | str) -> str:
 # Client
 # --------------------------------------------------------------------------------------------
 
+
 class CloudTalkClient:
     """``CloudTalkClient(executor, "https://my.cloudtalk.io/api")``."""
 
@@ -288,30 +297,60 @@ class CloudTalkClient:
         self.base_url = base_url.rstrip("/")
 
     @classmethod
-    def from_credentials(cls, session: aiohttp.ClientSession, base_url: str, key_id: str, key_secret: str,
-                         *, window: RateWindow | None = None,
-                         policy: RetryPolicy | None = None) -> CloudTalkClient:
+    def from_credentials(
+        cls,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        key_id: str,
+        key_secret: str,
+        *,
+        window: RateWindow | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> CloudTalkClient:
         """Build the executor: Basic auth, ``Accept: application/json``, account = key id."""
-        executor = HttpExecutor(session, TARGET, key_id, CLOUDTALK_RATE_HEADERS, window=window,
-                                policy=policy, basic_auth=(key_id, key_secret),
-                                default_headers={"Accept": "application/json"})
+        executor = HttpExecutor(
+            session,
+            TARGET,
+            key_id,
+            CLOUDTALK_RATE_HEADERS,
+            window=window,
+            policy=policy,
+            basic_auth=(key_id, key_secret),
+            default_headers={"Accept": "application/json"},
+        )
         return cls(executor, base_url)
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, op: str, *, json: Any = None,
-                    params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
-                    idempotent: bool = True) -> ApiResponse:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        accept: tuple[int, ...] = (),
+        idempotent: bool = True,
+    ) -> ApiResponse:
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         try:
-            return await self.executor.request(method, f"{self.base_url}{path}", op, json=json,
-                                               params=query or None, accept=accept, idempotent=idempotent)
+            return await self.executor.request(
+                method,
+                f"{self.base_url}{path}",
+                op,
+                json=json,
+                params=query or None,
+                accept=accept,
+                idempotent=idempotent,
+            )
         except RejectedError as exc:
             if exc.status == 406 and not isinstance(exc, ValidationError):
                 data = _response_data(exc.body)
                 fields = data.get("data") if isinstance(data.get("data"), dict) else {}
-                raise ValidationError(exc.target, exc.op, exc.status, str(data.get("message", exc)),
-                                      exc.body, fields) from None
+                raise ValidationError(
+                    exc.target, exc.op, exc.status, str(data.get("message", exc)), exc.body, fields
+                ) from None
             raise
 
     async def _page(self, path: str, op: str, params: Mapping[str, Any]) -> Page[Any]:
@@ -329,21 +368,45 @@ class CloudTalkClient:
 
     # ---- contacts ---------------------------------------------------------------------------
 
-    async def list_contacts(self, *, keyword: str | None = None, tag_id: int | None = None,
-                            country_id: int | None = None, industry: str | None = None,
-                            page: int = 1, limit: int | None = 1000) -> Page[ContactIndexItem]:
+    async def list_contacts(
+        self,
+        *,
+        keyword: str | None = None,
+        tag_id: int | None = None,
+        country_id: int | None = None,
+        industry: str | None = None,
+        page: int = 1,
+        limit: int | None = 1000,
+    ) -> Page[ContactIndexItem]:
         """One page of ``GET /contacts/index.json``."""
-        return await self._page("/contacts/index.json", "contacts.index",
-                                {"keyword": keyword, "tag_id": tag_id, "country_id": country_id,
-                                 "industry": industry, "page": page, "limit": limit})
+        return await self._page(
+            "/contacts/index.json",
+            "contacts.index",
+            {
+                "keyword": keyword,
+                "tag_id": tag_id,
+                "country_id": country_id,
+                "industry": industry,
+                "page": page,
+                "limit": limit,
+            },
+        )
 
-    async def iter_contacts(self, *, keyword: str | None = None, tag_id: int | None = None,
-                            country_id: int | None = None, industry: str | None = None,
-                            limit: int | None = 1000) -> AsyncIterator[Page[ContactIndexItem]]:
+    async def iter_contacts(
+        self,
+        *,
+        keyword: str | None = None,
+        tag_id: int | None = None,
+        country_id: int | None = None,
+        industry: str | None = None,
+        limit: int | None = 1000,
+    ) -> AsyncIterator[Page[ContactIndexItem]]:
         """Every page of ``GET /contacts/index.json`` up to ``pageCount``."""
-        async for page in self._pages("/contacts/index.json", "contacts.index",
-                                      {"keyword": keyword, "tag_id": tag_id, "country_id": country_id,
-                                       "industry": industry, "limit": limit}):
+        async for page in self._pages(
+            "/contacts/index.json",
+            "contacts.index",
+            {"keyword": keyword, "tag_id": tag_id, "country_id": country_id, "industry": industry, "limit": limit},
+        ):
             yield page
 
     async def get_contact(self, contact_id: int | str) -> ContactShow | None:
@@ -361,14 +424,14 @@ class CloudTalkClient:
 
     async def edit_contact(self, contact_id: int | str, body: ContactBody) -> bool:
         """``POST /contacts/edit/{id}.json``; False when the contact does not exist."""
-        response = await self._call("POST", f"/contacts/edit/{contact_id}.json", "contacts.edit",
-                                    json=body, accept=(404,))
+        response = await self._call(
+            "POST", f"/contacts/edit/{contact_id}.json", "contacts.edit", json=body, accept=(404,)
+        )
         return response.status != 404
 
     async def delete_contact(self, contact_id: int | str) -> bool:
         """``DELETE /contacts/delete/{id}.json``; False when it was already gone."""
-        response = await self._call("DELETE", f"/contacts/delete/{contact_id}.json", "contacts.delete",
-                                    accept=(404,))
+        response = await self._call("DELETE", f"/contacts/delete/{contact_id}.json", "contacts.delete", accept=(404,))
         return response.status != 404
 
     async def add_tags(self, contact_id: int | str, names: Sequence[str]) -> TagsResult | None:
@@ -377,8 +440,7 @@ class CloudTalkClient:
 
     async def remove_tags(self, contact_id: int | str, names: Sequence[str]) -> TagsResult | None:
         """Unassign tags by name; None when the contact does not exist."""
-        return await self._tags("DELETE", f"/contacts/removeTags/{contact_id}.json", "contacts.removeTags",
-                                names)
+        return await self._tags("DELETE", f"/contacts/removeTags/{contact_id}.json", "contacts.removeTags", names)
 
     async def _tags(self, method: str, path: str, op: str, names: Sequence[str]) -> TagsResult | None:
         response = await self._call(method, path, op, json={"tags": list(names)}, accept=(404,))
@@ -398,11 +460,14 @@ class CloudTalkClient:
         response = await self._call("GET", "/countries/index.json", "countries.index")
         return [item["Country"] for item in _response_list(response.body)]
 
-    async def iter_agents(self, *, agent_id: int | None = None, associated_number: str | None = None,
-                          limit: int | None = 1000) -> AsyncIterator[Page[AgentItem]]:
-        async for page in self._pages("/agents/index.json", "agents.index",
-                                      {"id": agent_id, "associated_number": associated_number,
-                                       "limit": limit}):
+    async def iter_agents(
+        self, *, agent_id: int | None = None, associated_number: str | None = None, limit: int | None = 1000
+    ) -> AsyncIterator[Page[AgentItem]]:
+        async for page in self._pages(
+            "/agents/index.json",
+            "agents.index",
+            {"id": agent_id, "associated_number": associated_number, "limit": limit},
+        ):
             yield page
 
     async def iter_numbers(self, *, limit: int | None = 1000) -> AsyncIterator[Page[NumberItem]]:
@@ -416,33 +481,58 @@ class CloudTalkClient:
     # ---- calls ------------------------------------------------------------------------------
 
     @staticmethod
-    def _call_filters(date_from: datetime | str | None, date_to: datetime | str | None,
-                      call_id: int | str | None, type: CallType | None, status: CallStatus | None,
-                      contact_id: int | str | None, public_external: str | None,
-                      limit: int | None) -> dict[str, Any]:
-        return {"date_from": format_time(date_from) if date_from is not None else None,
-                "date_to": format_time(date_to) if date_to is not None else None,
-                "call_id": call_id, "type": type, "status": status, "contact_id": contact_id,
-                "public_external": public_external, "limit": limit}
+    def _call_filters(
+        date_from: datetime | str | None,
+        date_to: datetime | str | None,
+        call_id: int | str | None,
+        type: CallType | None,
+        status: CallStatus | None,
+        contact_id: int | str | None,
+        public_external: str | None,
+        limit: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "date_from": format_time(date_from) if date_from is not None else None,
+            "date_to": format_time(date_to) if date_to is not None else None,
+            "call_id": call_id,
+            "type": type,
+            "status": status,
+            "contact_id": contact_id,
+            "public_external": public_external,
+            "limit": limit,
+        }
 
-    async def list_calls(self, *, date_from: datetime | str | None = None, date_to: datetime | str | None = None,
-                         call_id: int | str | None = None, type: CallType | None = None,
-                         status: CallStatus | None = None, contact_id: int | str | None = None,
-                         public_external: str | None = None, page: int = 1,
-                         limit: int | None = 1000) -> Page[CallRecord]:
+    async def list_calls(
+        self,
+        *,
+        date_from: datetime | str | None = None,
+        date_to: datetime | str | None = None,
+        call_id: int | str | None = None,
+        type: CallType | None = None,
+        status: CallStatus | None = None,
+        contact_id: int | str | None = None,
+        public_external: str | None = None,
+        page: int = 1,
+        limit: int | None = 1000,
+    ) -> Page[CallRecord]:
         """One page of ``GET /calls/index.json`` (oldest first)."""
-        params = self._call_filters(date_from, date_to, call_id, type, status, contact_id,
-                                    public_external, limit)
+        params = self._call_filters(date_from, date_to, call_id, type, status, contact_id, public_external, limit)
         return await self._page("/calls/index.json", "calls.index", {**params, "page": page})
 
-    async def iter_calls(self, *, date_from: datetime | str | None = None, date_to: datetime | str | None = None,
-                         call_id: int | str | None = None, type: CallType | None = None,
-                         status: CallStatus | None = None, contact_id: int | str | None = None,
-                         public_external: str | None = None,
-                         limit: int | None = 1000) -> AsyncIterator[Page[CallRecord]]:
+    async def iter_calls(
+        self,
+        *,
+        date_from: datetime | str | None = None,
+        date_to: datetime | str | None = None,
+        call_id: int | str | None = None,
+        type: CallType | None = None,
+        status: CallStatus | None = None,
+        contact_id: int | str | None = None,
+        public_external: str | None = None,
+        limit: int | None = 1000,
+    ) -> AsyncIterator[Page[CallRecord]]:
         """Every page of ``GET /calls/index.json``; ``date_from``/``date_to`` are inclusive, UTC."""
-        params = self._call_filters(date_from, date_to, call_id, type, status, contact_id,
-                                    public_external, limit)
+        params = self._call_filters(date_from, date_to, call_id, type, status, contact_id, public_external, limit)
         async for page in self._pages("/calls/index.json", "calls.index", params):
             yield page
 

@@ -122,8 +122,9 @@ class RateLimitHeaders:
 
 
 KUSTOMER_RATE_HEADERS = RateLimitHeaders("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
-CLOUDTALK_RATE_HEADERS = RateLimitHeaders("X-CloudTalkAPI-Limit", "X-CloudTalkAPI-Remaining",
-                                          "X-CloudTalkAPI-ResetTime")
+CLOUDTALK_RATE_HEADERS = RateLimitHeaders(
+    "X-CloudTalkAPI-Limit", "X-CloudTalkAPI-Remaining", "X-CloudTalkAPI-ResetTime"
+)
 
 
 @dataclass
@@ -233,10 +234,17 @@ class HttpExecutor:
     4xx and :class:`RetryExhaustedError` when transient failures outlast the policy.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, target: str, account: str,
-                 rate_headers: RateLimitHeaders, window: RateWindow | None = None,
-                 policy: RetryPolicy | None = None, basic_auth: tuple[str, str] | None = None,
-                 default_headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        target: str,
+        account: str,
+        rate_headers: RateLimitHeaders,
+        window: RateWindow | None = None,
+        policy: RetryPolicy | None = None,
+        basic_auth: tuple[str, str] | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.session, self.target, self.account = session, target, account
         self.rate_headers = rate_headers
         self.window = window or RateWindow()
@@ -251,9 +259,17 @@ class HttpExecutor:
         self.requests_sent = 0
         self.rate_limited = 0
 
-    async def request(self, method: str, url: str, op: str, *, json: Any = None,
-                      params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
-                      idempotent: bool = True) -> ApiResponse:
+    async def request(
+        self,
+        method: str,
+        url: str,
+        op: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        accept: tuple[int, ...] = (),
+        idempotent: bool = True,
+    ) -> ApiResponse:
         """``idempotent=False`` (creates): a failure after the request was sent raises
         :class:`AmbiguousOutcomeError` instead of being retried; failures before it was sent (no
         connection) and 429s are retried as usual."""
@@ -283,9 +299,9 @@ class HttpExecutor:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("http_retry", target=self.target, attempt=state.attempt_number, error=str(exc))
 
-    async def _until_not_rate_limited(self, method: str, url: str, op: str, body: Any,
-                                      params: Mapping[str, Any] | None,
-                                      accept: tuple[int, ...]) -> ApiResponse:
+    async def _until_not_rate_limited(
+        self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None, accept: tuple[int, ...]
+    ) -> ApiResponse:
         # A 429 waits for the reset the headers announce and is not a retry attempt.
         while True:
             response = await self._send_once(method, url, op, body, params)
@@ -303,8 +319,9 @@ class HttpExecutor:
                 raise _Transient(response.status, f"HTTP {response.status}", True, response.sent_at)
             raise RejectedError(self.target, op, response.status, _error_message(response), response.body)
 
-    async def _send_once(self, method: str, url: str, op: str, body: Any,
-                         params: Mapping[str, Any] | None) -> ApiResponse:
+    async def _send_once(
+        self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None
+    ) -> ApiResponse:
         await self.window.acquire()
         headers = dict(self.default_headers)
         data = None
@@ -316,7 +333,11 @@ class HttpExecutor:
         status_label = "error"
         try:
             async with self.session.request(
-                method, url, data=data, params=params, headers=headers,
+                method,
+                url,
+                data=data,
+                params=params,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s),
             ) as resp:
                 raw = await resp.read()
@@ -355,8 +376,13 @@ def _error_message(response: ApiResponse) -> str:
     return response.text[:300]
 
 
-async def create_or_find(create: Callable[[], Awaitable[T]], find: Callable[[], Awaitable[T | None]], *,
-                         settle_s: float, deadline_s: float = 300.0) -> tuple[T, bool]:
+async def create_or_find(
+    create: Callable[[], Awaitable[T]],
+    find: Callable[[], Awaitable[T | None]],
+    *,
+    settle_s: float,
+    deadline_s: float = 300.0,
+) -> tuple[T, bool]:
     """Make a resource exist exactly once without idempotency keys.
 
     ``create`` is attempted; when its outcome is ambiguous (the request was sent, then a timeout,
@@ -372,8 +398,13 @@ async def create_or_find(create: Callable[[], Awaitable[T]], find: Callable[[], 
             return await create(), False
         except AmbiguousOutcomeError as exc:
             wait = exc.sent_at + settle_s - time.monotonic()
-            log.warning("create_outcome_unknown", target=exc.target, op=exc.op, error=str(exc),
-                        settle_s=round(max(wait, 0.0), 1))
+            log.warning(
+                "create_outcome_unknown",
+                target=exc.target,
+                op=exc.op,
+                error=str(exc),
+                settle_s=round(max(wait, 0.0), 1),
+            )
             if wait > 0:
                 await asyncio.sleep(wait)
             found = await find()
@@ -387,11 +418,13 @@ async def create_or_find(create: Callable[[], Awaitable[T]], find: Callable[[], 
 
 def retry_policy_from_env() -> RetryPolicy:
     env = os.environ
-    return RetryPolicy(initial_s=env_float(env, "SINK_RETRY_INITIAL_S", 0.2, minimum=0.0),
-                       max_backoff_s=env_float(env, "SINK_RETRY_MAX_BACKOFF_S", 10.0, minimum=0.0),
-                       max_attempts=env_int(env, "SINK_RETRY_MAX_ATTEMPTS", 12, minimum=1),
-                       deadline_s=env_float(env, "SINK_RETRY_DEADLINE_S", 120.0, minimum=0.1),
-                       timeout_s=env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1))
+    return RetryPolicy(
+        initial_s=env_float(env, "SINK_RETRY_INITIAL_S", 0.2, minimum=0.0),
+        max_backoff_s=env_float(env, "SINK_RETRY_MAX_BACKOFF_S", 10.0, minimum=0.0),
+        max_attempts=env_int(env, "SINK_RETRY_MAX_ATTEMPTS", 12, minimum=1),
+        deadline_s=env_float(env, "SINK_RETRY_DEADLINE_S", 120.0, minimum=0.1),
+        timeout_s=env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1),
+    )
 
 
 def settle_from_env() -> float:

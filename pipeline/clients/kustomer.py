@@ -67,23 +67,47 @@ class KustomerClient:
         self.base_url = base_url.rstrip("/")
 
     @classmethod
-    def from_credentials(cls, session: aiohttp.ClientSession, base_url: str, api_key: str, *,
-                         window: RateWindow | None = None, policy: RetryPolicy | None = None) -> KustomerClient:
+    def from_credentials(
+        cls,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str,
+        *,
+        window: RateWindow | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> KustomerClient:
         """Bearer auth, ``Accept: application/json``; the account label is the API host."""
         host = urllib.parse.urlsplit(base_url).netloc or base_url
-        executor = HttpExecutor(session, TARGET, host, KUSTOMER_RATE_HEADERS, window=window, policy=policy,
-                                default_headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"})
+        executor = HttpExecutor(
+            session,
+            TARGET,
+            host,
+            KUSTOMER_RATE_HEADERS,
+            window=window,
+            policy=policy,
+            default_headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+        )
         return cls(executor, base_url)
 
-    async def _call(self, method: str, path: str, op: str, *, json: Any = None,
-                    params: Mapping[str, Any] | None = None, accept: tuple[int, ...] = (),
-                    idempotent: bool = True) -> ApiResponse:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        accept: tuple[int, ...] = (),
+        idempotent: bool = True,
+    ) -> ApiResponse:
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        return await self.executor.request(method, f"{self.base_url}{path}", op, json=json, params=query or None,
-                                           accept=accept, idempotent=idempotent)
+        return await self.executor.request(
+            method, f"{self.base_url}{path}", op, json=json, params=query or None, accept=accept, idempotent=idempotent
+        )
 
-    async def _pages(self, path: str, op: str, params: dict[str, Any], method: str = "GET",
-                     json: Any = None) -> AsyncIterator[list[Resource]]:
+    async def _pages(
+        self, path: str, op: str, params: dict[str, Any], method: str = "GET", json: Any = None
+    ) -> AsyncIterator[list[Resource]]:
         """Follow ``links.next`` until it is null; yields each page's resources."""
         response = await self._call(method, path, op, params=params, json=json)
         while True:
@@ -132,30 +156,45 @@ class KustomerClient:
         return await self._find("externalId", external_id)
 
     async def create_customer(self, attributes: Mapping[str, Any]) -> Resource:
-        r = await self._call("POST", "/v1/customers", "customers.create", json=attributes, accept=(409,),
-                             idempotent=False)
+        r = await self._call(
+            "POST", "/v1/customers", "customers.create", json=attributes, accept=(409,), idempotent=False
+        )
         if r.status == 409:
             raise ConflictError("customers.create", r.body)
         return _data(r)
 
-    async def update_customer(self, customer_id: str, attributes: Mapping[str, Any], *, replace: bool = False,
-                              method: str = "PUT") -> Resource:
+    async def update_customer(
+        self, customer_id: str, attributes: Mapping[str, Any], *, replace: bool = False, method: str = "PUT"
+    ) -> Resource:
         params = None if replace or method == "PATCH" else {"replace": "false"}
-        r = await self._call(method, f"/v1/customers/{customer_id}", "customers.update", json=attributes,
-                             params=params, accept=(409,))
+        r = await self._call(
+            method, f"/v1/customers/{customer_id}", "customers.update", json=attributes, params=params, accept=(409,)
+        )
         if r.status == 409:
             raise ConflictError("customers.update", r.body)
         return _data(r)
 
-    async def iter_customers(self, *, updated_since: str | None = None, updated_before: str | None = None,
-                             sort: str = "updatedAt", page_size: int = 100) -> AsyncIterator[list[Resource]]:
-        params = {"filter[updatedAt][gte]": updated_since, "filter[updatedAt][lt]": updated_before, "sort": sort,
-                  "page": 1, "pageSize": page_size}
+    async def iter_customers(
+        self,
+        *,
+        updated_since: str | None = None,
+        updated_before: str | None = None,
+        sort: str = "updatedAt",
+        page_size: int = 100,
+    ) -> AsyncIterator[list[Resource]]:
+        params = {
+            "filter[updatedAt][gte]": updated_since,
+            "filter[updatedAt][lt]": updated_before,
+            "sort": sort,
+            "page": 1,
+            "pageSize": page_size,
+        }
         async for page in self._pages("/v1/customers", "customers.list", params):
             yield page
 
-    async def search(self, body: Mapping[str, Any], *, page_size: int = 100,
-                     ids_only: bool = False) -> AsyncIterator[list[Resource]]:
+    async def search(
+        self, body: Mapping[str, Any], *, page_size: int = 100, ids_only: bool = False
+    ) -> AsyncIterator[list[Resource]]:
         params = {"page": 1, "pageSize": page_size, "idsOnly": "true" if ids_only else None}
         async for page in self._pages("/v1/customers/search", "customers.search", params, method="POST", json=body):
             yield page
@@ -170,38 +209,56 @@ class KustomerClient:
 
     # -- conversations and notes -----------------------------------------------------------------
     async def create_conversation(self, attributes: Mapping[str, Any]) -> Resource:
-        return _data(await self._call("POST", "/v1/conversations", "conversations.create", json=attributes,
-                                      idempotent=False))
+        return _data(
+            await self._call("POST", "/v1/conversations", "conversations.create", json=attributes, idempotent=False)
+        )
 
     async def get_conversation(self, conversation_id: str) -> Resource | None:
         r = await self._call("GET", f"/v1/conversations/{conversation_id}", "conversations.get", accept=(404,))
         return None if r.status == 404 else _data(r)
 
     async def update_conversation(self, conversation_id: str, attributes: Mapping[str, Any]) -> Resource:
-        return _data(await self._call("PATCH", f"/v1/conversations/{conversation_id}", "conversations.update",
-                                      json=attributes))
+        return _data(
+            await self._call("PATCH", f"/v1/conversations/{conversation_id}", "conversations.update", json=attributes)
+        )
 
     async def iter_conversations(self, *, page_size: int = 100) -> AsyncIterator[list[Resource]]:
         async for page in self._pages("/v1/conversations", "conversations.list", {"page": 1, "pageSize": page_size}):
             yield page
 
-    async def iter_customer_conversations(self, customer_id: str, *, page_size: int = 100) -> AsyncIterator[list[Resource]]:
-        async for page in self._pages(f"/v1/customers/{customer_id}/conversations", "conversations.by_customer",
-                                      {"page": 1, "pageSize": page_size}):
+    async def iter_customer_conversations(
+        self, customer_id: str, *, page_size: int = 100
+    ) -> AsyncIterator[list[Resource]]:
+        async for page in self._pages(
+            f"/v1/customers/{customer_id}/conversations",
+            "conversations.by_customer",
+            {"page": 1, "pageSize": page_size},
+        ):
             yield page
 
     async def create_note(self, conversation_id: str, body: str) -> Resource:
-        return _data(await self._call("POST", "/v1/notes", "notes.create",
-                                      json={"conversation": conversation_id, "body": body}, idempotent=False))
+        return _data(
+            await self._call(
+                "POST",
+                "/v1/notes",
+                "notes.create",
+                json={"conversation": conversation_id, "body": body},
+                idempotent=False,
+            )
+        )
 
-    async def iter_conversation_notes(self, conversation_id: str, *, page_size: int = 100) -> AsyncIterator[list[Resource]]:
-        async for page in self._pages(f"/v1/conversations/{conversation_id}/notes", "notes.by_conversation",
-                                      {"page": 1, "pageSize": page_size}):
+    async def iter_conversation_notes(
+        self, conversation_id: str, *, page_size: int = 100
+    ) -> AsyncIterator[list[Resource]]:
+        async for page in self._pages(
+            f"/v1/conversations/{conversation_id}/notes", "notes.by_conversation", {"page": 1, "pageSize": page_size}
+        ):
             yield page
 
     # -- outbound webhooks -----------------------------------------------------------------------
-    async def create_outbound_webhook(self, name: str, url: str, events: list[str],
-                                      headers: list[dict[str, str]] | None = None) -> Resource:
+    async def create_outbound_webhook(
+        self, name: str, url: str, events: list[str], headers: list[dict[str, str]] | None = None
+    ) -> Resource:
         body = {"name": name, "url": url, "events": events, "headers": headers or []}
         return _data(await self._call("POST", "/v1/outbound-webhooks", "webhooks.create", json=body, idempotent=False))
 
@@ -216,12 +273,15 @@ class KustomerClient:
         return r.status != 404
 
 
-def kustomer_clients(session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy) -> dict[str, KustomerClient]:
+def kustomer_clients(
+    session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy
+) -> dict[str, KustomerClient]:
     windows: dict[str, RateWindow] = {}
     clients = {}
     for integ in config.integrations:
         k = integ.kustomer
         window = windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
-        clients[integ.name] = KustomerClient.from_credentials(session, k.base_url, k.api_key.value(),
-                                                              window=window, policy=policy)
+        clients[integ.name] = KustomerClient.from_credentials(
+            session, k.base_url, k.api_key.value(), window=window, policy=policy
+        )
     return clients

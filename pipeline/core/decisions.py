@@ -45,8 +45,9 @@ class Reject(Exception):
         self.message = message
 
 
-def decision(integration: str, what: str, rule: str | None = None, detail: str | None = None,
-             command_id: str | None = None) -> dict[str, Any]:
+def decision(
+    integration: str, what: str, rule: str | None = None, detail: str | None = None, command_id: str | None = None
+) -> dict[str, Any]:
     """One entry of an audit record: the integration, what happened (``emitted``, ``dropped``,
     ``done``, ``skipped``, ``dead_lettered``), the rule or outcome, and the command id."""
     d: dict[str, Any] = {"integration": integration, "decision": what}

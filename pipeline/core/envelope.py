@@ -75,9 +75,17 @@ class Envelope:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"id": self.id, "integration": self.integration, "source": self.source, "type": self.type,
-               "occurred_at": self.occurred_at, "received_at": self.received_at, "schema": self.schema,
-               "via": self.via, "payload": self.payload}
+        out = {
+            "id": self.id,
+            "integration": self.integration,
+            "source": self.source,
+            "type": self.type,
+            "occurred_at": self.occurred_at,
+            "received_at": self.received_at,
+            "schema": self.schema,
+            "via": self.via,
+            "payload": self.payload,
+        }
         if self.meta:
             out["meta"] = self.meta
         return out
@@ -91,10 +99,18 @@ class Envelope:
         ``payload`` its payload too (the edges do; see :func:`validate_envelope`)."""
         if check:
             validate_envelope(data, payload=payload)
-        return cls(id=data["id"], integration=data["integration"], source=data["source"], type=data["type"],
-                   occurred_at=data["occurred_at"], received_at=data["received_at"], payload=data["payload"],
-                   schema=data.get("schema", SCHEMA_VERSION), via=data.get("via", "webhook"),
-                   meta=data.get("meta") or {})
+        return cls(
+            id=data["id"],
+            integration=data["integration"],
+            source=data["source"],
+            type=data["type"],
+            occurred_at=data["occurred_at"],
+            received_at=data["received_at"],
+            payload=data["payload"],
+            schema=data.get("schema", SCHEMA_VERSION),
+            via=data.get("via", "webhook"),
+            meta=data.get("meta") or {},
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | None, *, check: bool = True, payload: bool = True) -> Envelope:

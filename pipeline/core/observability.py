@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -76,7 +76,7 @@ def _mask_value(key: str | None, value: Any) -> Any:
     return value
 
 
-def mask_event(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def mask_event(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: redact secrets, mask phones and e-mails everywhere."""
     return {k: _mask_value(k, v) for k, v in event_dict.items()}
 
@@ -86,14 +86,19 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     try:
         return orjson.dumps(obj, default=default or str, option=orjson.OPT_NON_STR_KEYS).decode()
     except (TypeError, orjson.JSONEncodeError) as exc:
-        return orjson.dumps({"event": str(obj.get("event", "?")) if isinstance(obj, dict) else "?",
-                             "log_error": f"unrenderable event: {exc}"}).decode()
+        return orjson.dumps(
+            {
+                "event": str(obj.get("event", "?")) if isinstance(obj, dict) else "?",
+                "log_error": f"unrenderable event: {exc}",
+            }
+        ).decode()
 
 
 def configure_logging(service: str, level: str = "INFO", stream: Any = None) -> None:
     """JSON lines on stderr (or ``stream``), one per event, masked."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=stream or sys.stderr,
-                        format="%(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), stream=stream or sys.stderr, format="%(message)s"
+    )
     # Library chatter (aiokafka, aiohttp access logs) stays at WARNING unless asked for.
     for noisy in ("aiokafka", "aiohttp.access", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING if level.upper() != "DEBUG" else logging.DEBUG)
@@ -134,44 +139,88 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
         # ingest
-        self.events_in = Counter("pipeline_events_in_total", "Raw events accepted and stored in Kafka",
-                                 ["source", "type", "path"], registry=r)
-        self.ingest_requests = Counter("pipeline_ingest_requests_total", "Webhook requests by endpoint and HTTP status",
-                                       ["endpoint", "status"], registry=r)
-        self.ingest_ack_seconds = Histogram("pipeline_ingest_ack_seconds", "Webhook receipt to broker acknowledgement",
-                                            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.events_in = Counter(
+            "pipeline_events_in_total",
+            "Raw events accepted and stored in Kafka",
+            ["source", "type", "path"],
+            registry=r,
+        )
+        self.ingest_requests = Counter(
+            "pipeline_ingest_requests_total",
+            "Webhook requests by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.ingest_ack_seconds = Histogram(
+            "pipeline_ingest_ack_seconds",
+            "Webhook receipt to broker acknowledgement",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.poller_pages = Counter("pipeline_poller_pages_total", "Pages fetched by pollers", ["poller"], registry=r)
         # processors
-        self.events_filtered = Counter("pipeline_events_filtered_total", "Events an integration dropped, by rule",
-                                       ["integration", "rule"], registry=r)
-        self.commands_out = Counter("pipeline_commands_emitted_total", "Commands emitted by processors",
-                                    ["target", "op"], registry=r)
+        self.events_filtered = Counter(
+            "pipeline_events_filtered_total",
+            "Events an integration dropped, by rule",
+            ["integration", "rule"],
+            registry=r,
+        )
+        self.commands_out = Counter(
+            "pipeline_commands_emitted_total", "Commands emitted by processors", ["target", "op"], registry=r
+        )
         # sinks
-        self.commands = Counter("pipeline_commands_total", "Commands finished by sinks, by outcome",
-                                ["target", "op", "outcome"], registry=r)
-        self.http_seconds = Histogram("pipeline_http_request_seconds", "Target API request latency",
-                                      ["target", "op", "status"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.http_retries = Counter("pipeline_http_retries_total", "Target API retries by reason",
-                                    ["target", "reason"], registry=r)
-        self.ratelimit_remaining = Gauge("pipeline_ratelimit_remaining", "Requests left in the target's current window",
-                                         ["target", "account"], registry=r)
-        self.end_to_end_seconds = Histogram("pipeline_end_to_end_seconds", "occurred_at of the event to effect done",
-                                            ["flow"], buckets=_E2E_BUCKETS, registry=r)
-        self.ledger_entries = Gauge("pipeline_ledger_entries", "Ledger entries held for assigned partitions",
-                                    ["topic"], registry=r)
+        self.commands = Counter(
+            "pipeline_commands_total", "Commands finished by sinks, by outcome", ["target", "op", "outcome"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "pipeline_http_request_seconds",
+            "Target API request latency",
+            ["target", "op", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_retries = Counter(
+            "pipeline_http_retries_total", "Target API retries by reason", ["target", "reason"], registry=r
+        )
+        self.ratelimit_remaining = Gauge(
+            "pipeline_ratelimit_remaining",
+            "Requests left in the target's current window",
+            ["target", "account"],
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "pipeline_end_to_end_seconds",
+            "occurred_at of the event to effect done",
+            ["flow"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.ledger_entries = Gauge(
+            "pipeline_ledger_entries", "Ledger entries held for assigned partitions", ["topic"], registry=r
+        )
         # every stage
-        self.deadletters = Counter("pipeline_deadletters_total", "Records sent to the dead-letter topic",
-                                   ["stage", "reason"], registry=r)
-        self.loop_records = Counter("pipeline_loop_records_total", "Records through the transactional loop",
-                                    ["stage", "outcome"], registry=r)
-        self.loop_transactions = Counter("pipeline_loop_transactions_total", "Kafka transactions by outcome",
-                                         ["stage", "outcome"], registry=r)
-        self.loop_batch_seconds = Histogram("pipeline_loop_batch_seconds", "Batch handle + commit time",
-                                            ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.consumer_lag = Gauge("pipeline_consumer_lag", "High watermark minus position, per partition",
-                                  ["group", "topic", "partition"], registry=r)
-        self.assigned_partitions = Gauge("pipeline_assigned_partitions", "Partitions assigned to this member",
-                                         ["group"], registry=r)
+        self.deadletters = Counter(
+            "pipeline_deadletters_total", "Records sent to the dead-letter topic", ["stage", "reason"], registry=r
+        )
+        self.loop_records = Counter(
+            "pipeline_loop_records_total", "Records through the transactional loop", ["stage", "outcome"], registry=r
+        )
+        self.loop_transactions = Counter(
+            "pipeline_loop_transactions_total", "Kafka transactions by outcome", ["stage", "outcome"], registry=r
+        )
+        self.loop_batch_seconds = Histogram(
+            "pipeline_loop_batch_seconds", "Batch handle + commit time", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.consumer_lag = Gauge(
+            "pipeline_consumer_lag",
+            "High watermark minus position, per partition",
+            ["group", "topic", "partition"],
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "pipeline_assigned_partitions", "Partitions assigned to this member", ["group"], registry=r
+        )
 
 
 _METRICS: Metrics | None = None
@@ -198,8 +247,9 @@ def reset_metrics() -> Metrics:
 ReadyCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 
-def add_health_routes(app: web.Application, ready: ReadyCheck | None = None,
-                      registry: CollectorRegistry | None = None) -> None:
+def add_health_routes(
+    app: web.Application, ready: ReadyCheck | None = None, registry: CollectorRegistry | None = None
+) -> None:
     """Mount /metrics, /healthz and /readyz on an existing aiohttp app."""
 
     async def metrics_view(_request: web.Request) -> web.Response:
@@ -211,8 +261,11 @@ def add_health_routes(app: web.Application, ready: ReadyCheck | None = None,
 
     async def readyz(_request: web.Request) -> web.Response:
         ok, detail = (True, {}) if ready is None else await ready()
-        return web.Response(status=200 if ok else 503, content_type="application/json",
-                            body=orjson.dumps({"ready": ok, **detail}, default=str))
+        return web.Response(
+            status=200 if ok else 503,
+            content_type="application/json",
+            body=orjson.dumps({"ready": ok, **detail}, default=str),
+        )
 
     app.router.add_get("/metrics", metrics_view)
     app.router.add_get("/healthz", healthz)

@@ -24,7 +24,7 @@ def _candidate(value: int | str) -> str | None:
         return None
     text = str(value).strip()
     if text.lower().startswith("whatsapp:"):
-        text = text[len("whatsapp:"):]
+        text = text[len("whatsapp:") :]
     text = text.translate(_STRIP)
     if not text:
         return None

@@ -1,4 +1,6 @@
-"""JSON Schemas (shipped in the package as ``pipeline/schemas/``; the repository's ``schemas/``) compiled once (fastjsonschema) and validated at the edges.
+"""JSON Schemas compiled once (fastjsonschema) and validated at the edges.
+
+The schemas are the repository's ``schemas/``, shipped in the package as ``pipeline/schemas/``.
 
 ``validate(name, data)`` raises :class:`SchemaError` whose message names the field (dotted path)
 and the rule that failed, e.g. ``payload.call_id: must be integer (rule: type)``.
@@ -49,6 +51,7 @@ def validate(name: str, data: Any, prefix: str = "") -> Any:
         field = ".".join(([prefix] if prefix else []) + path) or (prefix or "(root)")
         message = exc.message
         # fastjsonschema says "data.payload.x must be ..."; say it with our field name instead
-        if message.startswith(exc.name or "\0"):
-            message = message[len(exc.name):].strip()
+        name = exc.name or ""
+        if name and message.startswith(name):
+            message = message[len(name) :].strip()
         raise SchemaError(f"{field}: {message} (rule: {exc.rule})", field, exc.rule or "") from None

@@ -72,8 +72,9 @@ class KafkaSettings:
             topic_prefix=env_str(env, "TOPIC_PREFIX", cls.topic_prefix),
             max_batch=env_int(env, "LOOP_MAX_BATCH", cls.max_batch, minimum=1),
             poll_timeout_ms=env_int(env, "LOOP_POLL_TIMEOUT_MS", cls.poll_timeout_ms, minimum=1),
-            transaction_timeout_ms=env_int(env, "KAFKA_TRANSACTION_TIMEOUT_MS", cls.transaction_timeout_ms,
-                                           minimum=1000),
+            transaction_timeout_ms=env_int(
+                env, "KAFKA_TRANSACTION_TIMEOUT_MS", cls.transaction_timeout_ms, minimum=1000
+            ),
             client_id=env_str(env, "KAFKA_CLIENT_ID", cls.client_id),
         )
 

@@ -43,12 +43,47 @@ DEFAULT_SMS_TEMPLATE: tuple[str, ...] = (
     "{text}",
 )
 
-CALL_FIELDS = frozenset({"call_id", "call_uuid", "direction", "status", "call_type", "started", "answered", "ended",
-                         "duration", "talking_time", "waiting_time", "wrapup_time", "agent", "agent_name",
-                         "agent_email", "cloudtalk_number", "cloudtalk_number_name", "customer_number", "tags",
-                         "notes", "rating", "recording", "contact_id"})
-SMS_FIELDS = frozenset({"sms_id", "direction", "sender", "recipient", "cloudtalk_number", "customer_number", "agent",
-                        "sent", "text", "contact_id"})
+CALL_FIELDS = frozenset(
+    {
+        "call_id",
+        "call_uuid",
+        "direction",
+        "status",
+        "call_type",
+        "started",
+        "answered",
+        "ended",
+        "duration",
+        "talking_time",
+        "waiting_time",
+        "wrapup_time",
+        "agent",
+        "agent_name",
+        "agent_email",
+        "cloudtalk_number",
+        "cloudtalk_number_name",
+        "customer_number",
+        "tags",
+        "notes",
+        "rating",
+        "recording",
+        "contact_id",
+    }
+)
+SMS_FIELDS = frozenset(
+    {
+        "sms_id",
+        "direction",
+        "sender",
+        "recipient",
+        "cloudtalk_number",
+        "customer_number",
+        "agent",
+        "sent",
+        "text",
+        "contact_id",
+    }
+)
 
 _FORMATTER = string.Formatter()
 
@@ -69,6 +104,7 @@ def template_fields_problems(lines: Sequence[str], flow: str) -> list[str]:
             continue
         for name in names:
             if name not in allowed:
-                problems.append(f"[{i}]: unknown placeholder {{{name}}}; known: {', '.join(sorted(allowed))} "
-                                "(rule: template)")
+                problems.append(
+                    f"[{i}]: unknown placeholder {{{name}}}; known: {', '.join(sorted(allowed))} (rule: template)"
+                )
     return problems

@@ -22,8 +22,13 @@ from pipeline.kafka.topics import Topics
 log = get_logger(__name__)
 
 
-def build_app(config: PipelineConfig, publisher: Publisher, topic_prefix: str,
-              secrets: dict[str, str], kustomer_tokens: dict[str, str]) -> web.Application:
+def build_app(
+    config: PipelineConfig,
+    publisher: Publisher,
+    topic_prefix: str,
+    secrets: dict[str, str],
+    kustomer_tokens: dict[str, str],
+) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     ingest = IngestApp(config, publisher, secrets)
     topics = Topics(topic_prefix)
@@ -54,9 +59,12 @@ def run(args: argparse.Namespace) -> int:
     tokens = {i.name: i.kustomer.webhook_token.value() for i in config.integrations if i.kustomer.webhook_token}
     host = args.host or env_str(os.environ, "INGEST_HOST", "127.0.0.1")
     port = args.port if args.port is not None else env_int(os.environ, "INGEST_PORT", 8080, minimum=0)
-    publisher = Publisher(settings.kafka.bootstrap, f"{settings.kafka.client_id}-ingest",
-                          ack_timeout_s=env_float(os.environ, "INGEST_ACK_TIMEOUT_S", 5.0, minimum=0.1),
-                          retry_after_s=env_int(os.environ, "INGEST_RETRY_AFTER_S", 5, minimum=1))
+    publisher = Publisher(
+        settings.kafka.bootstrap,
+        f"{settings.kafka.client_id}-ingest",
+        ack_timeout_s=env_float(os.environ, "INGEST_ACK_TIMEOUT_S", 5.0, minimum=0.1),
+        retry_after_s=env_int(os.environ, "INGEST_RETRY_AFTER_S", 5, minimum=1),
+    )
 
     async def main() -> None:
         await publisher.start()

@@ -53,8 +53,13 @@ def run_backfill(args: argparse.Namespace) -> int:
             producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-backfill")
             await producer.start()
             try:
-                poller = CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics,
-                                           CursorStore(settings.kafka.bootstrap, topics.cursors), lag_s=0)
+                poller = CallHistoryPoller(
+                    cloudtalk_poller_client(session, config),
+                    producer,
+                    topics,
+                    CursorStore(settings.kafka.bootstrap, topics.cursors),
+                    lag_s=0,
+                )
                 print(f"backfill calls {start.isoformat()} .. {end.isoformat()}", file=sys.stderr, flush=True)
                 return await poller.publish_window(start, end, "backfill", progress=True)
             finally:

@@ -46,8 +46,7 @@ class BrokerUnavailable(Exception):
 
 def problem(status: int, message: str, **extra: Any) -> web.Response:
     """A JSON error answer: ``{"error": message, ...extra}``."""
-    return web.Response(status=status, content_type="application/json",
-                        body=orjson.dumps({"error": message, **extra}))
+    return web.Response(status=status, content_type="application/json", body=orjson.dumps({"error": message, **extra}))
 
 
 class Publisher:
@@ -91,8 +90,9 @@ class Publisher:
         if self.producer is None:
             raise BrokerUnavailable("not connected to the broker yet")
         try:
-            future = await asyncio.wait_for(self.producer.send(topic, value=value, key=key, headers=headers),
-                                            self.ack_timeout_s)
+            future = await asyncio.wait_for(
+                self.producer.send(topic, value=value, key=key, headers=headers), self.ack_timeout_s
+            )
             await asyncio.wait_for(asyncio.shield(future), self.ack_timeout_s)
         except (TimeoutError, KafkaError) as exc:
             raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from None
@@ -120,9 +120,12 @@ class IngestApp:
         """The parsed body, or an HTTP error response raised as an exception."""
         if request.content_length is not None and request.content_length > MAX_BODY:
             self.count(endpoint, 413)
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=request.content_length,
-                                                text=orjson.dumps({"error": f"body larger than {MAX_BODY} bytes"}).decode(),
-                                                content_type="application/json")
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_BODY,
+                actual_size=request.content_length,
+                text=orjson.dumps({"error": f"body larger than {MAX_BODY} bytes"}).decode(),
+                content_type="application/json",
+            )
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -132,8 +135,9 @@ class IngestApp:
             return raw, orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             self.count(endpoint, 400)
-            raise web.HTTPBadRequest(text=orjson.dumps({"error": f"body is not valid JSON: {exc}"}).decode(),
-                                     content_type="application/json") from None
+            raise web.HTTPBadRequest(
+                text=orjson.dumps({"error": f"body is not valid JSON: {exc}"}).decode(), content_type="application/json"
+            ) from None
 
     async def accept(self, endpoint: str, topic: str, build: Callable[[], Envelope]) -> web.Response:
         """Steps 3 and 4: envelope + schema check, then publish and answer after the ack."""
@@ -149,14 +153,18 @@ class IngestApp:
             return problem(400, f"cannot read the event: {exc}")
         started = time.perf_counter()
         try:
-            await self.publisher.publish(topic, env.id.encode(), orjson.dumps(data),
-                                         [("event_id", env.id.encode()), ("type", env.type.encode())])
+            await self.publisher.publish(
+                topic, env.id.encode(), orjson.dumps(data), [("event_id", env.id.encode()), ("type", env.type.encode())]
+            )
         except BrokerUnavailable as exc:
             self.count(endpoint, 503)
             log.warning("event_not_stored", endpoint=endpoint, event_id=env.id, error=str(exc))
-            return web.Response(status=503, content_type="application/json",
-                                body=orjson.dumps({"error": "event not stored: the broker is unavailable"}),
-                                headers={"Retry-After": str(self.publisher.retry_after_s)})
+            return web.Response(
+                status=503,
+                content_type="application/json",
+                body=orjson.dumps({"error": "event not stored: the broker is unavailable"}),
+                headers={"Retry-After": str(self.publisher.retry_after_s)},
+            )
         self._ack.labels(endpoint).observe(time.perf_counter() - started)
         self._events_in.labels(env.source, env.type, env.via).inc()
         self.count(endpoint, 202)

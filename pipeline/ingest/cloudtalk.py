@@ -35,18 +35,24 @@ KINDS: dict[str, tuple[str, frozenset[str]]] = {
     "sms": ("raw_sms", frozenset({"sms.received", "sms.sent"})),
     "contact": ("raw_contacts", frozenset({"contact.created", "contact.updated", "contact.deleted"})),
 }
-PAYLOAD_SCHEMA = {"call.ended": "cloudtalk.call.ended", "sms.received": "cloudtalk.sms", "sms.sent": "cloudtalk.sms",
-                  "contact.created": "cloudtalk.contact", "contact.updated": "cloudtalk.contact",
-                  "contact.deleted": "cloudtalk.contact"}
+PAYLOAD_SCHEMA = {
+    "call.ended": "cloudtalk.call.ended",
+    "sms.received": "cloudtalk.sms",
+    "sms.sent": "cloudtalk.sms",
+    "contact.created": "cloudtalk.contact",
+    "contact.updated": "cloudtalk.contact",
+    "contact.deleted": "cloudtalk.contact",
+}
 
 
 def cloudtalk_envelope(payload: dict[str, Any], integration: str, via: str) -> Envelope:
     """The envelope of a canonical CloudTalk body; the payload is schema-checked first."""
     event = payload.get("event")
-    schema = PAYLOAD_SCHEMA.get(event)  # type: ignore[arg-type]
-    if schema is None:
-        raise SchemaError(f"payload.event: {event!r} is not one of {sorted(PAYLOAD_SCHEMA)} (rule: enum)",
-                          "payload.event", "enum")
+    schema = PAYLOAD_SCHEMA.get(event) if isinstance(event, str) else None
+    if event is None or schema is None:
+        raise SchemaError(
+            f"payload.event: {event!r} is not one of {sorted(PAYLOAD_SCHEMA)} (rule: enum)", "payload.event", "enum"
+        )
     validate(schema, payload, prefix="payload")
     if event == "call.ended":
         eid, occurred = call_event_id(payload["call_id"]), payload["ended_at"]
@@ -55,8 +61,16 @@ def cloudtalk_envelope(payload: dict[str, Any], integration: str, via: str) -> E
     else:
         eid = contact_event_id(payload["contact_id"], payload.get("modified_at"), deleted=event == "contact.deleted")
         occurred = payload["modified_at"]
-    return Envelope(id=eid, integration=integration, source="cloudtalk", type=event, occurred_at=occurred,
-                    received_at=utc_now_iso(), payload=payload, via=via)
+    return Envelope(
+        id=eid,
+        integration=integration,
+        source="cloudtalk",
+        type=event,
+        occurred_at=occurred,
+        received_at=utc_now_iso(),
+        payload=payload,
+        via=via,
+    )
 
 
 def add_routes(app: web.Application, ingest: IngestApp, topics: Topics) -> None:
@@ -80,9 +94,15 @@ def add_routes(app: web.Application, ingest: IngestApp, topics: Topics) -> None:
         topic_attr, events = KINDS[kind]
         if body.get("event") not in events:
             ingest.count(endpoint, 400)
-            return problem(400, f"payload.event: {body.get('event')!r} is not accepted here; expected one of "
-                                f"{sorted(events)} (rule: enum)", field="payload.event", rule="enum")
-        return await ingest.accept(endpoint, getattr(topics, topic_attr),
-                                   lambda: cloudtalk_envelope(body, name, "webhook"))
+            return problem(
+                400,
+                f"payload.event: {body.get('event')!r} is not accepted here; expected one of "
+                f"{sorted(events)} (rule: enum)",
+                field="payload.event",
+                rule="enum",
+            )
+        return await ingest.accept(
+            endpoint, getattr(topics, topic_attr), lambda: cloudtalk_envelope(body, name, "webhook")
+        )
 
     app.router.add_post("/ingest/cloudtalk/{integration}/{kind}", handle)

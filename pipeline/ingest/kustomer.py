@@ -36,9 +36,16 @@ def kustomer_envelope(event: dict[str, Any], integration: str, via: str) -> Enve
     validate("kustomer.customer.event", event, prefix="payload")
     attrs = event["data"]["attributes"]
     updated = attrs.get("updatedAt") or attrs.get("createdAt") or event["createdAt"]
-    return Envelope(id=customer_event_id(event["data"]["id"], attrs.get("rev"), updated), integration=integration,
-                    source="kustomer", type=EVENT_TYPES[event["name"]], occurred_at=updated,
-                    received_at=utc_now_iso(), payload=event, via=via)
+    return Envelope(
+        id=customer_event_id(event["data"]["id"], attrs.get("rev"), updated),
+        integration=integration,
+        source="kustomer",
+        type=EVENT_TYPES[event["name"]],
+        occurred_at=updated,
+        received_at=utc_now_iso(),
+        payload=event,
+        via=via,
+    )
 
 
 class RecentIds:

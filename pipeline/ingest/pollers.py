@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
@@ -51,6 +51,7 @@ ACCOUNT = "*"  # envelope integration of account-wide sources
 # CDR → canonical call-ended body (pure)
 # --------------------------------------------------------------------------------------------
 
+
 def _int(value: Any) -> int | None:
     if value in (None, ""):
         return None
@@ -78,8 +79,10 @@ def cdr_to_call_ended(item: dict[str, Any]) -> dict[str, Any] | None:
     talking = _int(cdr.get("talking_time"))
     answered_at = cdr.get("answered_at") or None
     ratings = item.get("Ratings") or []
-    rating = next((_int(r.get("rating")) for r in ratings if r.get("type") == "agent"),
-                  _int(ratings[0].get("rating")) if ratings else None)
+    rating = next(
+        (_int(r.get("rating")) for r in ratings if r.get("type") == "agent"),
+        _int(ratings[0].get("rating")) if ratings else None,
+    )
     recorded = bool(cdr.get("recorded"))
     link = cdr.get("recording_link")
     body = {
@@ -106,7 +109,9 @@ def cdr_to_call_ended(item: dict[str, Any]) -> dict[str, Any] | None:
         "is_voicemail": bool(cdr.get("is_voicemail")),
         "recording_url": link if recorded and isinstance(link, str) and link else None,
         "call_tags": [t["name"] for t in item.get("Tags") or [] if t.get("name")],
-        "call_notes": [n.get("name") or n.get("note") for n in item.get("Notes") or [] if n.get("name") or n.get("note")],
+        "call_notes": [
+            n.get("name") or n.get("note") for n in item.get("Notes") or [] if n.get("name") or n.get("note")
+        ],
         "rating": rating,
     }
     return body
@@ -120,7 +125,10 @@ def show_to_contact_event(shown: dict[str, Any], event: str) -> dict[str, Any]:
         "event": event,
         "contact_id": int(c["id"]),
         "name": c.get("name") or None,
-        **{k: (c.get(k) or None) for k in ("title", "company", "industry", "website", "address", "city", "zip", "state")},
+        **{
+            k: (c.get(k) or None)
+            for k in ("title", "company", "industry", "website", "address", "city", "zip", "state")
+        },
         "country_id": _int(c.get("country_id")),
         "favorite_agent": _int(c.get("favorite_agent")),
         "contact_numbers": [n for n in numbers if n is not None],
@@ -143,28 +151,50 @@ def index_digest(item: dict[str, Any]) -> str:
 # Call history
 # --------------------------------------------------------------------------------------------
 
+
 def _utc(dt: datetime) -> datetime:
     return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+class Poller(Protocol):
+    async def poll_once(self) -> dict[str, Any]:
+        """One pass: publish what is new since the cursor, then move the cursor."""
 
 
 class CallHistoryPoller:
     CURSOR = "cloudtalk.calls"
 
-    def __init__(self, client: Any, producer: AIOKafkaProducer, topics: Topics, cursors: CursorStore,
-                 *, lag_s: int, overlap_s: int = 3600, initial_lookback_s: int = 3600) -> None:
+    def __init__(
+        self,
+        client: Any,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        cursors: CursorStore,
+        *,
+        lag_s: int,
+        overlap_s: int = 3600,
+        initial_lookback_s: int = 3600,
+    ) -> None:
         self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
         self.lag_s, self.overlap_s, self.initial_lookback_s = lag_s, overlap_s, initial_lookback_s
         self._pages = metrics().poller_pages.labels("calls")
         self._events = metrics().events_in
 
-    async def publish_window(self, date_from: datetime, date_to: datetime, via: str, progress: bool = False,
-                             skip: set[int] | None = None,
-                             published: list[tuple[int, str]] | None = None) -> dict[str, int]:
+    async def publish_window(
+        self,
+        date_from: datetime,
+        date_to: datetime,
+        via: str,
+        progress: bool = False,
+        skip: set[int] | None = None,
+        published: list[tuple[int, str]] | None = None,
+    ) -> dict[str, int]:
         """Every finished call started in [date_from, date_to] into the raw calls topic, except
         the call ids in ``skip``; ``published`` collects (call id, started_at) of what was sent."""
         counts = {"pages": 0, "calls": 0, "published": 0, "active": 0, "invalid": 0, "seen_before": 0}
-        async for page in self.client.iter_calls(date_from=_utc(date_from).replace(tzinfo=None),
-                                                 date_to=_utc(date_to).replace(tzinfo=None)):
+        async for page in self.client.iter_calls(
+            date_from=_utc(date_from).replace(tzinfo=None), date_to=_utc(date_to).replace(tzinfo=None)
+        ):
             counts["pages"] += 1
             self._pages.inc()
             futures = []
@@ -183,18 +213,25 @@ class CallHistoryPoller:
                     counts["invalid"] += 1
                     log.warning("call_record_invalid", call_id=body.get("call_id"), error=str(exc))
                     continue
-                futures.append(await self.producer.send(self.topics.raw_calls, key=env.id.encode(),
-                                                        value=env.to_json(),
-                                                        headers=[("event_id", env.id.encode()),
-                                                                 ("type", b"call.ended")]))
+                futures.append(
+                    await self.producer.send(
+                        self.topics.raw_calls,
+                        key=env.id.encode(),
+                        value=env.to_json(),
+                        headers=[("event_id", env.id.encode()), ("type", b"call.ended")],
+                    )
+                )
                 self._events.labels("cloudtalk", "call.ended", via).inc()
                 if published is not None:
                     published.append((body["call_id"], body["started_at"]))
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
             if progress:
-                print(f"  page {counts['pages']}/{page.get('pageCount', '?')}: {counts['published']} calls published",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  page {counts['pages']}/{page.get('pageCount', '?')}: {counts['published']} calls published",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return counts
 
     async def poll_once(self, now: datetime | None = None) -> dict[str, Any]:
@@ -214,9 +251,16 @@ class CallHistoryPoller:
         recent.update(sent)
         keep_after = date_to - timedelta(seconds=self.overlap_s)
         recent = {c: t for c, t in recent.items() if parse_time(t) >= keep_after}
-        await self.cursors.write(self.producer, self.CURSOR,
-                                 {"date_to": date_to.isoformat(), "polled_at": now.isoformat(),
-                                  "recent": {str(c): t for c, t in recent.items()}, **counts})
+        await self.cursors.write(
+            self.producer,
+            self.CURSOR,
+            {
+                "date_to": date_to.isoformat(),
+                "polled_at": now.isoformat(),
+                "recent": {str(c): t for c, t in recent.items()},
+                **counts,
+            },
+        )
         log.info("calls_polled", date_from=date_from.isoformat(), date_to=date_to.isoformat(), **counts)
         return {"date_from": date_from.isoformat(), "date_to": date_to.isoformat(), **counts}
 
@@ -264,15 +308,20 @@ class ContactsPoller:
                 except SchemaError as exc:
                     log.warning("contact_record_invalid", contact_id=cid, error=str(exc))
                     continue
-                futures.append(await self.producer.send(self.topics.raw_contacts, key=env.id.encode(),
-                                                        value=env.to_json(),
-                                                        headers=[("event_id", env.id.encode()),
-                                                                 ("type", env.type.encode())]))
+                futures.append(
+                    await self.producer.send(
+                        self.topics.raw_contacts,
+                        key=env.id.encode(),
+                        value=env.to_json(),
+                        headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
+                    )
+                )
                 self._events.labels("cloudtalk", env.type, via).inc()
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
-        await self.cursors.write(self.producer, self.CURSOR,
-                                 {"seen": fresh, "polled_at": datetime.now(UTC).isoformat(), **counts})
+        await self.cursors.write(
+            self.producer, self.CURSOR, {"seen": fresh, "polled_at": datetime.now(UTC).isoformat(), **counts}
+        )
         log.info("contacts_polled", via=via, **counts)
         return counts
 
@@ -282,8 +331,15 @@ class CustomersPoller:
     (no cursor yet: every customer, ``via: import``) and the periodic reconciliation.
     Each customer version becomes the same event (and id) its webhook would have produced."""
 
-    def __init__(self, integration: str, client: Any, producer: AIOKafkaProducer, topics: Topics,
-                 cursors: CursorStore, overlap_s: int = 300) -> None:
+    def __init__(
+        self,
+        integration: str,
+        client: Any,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        cursors: CursorStore,
+        overlap_s: int = 300,
+    ) -> None:
         self.integration, self.client, self.producer = integration, client, producer
         self.topics, self.cursors, self.overlap_s = topics, cursors, overlap_s
         self.cursor_name = f"kustomer.customers.{integration}"
@@ -307,25 +363,37 @@ class CustomersPoller:
                 counts["customers"] += 1
                 attrs = customer.get("attributes") or {}
                 updated = attrs.get("updatedAt") or attrs.get("createdAt")
-                event = {"id": f"poll:{customer['id']}:{attrs.get('rev', updated)}",
-                         "name": "kustomer.customer.update", "createdAt": updated, "client": "poller",
-                         "dataId": customer["id"], "data": customer}
+                event = {
+                    "id": f"poll:{customer['id']}:{attrs.get('rev', updated)}",
+                    "name": "kustomer.customer.update",
+                    "createdAt": updated,
+                    "client": "poller",
+                    "dataId": customer["id"],
+                    "data": customer,
+                }
                 try:
                     env = kustomer_envelope(event, self.integration, via)
                 except SchemaError as exc:
                     log.warning("customer_record_invalid", customer_id=customer.get("id"), error=str(exc))
                     continue
-                futures.append(await self.producer.send(self.topics.raw_customers, key=env.id.encode(),
-                                                        value=env.to_json(),
-                                                        headers=[("event_id", env.id.encode()),
-                                                                 ("type", env.type.encode())]))
+                futures.append(
+                    await self.producer.send(
+                        self.topics.raw_customers,
+                        key=env.id.encode(),
+                        value=env.to_json(),
+                        headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
+                    )
+                )
                 self._events.labels("kustomer", env.type, via).inc()
                 if updated and (newest is None or updated > newest):
                     newest = updated
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
-        await self.cursors.write(self.producer, self.cursor_name,
-                                 {"updated_since": newest, "polled_at": datetime.now(UTC).isoformat(), **counts})
+        await self.cursors.write(
+            self.producer,
+            self.cursor_name,
+            {"updated_since": newest, "polled_at": datetime.now(UTC).isoformat(), **counts},
+        )
         log.info("customers_polled", integration=self.integration, via=via, **counts)
         return counts
 
@@ -334,13 +402,20 @@ def cloudtalk_poller_client(session: aiohttp.ClientSession, config: PipelineConf
 
     ct = config.cloudtalk
     window = RateWindow(reserve=ct.poller_reserve, fallback_per_minute=ct.rate_limit_per_minute)
-    return CloudTalkClient.from_credentials(session, ct.base_url, ct.key_id.value(), ct.key_secret.value(),
-                                            window=window, policy=RetryPolicy(deadline_s=300.0))
+    return CloudTalkClient.from_credentials(
+        session,
+        ct.base_url,
+        ct.key_id.value(),
+        ct.key_secret.value(),
+        window=window,
+        policy=RetryPolicy(deadline_s=300.0),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("poll", help="run a poller: calls | contacts (CloudTalk) | customers (Kustomer)")
@@ -357,9 +432,11 @@ def run_poll(args: argparse.Namespace) -> int:
     topics = Topics(settings.kafka.topic_prefix)
     env = os.environ
     cursors = CursorStore(settings.kafka.bootstrap, topics.cursors)
-    intervals = {"calls": config.cloudtalk.calls_poll_interval_seconds,
-                 "contacts": config.cloudtalk.contacts_poll_interval_seconds,
-                 "customers": min((i.contacts.reconcile_interval_seconds for i in config.active), default=900)}
+    intervals = {
+        "calls": config.cloudtalk.calls_poll_interval_seconds,
+        "contacts": config.cloudtalk.contacts_poll_interval_seconds,
+        "customers": min((i.contacts.reconcile_interval_seconds for i in config.active), default=900),
+    }
     interval = intervals[args.source]
 
     async def main() -> None:
@@ -376,19 +453,35 @@ def run_poll(args: argparse.Namespace) -> int:
         async with aiohttp.ClientSession() as session:
             producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-poll-{args.source}")
             await producer.start()
+            pollers: list[Poller]
             if args.source == "calls":
-                pollers = [CallHistoryPoller(cloudtalk_poller_client(session, config), producer, topics, cursors,
-                                             lag_s=config.cloudtalk.calls_poll_lag_seconds,
-                                             overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 3600, minimum=0),
-                                             initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600,
-                                                                        minimum=0))]
+                pollers = [
+                    CallHistoryPoller(
+                        cloudtalk_poller_client(session, config),
+                        producer,
+                        topics,
+                        cursors,
+                        lag_s=config.cloudtalk.calls_poll_lag_seconds,
+                        overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 3600, minimum=0),
+                        initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600, minimum=0),
+                    )
+                ]
             elif args.source == "contacts":
                 pollers = [ContactsPoller(cloudtalk_poller_client(session, config), producer, topics, cursors)]
             else:
                 clients = kustomer_clients(session, config, RetryPolicy(deadline_s=300.0))
-                pollers = [CustomersPoller(i.name, clients[i.name], producer, topics, cursors,
-                                           overlap_s=env_int(env, "CUSTOMERS_POLL_OVERLAP_S", 300, minimum=0))
-                           for i in config.active if i.contacts.import_enabled]
+                pollers = [
+                    CustomersPoller(
+                        i.name,
+                        clients[i.name],
+                        producer,
+                        topics,
+                        cursors,
+                        overlap_s=env_int(env, "CUSTOMERS_POLL_OVERLAP_S", 300, minimum=0),
+                    )
+                    for i in config.active
+                    if i.contacts.import_enabled
+                ]
             try:
                 while not stop.is_set():
                     for poller in pollers:

@@ -18,8 +18,13 @@ class CursorStore:
         self.bootstrap, self.topic = bootstrap, topic
 
     async def read(self, name: str) -> dict[str, Any] | None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                    isolation_level="read_committed", auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+        )
         await consumer.start()
         latest = None
         try:

@@ -18,8 +18,9 @@ from aiokafka.errors import KafkaError
 from pipeline.kafka.reading import partitions_of, read_to_end, stop_consumer
 
 
-async def _data_records(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int,
-                        deadline_s: float = 10.0) -> int:
+async def _data_records(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int, deadline_s: float = 10.0
+) -> int:
     """Data records in [start, end) read ``read_committed``: control markers and aborted records
     do not count. A very long range is estimated by its offsets."""
     if end <= start:
@@ -52,8 +53,9 @@ async def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = N
     tps = {tp: meta.offset for tp, meta in committed.items() if wanted is None or tp.topic in wanted}
     if not tps and not wanted:
         return {}
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     lag: dict[TopicPartition, int] = {}
     try:

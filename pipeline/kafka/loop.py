@@ -64,6 +64,7 @@ log = get_logger(__name__)
 # Stages and lanes
 # --------------------------------------------------------------------------------------------
 
+
 class Lane:
     """One assigned input partition and its transactional producer."""
 
@@ -166,6 +167,7 @@ async def _abort_quietly(producer: AIOKafkaProducer) -> None:
 # The loop
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LoopSettings:
     bootstrap: str
@@ -216,11 +218,18 @@ class TransactionalLoop:
     async def start(self) -> None:
         s = self.settings
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap, group_id=s.group_id, client_id=f"{s.client_id}-{s.group_id}",
-            enable_auto_commit=False, isolation_level="read_committed", auto_offset_reset="earliest",
-            max_poll_records=s.max_batch, max_poll_interval_ms=s.max_poll_interval_ms,
-            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
-            rebalance_timeout_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
+            bootstrap_servers=s.bootstrap,
+            group_id=s.group_id,
+            client_id=f"{s.client_id}-{s.group_id}",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            max_poll_records=s.max_batch,
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            rebalance_timeout_ms=s.max_poll_interval_ms,
+            fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes,
         )
         await self._consumer.start()
@@ -235,8 +244,9 @@ class TransactionalLoop:
         assert self._consumer is not None, "start() first"
         consumer = self._consumer
         while not self._stopping.is_set():
-            batches = await consumer.getmany(timeout_ms=self.settings.poll_timeout_ms,
-                                             max_records=self.settings.max_batch)
+            batches = await consumer.getmany(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
+            )
             self._last_poll = time.monotonic()
             if not batches:
                 self._update_lag()
@@ -280,8 +290,11 @@ class TransactionalLoop:
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         fresh = time.monotonic() - self._last_poll < max(30.0, self.settings.poll_timeout_ms / 1000 * 10)
         ok = self._consumer is not None and self._joined and fresh
-        return ok, {"stage": self.stage.name, "assigned": sorted(f"{tp.topic}:{tp.partition}" for tp in self.lanes),
-                    "lag": self.total_lag()}
+        return ok, {
+            "stage": self.stage.name,
+            "assigned": sorted(f"{tp.topic}:{tp.partition}" for tp in self.lanes),
+            "lag": self.total_lag(),
+        }
 
     def total_lag(self) -> int:
         if self._consumer is None:
@@ -307,8 +320,13 @@ class TransactionalLoop:
         try:
             result = await self.stage.handle(lane, records)
         except Exception as exc:  # abort path A: nothing produced yet
-            log.exception("stage_failed", stage=self.stage.name, partition=f"{tp.topic}:{tp.partition}",
-                          offset=first, error=str(exc))
+            log.exception(
+                "stage_failed",
+                stage=self.stage.name,
+                partition=f"{tp.topic}:{tp.partition}",
+                offset=first,
+                error=str(exc),
+            )
             await self._retry_later(tp, first)
             return
         upto = end if result.commit_upto is None else min(max(result.commit_upto, first), end)
@@ -339,8 +357,13 @@ class TransactionalLoop:
             await self._close_lane(lane)
             return
         except Exception as exc:  # abort path B: abort, seek back, retry
-            log.warning("transaction_aborted", stage=self.stage.name, partition=f"{tp.topic}:{tp.partition}",
-                        offset=first, error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "transaction_aborted",
+                stage=self.stage.name,
+                partition=f"{tp.topic}:{tp.partition}",
+                offset=first,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             self._m_abort.inc()
             self.stats["aborted"] += 1
             await _abort_quietly(producer)
@@ -363,8 +386,13 @@ class TransactionalLoop:
             self.stats["rejected"] += len(dead)
             for r in result.rejections:
                 self._deadletter_counter(r.error_class).inc()
-                log.warning("dead_lettered", stage=self.stage.name, error_class=r.error_class, error=r.message,
-                            source=f"{r.record.topic}:{r.record.partition}:{r.record.offset}")
+                log.warning(
+                    "dead_lettered",
+                    stage=self.stage.name,
+                    error_class=r.error_class,
+                    error=r.message,
+                    source=f"{r.record.topic}:{r.record.partition}:{r.record.offset}",
+                )
         # 7. the stage stopped early: fetch the rest again
         if upto < end:
             consumer.seek(tp, upto)
@@ -392,9 +420,14 @@ class TransactionalLoop:
         s = self.settings
         tid = self._transactional_id(tp)
         producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap, client_id=f"{s.client_id}-{tid}", transactional_id=tid,
-            enable_idempotence=True, acks="all", transaction_timeout_ms=s.transaction_timeout_ms,
-            linger_ms=s.producer_linger_ms, max_batch_size=s.producer_batch_bytes,
+            bootstrap_servers=s.bootstrap,
+            client_id=f"{s.client_id}-{tid}",
+            transactional_id=tid,
+            enable_idempotence=True,
+            acks="all",
+            transaction_timeout_ms=s.transaction_timeout_ms,
+            linger_ms=s.producer_linger_ms,
+            max_batch_size=s.producer_batch_bytes,
             max_request_size=max(s.producer_batch_bytes, 1024 * 1024),
         )
         await producer.start()
@@ -432,7 +465,9 @@ class TransactionalLoop:
                 finally:
                     for tp in gone:
                         await self._close_lane(self.lanes.pop(tp))
-            log.info("partitions_revoked", stage=self.stage.name, partitions=sorted(f"{t.topic}:{t.partition}" for t in gone))
+            log.info(
+                "partitions_revoked", stage=self.stage.name, partitions=sorted(f"{t.topic}:{t.partition}" for t in gone)
+            )
             self._m_assigned.set(len(self.lanes))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -466,8 +501,12 @@ class TransactionalLoop:
                     await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
                     break
                 except Exception as exc:  # noqa: BLE001
-                    log.error("assignment_preparation_failed", stage=self.stage.name, attempt=attempt,
-                              error=f"{type(exc).__name__}: {exc}")
+                    log.error(
+                        "assignment_preparation_failed",
+                        stage=self.stage.name,
+                        attempt=attempt,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
                     if attempt == attempts:
                         # never handle records without the stage's state: stop, exit non-zero
                         for tp in new:
@@ -475,11 +514,12 @@ class TransactionalLoop:
                         self.fatal = exc
                         self.request_stop()
                         return
-                    await asyncio.sleep(min(10.0, 0.5 * 2 ** attempt))
+                    await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
             self._joined = True  # ready: assigned, lanes open, positions set
             self._m_assigned.set(len(self.lanes))
-            log.info("partitions_assigned", stage=self.stage.name,
-                     partitions=sorted(f"{t.topic}:{t.partition}" for t in new))
+            log.info(
+                "partitions_assigned", stage=self.stage.name, partitions=sorted(f"{t.topic}:{t.partition}" for t in new)
+            )
 
     def _update_lag(self) -> None:
         consumer = self._consumer

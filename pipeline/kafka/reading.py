@@ -15,9 +15,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 
-async def read_to_end(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
-                      ends: Mapping[TopicPartition, int] | None = None, *, max_records: int = 10_000,
-                      deadline_s: float | None = None) -> AsyncIterator[ConsumerRecord]:
+async def read_to_end(
+    consumer: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    ends: Mapping[TopicPartition, int] | None = None,
+    *,
+    max_records: int = 10_000,
+    deadline_s: float | None = None,
+) -> AsyncIterator[ConsumerRecord]:
     """Yield the records of ``tps`` below ``ends`` (default: the end offsets now), from each
     partition's current position, until every position reached its end or ``deadline_s`` passed."""
     if ends is None:
@@ -58,8 +63,9 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 async def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:
     """Every committed record of ``topic`` from the beginning up to its end now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(await partitions_of(consumer, topic))]

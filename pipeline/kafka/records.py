@@ -21,6 +21,7 @@ Headers = tuple[tuple[str, bytes], ...]
 # Records in and out
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class OutRecord:
     topic: str
@@ -47,7 +48,6 @@ class BatchResult:
     commit_upto: int | None = None
     # Whatever the stage wants back in ``after_commit`` (e.g. ledger entries to make visible).
     context: Any = None
-
 
 
 Transform = Callable[[Sequence[ConsumerRecord]], BatchResult]
@@ -77,8 +77,15 @@ DLQ_SOURCE_TOPIC = "dlq.source.topic"
 DLQ_SOURCE_PARTITION = "dlq.source.partition"
 DLQ_SOURCE_OFFSET = "dlq.source.offset"
 DLQ_FAILED_AT = "dlq.failed.at"
-DLQ_HEADERS = (DLQ_STAGE, DLQ_ERROR_CLASS, DLQ_ERROR_MESSAGE, DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION,
-               DLQ_SOURCE_OFFSET, DLQ_FAILED_AT)
+DLQ_HEADERS = (
+    DLQ_STAGE,
+    DLQ_ERROR_CLASS,
+    DLQ_ERROR_MESSAGE,
+    DLQ_SOURCE_TOPIC,
+    DLQ_SOURCE_PARTITION,
+    DLQ_SOURCE_OFFSET,
+    DLQ_FAILED_AT,
+)
 
 
 def dead_letter(rejection: Rejection, stage: str, topic: str) -> OutRecord:

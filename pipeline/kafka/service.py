@@ -20,9 +20,13 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-async def run_loop_service(name: str, loop: TransactionalLoop, settings: ServiceSettings,
-                           before_start: Callable[[], Awaitable[None]] | None = None,
-                           after_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+async def run_loop_service(
+    name: str,
+    loop: TransactionalLoop,
+    settings: ServiceSettings,
+    before_start: Callable[[], Awaitable[None]] | None = None,
+    after_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Start health + loop, run until SIGTERM/SIGINT, then finish the batch in flight and leave."""
     health = HealthServer(settings.metrics_host, settings.metrics_port, ready=loop.ready)
     await health.start()

@@ -96,10 +96,17 @@ class Topics:
 
 
 _ATTR_TO_BASE = {
-    "raw_calls": RAW_CALLS, "raw_sms": RAW_SMS, "raw_contacts": RAW_CONTACTS, "raw_customers": RAW_CUSTOMERS,
-    "kustomer_commands": KUSTOMER_COMMANDS, "cloudtalk_commands": CLOUDTALK_COMMANDS,
-    "kustomer_ledger": KUSTOMER_LEDGER, "cloudtalk_ledger": CLOUDTALK_LEDGER, "cursors": CURSORS,
-    "audit": AUDIT, "deadletter": DEADLETTER,
+    "raw_calls": RAW_CALLS,
+    "raw_sms": RAW_SMS,
+    "raw_contacts": RAW_CONTACTS,
+    "raw_customers": RAW_CUSTOMERS,
+    "kustomer_commands": KUSTOMER_COMMANDS,
+    "cloudtalk_commands": CLOUDTALK_COMMANDS,
+    "kustomer_ledger": KUSTOMER_LEDGER,
+    "cloudtalk_ledger": CLOUDTALK_LEDGER,
+    "cursors": CURSORS,
+    "audit": AUDIT,
+    "deadletter": DEADLETTER,
 }
 
 
@@ -121,20 +128,23 @@ class EnsureReport:
         return out
 
 
-async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_factor: int = 1,
-                        timeout_ms: int = 30_000) -> EnsureReport:
+async def ensure_topics(
+    bootstrap: str, specs: list[TopicSpec], replication_factor: int = 1, timeout_ms: int = 30_000
+) -> EnsureReport:
     """Create missing topics; report existing ones whose partitions or configs differ."""
     report = EnsureReport()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
-        existing = {t["topic"]: t for t in await admin.describe_topics([s.name for s in specs])
-                    if t.get("error_code", 0) == 0}
+        existing = {
+            t["topic"]: t for t in await admin.describe_topics([s.name for s in specs]) if t.get("error_code", 0) == 0
+        }
         missing = [s for s in specs if s.name not in existing]
         if missing:
             response = await admin.create_topics(
                 [NewTopic(s.name, s.partitions, replication_factor, topic_configs=s.config) for s in missing],
-                timeout_ms=timeout_ms)
+                timeout_ms=timeout_ms,
+            )
             already = []
             for topic, code, *rest in response.topic_errors:
                 if code == 36:  # TOPIC_ALREADY_EXISTS: metadata lagged, or a concurrent ensure
@@ -145,8 +155,11 @@ async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_fact
             report.created = [s.name for s in missing if s.name not in already]
             if already:
                 for _ in range(20):  # the topic exists; wait until metadata shows it, then check it
-                    found = {t["topic"]: t for t in await admin.describe_topics(already)
-                             if t.get("error_code", 0) == 0 and t.get("partitions")}
+                    found = {
+                        t["topic"]: t
+                        for t in await admin.describe_topics(already)
+                        if t.get("error_code", 0) == 0 and t.get("partitions")
+                    }
                     if len(found) == len(already):
                         existing.update(found)
                         break
@@ -177,11 +190,12 @@ async def ensure_topics(bootstrap: str, specs: list[TopicSpec], replication_fact
                     cmd_name = s.name[: -len(ledger)] + commands
                     parts = {}
                     for n in (s.name, cmd_name):
-                        parts[n] = (len(existing[n]["partitions"]) if n in existing else by_name[n].partitions)
+                        parts[n] = len(existing[n]["partitions"]) if n in existing else by_name[n].partitions
                     if parts[s.name] != parts[cmd_name]:
                         report.differs.setdefault(s.name, []).append(
                             f"has {parts[s.name]} partitions but {cmd_name} has {parts[cmd_name]}: "
-                            "a ledger must be co-partitioned with its command topic")
+                            "a ledger must be co-partitioned with its command topic"
+                        )
     finally:
         await admin.close()
     return report

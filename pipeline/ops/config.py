@@ -12,8 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="check an integrations file")
     p.add_argument("action", choices=["check"])
     p.add_argument("file")
-    p.add_argument("--skip-secrets", action="store_true",
-                   help="check the structure only, not that every referenced secret is readable")
+    p.add_argument(
+        "--skip-secrets",
+        action="store_true",
+        help="check the structure only, not that every referenced secret is readable",
+    )
     p.set_defaults(func=run)
 
 

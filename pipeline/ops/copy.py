@@ -26,8 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("--group", required=True, help="consumer group (its committed offsets say where to resume)")
-    p.add_argument("--reject-matching", metavar="REGEX",
-                   help="dead-letter records whose value matches REGEX instead of copying them")
+    p.add_argument(
+        "--reject-matching",
+        metavar="REGEX",
+        help="dead-letter records whose value matches REGEX instead of copying them",
+    )
     p.add_argument("--deadletter", help="dead-letter topic (default: the catalogue's deadletter)")
     p.set_defaults(func=run)
 
@@ -37,6 +40,7 @@ def copy_transform(destination: str, reject: re.Pattern[bytes] | None):
         if reject is not None and record.value is not None and reject.search(record.value):
             raise Reject("RejectedByPattern", f"value matches {reject.pattern.decode()!r}")
         return (OutRecord(destination, record.value, record.key, tuple(record.headers or ())),)
+
     return map_records(one)
 
 
@@ -46,10 +50,16 @@ def run(args: argparse.Namespace) -> int:
     reject = re.compile(args.reject_matching.encode()) if args.reject_matching else None
     deadletter = args.deadletter or Topics(settings.kafka.topic_prefix).deadletter
     loop = TransactionalLoop(
-        LoopSettings(bootstrap=settings.kafka.bootstrap, group_id=args.group, input_topics=(args.source,),
-                     deadletter_topic=deadletter, client_id=settings.kafka.client_id,
-                     max_batch=settings.kafka.max_batch, poll_timeout_ms=settings.kafka.poll_timeout_ms,
-                     transaction_timeout_ms=settings.kafka.transaction_timeout_ms),
+        LoopSettings(
+            bootstrap=settings.kafka.bootstrap,
+            group_id=args.group,
+            input_topics=(args.source,),
+            deadletter_topic=deadletter,
+            client_id=settings.kafka.client_id,
+            max_batch=settings.kafka.max_batch,
+            poll_timeout_ms=settings.kafka.poll_timeout_ms,
+            transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
+        ),
         TransformStage("copy", copy_transform(args.destination, reject)),
     )
     asyncio.run(run_loop_service("copy", loop, settings))

@@ -61,8 +61,9 @@ def run_raw(args: argparse.Namespace) -> int:
     topic = getattr(Topics(kafka.topic_prefix), RAW[args.topic])
 
     async def main() -> int:
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
-                                    isolation_level="read_committed")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+        )
         producer = durable_producer(kafka.bootstrap, f"{kafka.client_id}-replay")
         await consumer.start()
         await producer.start()
@@ -88,16 +89,19 @@ def run_raw(args: argparse.Namespace) -> int:
                 env["via"] = "replay"
                 n += 1
                 if not args.dry_run:
-                    futures.append(await producer.send(topic, key=r.key, value=orjson.dumps(env),
-                                                       headers=list(r.headers or ())))
+                    futures.append(
+                        await producer.send(topic, key=r.key, value=orjson.dumps(env), headers=list(r.headers or ()))
+                    )
                 if n % 1000 == 0:
                     print(f"  {n} events …", file=sys.stderr, flush=True)
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
             await consumer.stop()
-        print(f"{'would replay' if args.dry_run else 'replayed'} {n} event(s) of {topic} "
-              f"from {start.isoformat()} to {end.isoformat()}")
+        print(
+            f"{'would replay' if args.dry_run else 'replayed'} {n} event(s) of {topic} "
+            f"from {start.isoformat()} to {end.isoformat()}"
+        )
         return 0
 
     return asyncio.run(main())
@@ -110,12 +114,14 @@ def run_deadletter(args: argparse.Namespace) -> int:
     async def main() -> int:
         cursors = CursorStore(kafka.bootstrap, topics.cursors)
         cursor = None if args.all else await cursors.read("replay.deadletter")
-        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
-                                    isolation_level="read_committed")
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
+        )
         producer = durable_producer(kafka.bootstrap, f"{kafka.client_id}-replay")
         await consumer.start()
         await producer.start()
-        sent, skipped, counts = 0, 0, {}
+        sent, skipped = 0, 0
+        counts: dict[str, int] = {}
         try:
             tp = TopicPartition(topics.deadletter, 0)
             consumer.assign([tp])
@@ -125,9 +131,11 @@ def run_deadletter(args: argparse.Namespace) -> int:
             futures = []
             async for r in read_to_end(consumer, [tp], {tp: end}):
                 h = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in r.headers or ()}
-                if ((args.stage and h.get("dlq.stage") != args.stage)
-                        or (args.error_class and h.get("dlq.error.class") != args.error_class)
-                        or (args.source_topic and h.get("dlq.source.topic") != args.source_topic)):
+                if (
+                    (args.stage and h.get("dlq.stage") != args.stage)
+                    or (args.error_class and h.get("dlq.error.class") != args.error_class)
+                    or (args.source_topic and h.get("dlq.source.topic") != args.source_topic)
+                ):
                     skipped += 1
                     continue
                 source = h.get("dlq.source.topic")
@@ -142,8 +150,9 @@ def run_deadletter(args: argparse.Namespace) -> int:
                     futures.append(await producer.send(source, key=r.key, value=r.value, headers=headers))
             await asyncio.gather(*futures)
             if not args.dry_run:
-                await cursors.write(producer, "replay.deadletter",
-                                    {"next_offset": end, "at": datetime.now().astimezone().isoformat()})
+                await cursors.write(
+                    producer, "replay.deadletter", {"next_offset": end, "at": datetime.now().astimezone().isoformat()}
+                )
         finally:
             await producer.stop()
             await consumer.stop()

@@ -11,9 +11,12 @@ from pipeline.kafka.topics import Topics, ensure_topics
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("topics", help="create missing topics, report drift (never changes existing topics)")
-    p.add_argument("action", choices=["ensure", "list"],
-                   help="ensure: create missing topics and report any whose settings differ (exit 1 on drift); "
-                        "list: print the catalogue")
+    p.add_argument(
+        "action",
+        choices=["ensure", "list"],
+        help="ensure: create missing topics and report any whose settings differ (exit 1 on drift); "
+        "list: print the catalogue",
+    )
     p.add_argument("--bootstrap", help="broker (env KAFKA_BOOTSTRAP)")
     p.add_argument("--prefix", help="topic name prefix (env TOPIC_PREFIX)")
     p.add_argument("--replication-factor", type=int, default=1)

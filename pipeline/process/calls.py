@@ -43,8 +43,13 @@ CONVERSATION_NAMES = {
     "outgoing_answered": "Outgoing call to {number}",
     "outgoing_unanswered": "Unanswered call to {number}",
 }
-STATUS_LABELS = {"incoming_answered": "Answered", "incoming_missed": "Missed", "voicemail": "Missed (voicemail)",
-                 "outgoing_answered": "Answered", "outgoing_unanswered": "Not answered"}
+STATUS_LABELS = {
+    "incoming_answered": "Answered",
+    "incoming_missed": "Missed",
+    "voicemail": "Missed (voicemail)",
+    "outgoing_answered": "Answered",
+    "outgoing_unanswered": "Not answered",
+}
 
 
 def is_answered(payload: dict[str, Any]) -> bool:
@@ -125,22 +130,27 @@ def decide(env: Envelope, integration: Integration, external: str | None, intern
     values = note_values(payload, external, internal, ctype)
     body = notes.render(settings.note_template or templates.DEFAULT_CALL_TEMPLATE, values, templates.CALL_MARKER)
     cid = command_id(integration.name, env.id)
-    return Command(integration.name, cid, f"{integration.name}|{external}", {
-        "command_id": cid,
-        "type": "kustomer.log_conversation",
-        "integration": integration.name,
-        "event_id": env.id,
-        "occurred_at": env.occurred_at,
-        "flow": "call",
-        "customer": {"phone": external, "name": payload.get("contact_name"), "create": True},
-        "conversation": {
-            "name": CONVERSATION_NAMES[ctype].format(number=external),
-            "status": type_setting.status,
-            "direction": "in" if payload["direction"] == "incoming" else "out",
-            "externalId": f"cloudtalk-call-{call_id}",
+    return Command(
+        integration.name,
+        cid,
+        f"{integration.name}|{external}",
+        {
+            "command_id": cid,
+            "type": "kustomer.log_conversation",
+            "integration": integration.name,
+            "event_id": env.id,
+            "occurred_at": env.occurred_at,
+            "flow": "call",
+            "customer": {"phone": external, "name": payload.get("contact_name"), "create": True},
+            "conversation": {
+                "name": CONVERSATION_NAMES[ctype].format(number=external),
+                "status": type_setting.status,
+                "direction": "in" if payload["direction"] == "incoming" else "out",
+                "externalId": f"cloudtalk-call-{call_id}",
+            },
+            "note": {"body": body[:10240], "marker": templates.CALL_MARKER.format(call_id=call_id)},
         },
-        "note": {"body": body[:10240], "marker": templates.CALL_MARKER.format(call_id=call_id)},
-    })
+    )
 
 
 def process_call(env: Envelope, config: PipelineConfig) -> list[Decision]:
@@ -149,6 +159,8 @@ def process_call(env: Envelope, config: PipelineConfig) -> list[Decision]:
     external = normalize_e164(payload.get("external_number"))
     internal = normalize_e164(payload.get("internal_number"))
     if payload["direction"] != "internal" and external is None:
-        raise Reject("InvalidPhoneNumber",
-                     f"payload.external_number: {payload.get('external_number')!r} is not a possible phone number")
+        raise Reject(
+            "InvalidPhoneNumber",
+            f"payload.external_number: {payload.get('external_number')!r} is not a possible phone number",
+        )
     return [decide(env, integration, external, internal) for integration in config.integrations]

@@ -42,7 +42,9 @@ def decide(env: Envelope, integration: Integration) -> Decision:
     if payload["event"] == "contact.deleted":
         return Dropped(integration.name, RULE_DELETED, "deletions are not exported")
     prefix = customer_link_prefix(integration)
-    if any(isinstance(u, dict) and str(u.get("url") or "").startswith(prefix) for u in payload.get("external_urls") or []):
+    if any(
+        isinstance(u, dict) and str(u.get("url") or "").startswith(prefix) for u in payload.get("external_urls") or []
+    ):
         return Dropped(integration.name, RULE_IMPORTED, "the contact links to this integration's Kustomer customer")
     phones: list[str] = []
     for raw in payload.get("contact_numbers") or []:
@@ -59,21 +61,26 @@ def decide(env: Envelope, integration: Integration) -> Decision:
             emails.append(e)
     contact_id = str(payload["contact_id"])
     cid = command_id(integration.name, env.id)
-    return Command(integration.name, cid, integration.name, {
-        "command_id": cid,
-        "type": "kustomer.upsert_customer",
-        "integration": integration.name,
-        "event_id": env.id,
-        "occurred_at": env.occurred_at,
-        "contact_id": contact_id,
-        "version": payload["modified_at"],
-        "customer": {
-            "name": (payload.get("name") or "").strip() or None,
-            "externalId": contact_id,
-            "phones": [{"type": "work", "phone": p} for p in phones],
-            "emails": [{"type": "work", "email": e} for e in emails],
+    return Command(
+        integration.name,
+        cid,
+        integration.name,
+        {
+            "command_id": cid,
+            "type": "kustomer.upsert_customer",
+            "integration": integration.name,
+            "event_id": env.id,
+            "occurred_at": env.occurred_at,
+            "contact_id": contact_id,
+            "version": payload["modified_at"],
+            "customer": {
+                "name": (payload.get("name") or "").strip() or None,
+                "externalId": contact_id,
+                "phones": [{"type": "work", "phone": p} for p in phones],
+                "emails": [{"type": "work", "email": e} for e in emails],
+            },
         },
-    })
+    )
 
 
 def process_contact(env: Envelope, config: PipelineConfig) -> list[Decision]:

@@ -68,9 +68,13 @@ def address_fields(loc: dict[str, Any] | None) -> dict[str, Any]:
     country = None
     if loc.get("countryCode") or loc.get("countryName"):
         country = {"code": loc.get("countryCode"), "name": loc.get("countryName")}
-    return {"address": _clip(address, "address"), "city": _clip(loc.get("cityName") or loc.get("city"), "city"),
-            "zip": _clip(loc.get("zipCode") or loc.get("zip"), "zip"),
-            "state": _clip(loc.get("regionName") or loc.get("state"), "state"), "country": country}
+    return {
+        "address": _clip(address, "address"),
+        "city": _clip(loc.get("cityName") or loc.get("city"), "city"),
+        "zip": _clip(loc.get("zipCode") or loc.get("zip"), "zip"),
+        "state": _clip(loc.get("regionName") or loc.get("state"), "state"),
+        "country": country,
+    }
 
 
 def first_website(attrs: dict[str, Any]) -> str | None:
@@ -131,24 +135,31 @@ def decide(env: Envelope, integration: Integration) -> Decision:
         "website": first_website(attrs),
         **address_fields(work_location(attrs)),
         "created_by_ref": _rel_id(data, "createdBy"),
-        "external_url": {"name": settings.external_url_name[:30],
-                         "url": integration.kustomer.customer_link(customer_id)},
+        "external_url": {
+            "name": settings.external_url_name[:30],
+            "url": integration.kustomer.customer_link(customer_id),
+        },
         "tag": integration.contact_tag,
     }
     cid = command_id(integration.name, env.id)
-    return Command(integration.name, cid, integration.name, {
-        "command_id": cid,
-        "type": "cloudtalk.upsert_contact",
-        "integration": integration.name,
-        "event_id": env.id,
-        "occurred_at": env.occurred_at,
-        "customer_id": customer_id,
-        "modified_by": _rel_id(data, "modifiedBy"),
-        "external_id": attrs.get("externalId") or None,
-        "version": {"rev": attrs.get("rev"), "updated_at": attrs.get("updatedAt") or env.occurred_at},
-        "merge_key": settings.merge_key,
-        "contact": contact,
-    })
+    return Command(
+        integration.name,
+        cid,
+        integration.name,
+        {
+            "command_id": cid,
+            "type": "cloudtalk.upsert_contact",
+            "integration": integration.name,
+            "event_id": env.id,
+            "occurred_at": env.occurred_at,
+            "customer_id": customer_id,
+            "modified_by": _rel_id(data, "modifiedBy"),
+            "external_id": attrs.get("externalId") or None,
+            "version": {"rev": attrs.get("rev"), "updated_at": attrs.get("updatedAt") or env.occurred_at},
+            "merge_key": settings.merge_key,
+            "contact": contact,
+        },
+    )
 
 
 def process_customer(env: Envelope, config: PipelineConfig) -> list[Decision]:

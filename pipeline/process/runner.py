@@ -74,8 +74,18 @@ def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> T
         for d in flow.decide(env, config):
             if isinstance(d, Command):
                 ctype = d.body["type"]
-                out.append(OutRecord(output, orjson.dumps(d.body), d.key.encode(), (
-                    ("command_id", d.command_id.encode()), ("event_id", env.id.encode()), ("type", ctype.encode()))))
+                out.append(
+                    OutRecord(
+                        output,
+                        orjson.dumps(d.body),
+                        d.key.encode(),
+                        (
+                            ("command_id", d.command_id.encode()),
+                            ("event_id", env.id.encode()),
+                            ("type", ctype.encode()),
+                        ),
+                    )
+                )
                 trail.append(decision(d.integration, "emitted", command_id=d.command_id))
                 c = emitted.get(ctype)
                 if c is None:
@@ -122,12 +132,17 @@ def run(args: argparse.Namespace) -> int:
     flow = FLOWS[args.flow]
     topics = Topics(settings.kafka.topic_prefix)
     loop = TransactionalLoop(
-        LoopSettings(bootstrap=settings.kafka.bootstrap, group_id=f"{settings.kafka.topic_prefix}process-{flow.name}",
-                     input_topics=(getattr(topics, flow.input_base),), deadletter_topic=topics.deadletter,
-                     client_id=settings.kafka.client_id, max_batch=settings.kafka.max_batch,
-                     poll_timeout_ms=settings.kafka.poll_timeout_ms,
-                     transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
-                     session_timeout_ms=env_int(os.environ, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000)),
+        LoopSettings(
+            bootstrap=settings.kafka.bootstrap,
+            group_id=f"{settings.kafka.topic_prefix}process-{flow.name}",
+            input_topics=(getattr(topics, flow.input_base),),
+            deadletter_topic=topics.deadletter,
+            client_id=settings.kafka.client_id,
+            max_batch=settings.kafka.max_batch,
+            poll_timeout_ms=settings.kafka.poll_timeout_ms,
+            transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
+            session_timeout_ms=env_int(os.environ, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000),
+        ),
         TransformStage(f"process-{flow.name}", decisions_transform(flow, config, topics)),
     )
     asyncio.run(run_loop_service(f"process-{flow.name}", loop, settings))

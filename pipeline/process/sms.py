@@ -71,19 +71,27 @@ def decide(env: Envelope, integration: Integration, external: str, internal: str
     body = notes.render(settings.note_template or templates.DEFAULT_SMS_TEMPLATE, values, templates.SMS_MARKER)
     cid = command_id(integration.name, env.id)
     name = f"SMS from {external}" if sms_type == "incoming" else f"SMS to {external}"
-    return Command(integration.name, cid, f"{integration.name}|{external}", {
-        "command_id": cid,
-        "type": "kustomer.log_conversation",
-        "integration": integration.name,
-        "event_id": env.id,
-        "occurred_at": env.occurred_at,
-        "flow": "sms",
-        "customer": {"phone": external, "name": None, "create": True},
-        "conversation": {"name": name, "status": type_setting.status,
-                         "direction": "in" if sms_type == "incoming" else "out",
-                         "externalId": f"cloudtalk-sms-{sms_id}"},
-        "note": {"body": body[:10240], "marker": templates.SMS_MARKER.format(sms_id=sms_id)},
-    })
+    return Command(
+        integration.name,
+        cid,
+        f"{integration.name}|{external}",
+        {
+            "command_id": cid,
+            "type": "kustomer.log_conversation",
+            "integration": integration.name,
+            "event_id": env.id,
+            "occurred_at": env.occurred_at,
+            "flow": "sms",
+            "customer": {"phone": external, "name": None, "create": True},
+            "conversation": {
+                "name": name,
+                "status": type_setting.status,
+                "direction": "in" if sms_type == "incoming" else "out",
+                "externalId": f"cloudtalk-sms-{sms_id}",
+            },
+            "note": {"body": body[:10240], "marker": templates.SMS_MARKER.format(sms_id=sms_id)},
+        },
+    )
 
 
 def process_sms(env: Envelope, config: PipelineConfig) -> list[Decision]:
@@ -91,9 +99,13 @@ def process_sms(env: Envelope, config: PipelineConfig) -> list[Decision]:
     external = normalize_e164(payload.get("external_number"))
     internal = normalize_e164(payload.get("internal_number"))
     if external is None:
-        raise Reject("InvalidPhoneNumber",
-                     f"payload.external_number: {payload.get('external_number')!r} is not a possible phone number")
+        raise Reject(
+            "InvalidPhoneNumber",
+            f"payload.external_number: {payload.get('external_number')!r} is not a possible phone number",
+        )
     if internal is None:
-        raise Reject("InvalidPhoneNumber",
-                     f"payload.internal_number: {payload.get('internal_number')!r} is not a possible phone number")
+        raise Reject(
+            "InvalidPhoneNumber",
+            f"payload.internal_number: {payload.get('internal_number')!r} is not a possible phone number",
+        )
     return [decide(env, integration, external, internal) for integration in config.integrations]

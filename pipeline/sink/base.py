@@ -96,6 +96,7 @@ TARGET_REJECTED = "TargetRejected"  # error class of a command the target refuse
 # The contract
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(slots=True)
 class Done:
     steps: dict[str, Any]
@@ -110,8 +111,8 @@ class Effects(Protocol):
     target: str
     command_schemas: Mapping[str, str]  # command type -> schema name
 
-    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None,
-                      index: Mapping[str, Any]) -> Done: ...
+    async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done: ...
+
     # ``prior``: the command's ledger entry from before this batch (``started``: reconcile;
     # ``failed``: a replay from the dead-letter topic), None for a new command.
     # ``index``: the partition's ledger index as of this command (committed entries plus the
@@ -160,15 +161,17 @@ class SinkSteps(Protocol):
 
     def plan(self, partition: int, decoded: Sequence[Decoded]) -> list[Planned]: ...
 
-    async def record_intents(self, intents: IntentLog, partition: int,
-                             planned: Sequence[Planned]) -> list[LedgerEntry]: ...
+    async def record_intents(
+        self, intents: IntentLog, partition: int, planned: Sequence[Planned]
+    ) -> list[LedgerEntry]: ...
 
     async def settle(self, partition: int, planned: Sequence[Planned]) -> float: ...
 
     async def perform_effects(self, partition: int, planned: Sequence[Planned]) -> dict[int, Result]: ...
 
-    def record_outcomes(self, partition: int, planned: Sequence[Planned],
-                        results: Mapping[int, Result]) -> Outcomes: ...
+    def record_outcomes(
+        self, partition: int, planned: Sequence[Planned], results: Mapping[int, Result]
+    ) -> Outcomes: ...
 
     def report(self, rejections: Sequence[Rejection], outcomes: Outcomes) -> BatchResult: ...
 
@@ -184,12 +187,20 @@ def _epoch(iso: str) -> float:
 # The stage
 # --------------------------------------------------------------------------------------------
 
+
 class SinkStage:
     """A :class:`~pipeline.kafka.loop.Stage` that performs commands through :class:`Effects`,
     exactly once, with the ledger's bookkeeping (see the module docstring)."""
 
-    def __init__(self, name: str, effects: Effects, ledger: SinkLedger, audit_topic: str, concurrency: int = 16,
-                 settle_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        effects: Effects,
+        ledger: SinkLedger,
+        audit_topic: str,
+        concurrency: int = 16,
+        settle_s: float = 20.0,
+    ) -> None:
         self.name, self.effects, self.ledger, self.audit_topic = name, effects, ledger, audit_topic
         self.concurrency = concurrency
         self.settle_s = settle_s
@@ -216,13 +227,13 @@ class SinkStage:
     async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
         """One batch of one command partition: the steps of the module docstring, in order."""
         partition = lane.tp.partition
-        decoded, rejections = self.decode(records)                    # 1
-        planned = self.plan(partition, decoded)                       # 2
-        await self.record_intents(lane, partition, planned)           # 3 (abort path A)
-        await self.settle(partition, planned)                         # 4
-        results = await self.perform_effects(partition, planned)      # 5
+        decoded, rejections = self.decode(records)  # 1
+        planned = self.plan(partition, decoded)  # 2
+        await self.record_intents(lane, partition, planned)  # 3 (abort path A)
+        await self.settle(partition, planned)  # 4
+        results = await self.perform_effects(partition, planned)  # 5
         outcomes = self.record_outcomes(partition, planned, results)  # 6
-        return self.report(rejections, outcomes)                      # 7
+        return self.report(rejections, outcomes)  # 7
 
     def decode(self, records: Sequence[ConsumerRecord]) -> tuple[list[Decoded], list[Rejection]]:
         """Step 1: parse each record's JSON and check it against the schema of its command type.
@@ -264,8 +275,9 @@ class SinkStage:
                 continue
             seen.add(cid)
             prior = self.ledger.get(partition, cid)
-            if prior is not None and (prior.state == DONE or
-                                      (prior.state == FAILED and header(record, REPLAYED_HEADER) is None)):
+            if prior is not None and (
+                prior.state == DONE or (prior.state == FAILED and header(record, REPLAYED_HEADER) is None)
+            ):
                 self.stats["skipped_duplicate"] += 1
                 self._commands.labels(self.effects.target, command["type"], "duplicate").inc()
                 continue
@@ -273,17 +285,20 @@ class SinkStage:
             planned.append(Planned(record, command, prior, attempt))
         return planned
 
-    async def record_intents(self, intents: IntentLog, partition: int,
-                             planned: Sequence[Planned]) -> list[LedgerEntry]:
+    async def record_intents(self, intents: IntentLog, partition: int, planned: Sequence[Planned]) -> list[LedgerEntry]:
         """Step 3: make a ``started`` entry durable for every planned command not started yet.
 
         One transaction of their own on the lane's producer (``intents.publish``), committed before
         any effect; then applied to the local ledger. Commands already ``started`` keep their
         entry. Raises when the publish fails (abort path A: nothing has been performed).
         """
-        entries = [LedgerEntry(p.command["command_id"], STARTED, attempt=p.attempt,
-                               steps=dict(p.prior.steps) if p.prior else {})
-                   for p in planned if p.prior is None or p.prior.state != STARTED]
+        entries = [
+            LedgerEntry(
+                p.command["command_id"], STARTED, attempt=p.attempt, steps=dict(p.prior.steps) if p.prior else {}
+            )
+            for p in planned
+            if p.prior is None or p.prior.state != STARTED
+        ]
         if entries:
             await intents.publish([self.ledger.record(partition, e) for e in entries])
             self.ledger.apply(partition, entries)
@@ -335,15 +350,17 @@ class SinkStage:
                         results[i] = exc
                     except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
                         results[i] = exc
-                        log.warning("command_unfinished", command_id=p.command["command_id"],
-                                    error=f"{type(exc).__name__}: {exc}")
+                        log.warning(
+                            "command_unfinished",
+                            command_id=p.command["command_id"],
+                            error=f"{type(exc).__name__}: {exc}",
+                        )
                         return  # later commands of this lane wait for it
 
         await asyncio.gather(*(run_lane(ix) for ix in lanes.values()))
         return results
 
-    def record_outcomes(self, partition: int, planned: Sequence[Planned],
-                        results: Mapping[int, Result]) -> Outcomes:
+    def record_outcomes(self, partition: int, planned: Sequence[Planned], results: Mapping[int, Result]) -> Outcomes:
         """Step 6: the records that make the results durable, in planned order.
 
         * done → audit record (``done``, or ``skipped`` for a ``skipped:*`` outcome), ``done``
@@ -367,21 +384,44 @@ class SinkStage:
                     self.stats["reconciled"] += 1
                 self._commands.labels(self.effects.target, ctype, result.outcome.split(":")[0]).inc()
                 what = "skipped" if result.outcome.startswith("skipped") else "done"
-                out.outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
-                    decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid)]))
+                out.outputs.append(
+                    audit_record(
+                        self.audit_topic,
+                        event_id=event_id,
+                        stage=self.name,
+                        at=at,
+                        decisions=[
+                            decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid)
+                        ],
+                    )
+                )
                 try:
                     flow = p.command.get("flow") or ctype
                     self._e2e.labels(flow).observe(max(0.0, now - parse_time(p.command["occurred_at"]).timestamp()))
                 except (KeyError, ValueError):
                     pass
             elif isinstance(result, RejectedError):
-                entry = LedgerEntry(cid, FAILED, attempt=p.attempt, steps=dict(p.prior.steps) if p.prior else {},
-                                    outcome=f"rejected:{result.status}")
+                entry = LedgerEntry(
+                    cid,
+                    FAILED,
+                    attempt=p.attempt,
+                    steps=dict(p.prior.steps) if p.prior else {},
+                    outcome=f"rejected:{result.status}",
+                )
                 self.stats["failed"] += 1
                 self._commands.labels(self.effects.target, ctype, "rejected").inc()
                 out.rejections.append(Rejection(p.record, TARGET_REJECTED, str(result)))
-                out.outputs.append(audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[
-                    decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid)]))
+                out.outputs.append(
+                    audit_record(
+                        self.audit_topic,
+                        event_id=event_id,
+                        stage=self.name,
+                        at=at,
+                        decisions=[
+                            decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid)
+                        ],
+                    )
+                )
             else:
                 self.stats["unfinished"] += 1
                 if out.first_unfinished is None or p.record.offset < out.first_unfinished:
@@ -405,5 +445,9 @@ class SinkStage:
         if stop is not None:
             # records at or after the stop are fetched again: reject them then, not twice
             kept = [r for r in kept if r.record.offset < stop or r.error_class == TARGET_REJECTED]
-        return BatchResult(outputs=outcomes.outputs, rejections=kept, commit_upto=stop,
-                           context=(outcomes.entries, outcomes.index_updates))
+        return BatchResult(
+            outputs=outcomes.outputs,
+            rejections=kept,
+            commit_upto=stop,
+            context=(outcomes.entries, outcomes.index_updates),
+        )

@@ -49,8 +49,13 @@ class CloudTalkEffects:
     target = "cloudtalk"
     command_schemas: Mapping[str, str] = {"cloudtalk.upsert_contact": "command.cloudtalk.upsert_contact"}
 
-    def __init__(self, cloudtalk: CloudTalkApi, kustomer: Mapping[str, KustomerLookups], refresh_s: float = 600.0,
-                 settle_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        cloudtalk: CloudTalkApi,
+        kustomer: Mapping[str, KustomerLookups],
+        refresh_s: float = 600.0,
+        settle_s: float = 20.0,
+    ) -> None:
         self.ct, self.kustomer = cloudtalk, kustomer
         self.settle_s = settle_s
         self.refresh_s = refresh_s
@@ -113,14 +118,23 @@ class CloudTalkEffects:
         company = contact.get("company")
         if not company and contact.get("company_ref"):
             company = await self.company_name(integration, contact["company_ref"])
-        agent = (await self.favorite_agent(integration, contact["created_by_ref"])
-                 if contact.get("created_by_ref") else None)
-        return {"name": contact["name"], "company": (company or None) and company[:100],
-                "website": contact.get("website"), "address": contact.get("address"), "city": contact.get("city"),
-                "zip": contact.get("zip"), "state": contact.get("state"),
-                "country_id": await self.country_id(contact.get("country")), "favorite_agent": agent,
-                "phones": list(contact["phones"]), "emails": list(contact["emails"]),
-                "link": contact.get("external_url")}
+        agent = (
+            await self.favorite_agent(integration, contact["created_by_ref"]) if contact.get("created_by_ref") else None
+        )
+        return {
+            "name": contact["name"],
+            "company": (company or None) and company[:100],
+            "website": contact.get("website"),
+            "address": contact.get("address"),
+            "city": contact.get("city"),
+            "zip": contact.get("zip"),
+            "state": contact.get("state"),
+            "country_id": await self.country_id(contact.get("country")),
+            "favorite_agent": agent,
+            "phones": list(contact["phones"]),
+            "emails": list(contact["emails"]),
+            "link": contact.get("external_url"),
+        }
 
     # -- finding the contact -----------------------------------------------------------------------
     async def _candidates(self, keyword: str, accept: Callable[..., bool]) -> list[ContactShow]:
@@ -133,8 +147,9 @@ class CloudTalkEffects:
                 out.append(shown)
         return out
 
-    async def find_in_cloudtalk(self, merge_key: str, contact: Mapping[str, Any],
-                                link: str | None) -> tuple[str | None, str]:
+    async def find_in_cloudtalk(
+        self, merge_key: str, contact: Mapping[str, Any], link: str | None
+    ) -> tuple[str | None, str]:
         phones = list(contact["phones"])
         emails = [e.lower() for e in contact["emails"]]
 
@@ -157,14 +172,16 @@ class CloudTalkEffects:
                     return both[0]["Contact"]["id"], "merged"
         if merge_key == "email":
             for email in emails:
-                found = await self._candidates(email, lambda s, e=email: e in {x.lower() for x in
-                                                                            s["Contact"].get("contact_emails") or []})
+                found = await self._candidates(
+                    email, lambda s, e=email: e in {x.lower() for x in s["Contact"].get("contact_emails") or []}
+                )
                 if found:
                     return found[0]["Contact"]["id"], "merged"
         if merge_key == "phone_or_name" and contact.get("name"):
             wanted = name_key(contact["name"])
-            found = await self._candidates(contact["name"],
-                                           lambda s: name_key(s["Contact"].get("name") or "") == wanted)
+            found = await self._candidates(
+                contact["name"], lambda s: name_key(s["Contact"].get("name") or "") == wanted
+            )
             if found:
                 return found[0]["Contact"]["id"], "merged"
         return None, "created"
@@ -213,12 +230,14 @@ class CloudTalkEffects:
         body = contact_body(merged, current, contact.get("tag"))
         # 5. write only what differs
         if current is None:
+
             async def find_ours() -> str | None:
                 found_id, how_found = await self.find_in_cloudtalk("none", contact, link)
                 return found_id if how_found == "reconciled" else None
 
-            new_id, found = await create_or_find(lambda: self.ct.add_contact(cast(ContactBody, body)), find_ours,
-                                                 settle_s=self.settle_s)
+            new_id, found = await create_or_find(
+                lambda: self.ct.add_contact(cast(ContactBody, body)), find_ours, settle_s=self.settle_s
+            )
             target = str(new_id)
             outcome = "reconciled" if found else "created"
         elif body:
@@ -229,8 +248,11 @@ class CloudTalkEffects:
         else:
             outcome = "skipped:unchanged" if how != "reconciled" else "reconciled"
         updates: dict[str, Any] = {
-            ikey(integration, "customer", customer_id): {"contact_id": target, "rev": version.get("rev"),
-                                                         "updated_at": version["updated_at"]},
+            ikey(integration, "customer", customer_id): {
+                "contact_id": target,
+                "rev": version.get("rev"),
+                "updated_at": version["updated_at"],
+            },
             ikey(integration, "contact", cast(str, target)): {"sources": sources},  # set in every branch of 5
             **{ikey(integration, "phone", p): target for p in merged["phones"]},
             **{ikey(integration, "email", e.lower()): target for e in merged["emails"]},
@@ -240,10 +262,12 @@ class CloudTalkEffects:
         return Done({"contact_id": target, "customers": sorted(sources), "sent": sorted(body)}, outcome, updates)
 
 
-async def build_cloudtalk_effects(session: aiohttp.ClientSession, config: PipelineConfig,
-                                  policy: RetryPolicy, settle_s: float = 20.0) -> CloudTalkEffects:
+async def build_cloudtalk_effects(
+    session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy, settle_s: float = 20.0
+) -> CloudTalkEffects:
     ct = config.cloudtalk
     window = RateWindow(reserve=0, fallback_per_minute=ct.rate_limit_per_minute)
-    cloudtalk = CloudTalkClient.from_credentials(session, ct.base_url, ct.key_id.value(), ct.key_secret.value(),
-                                                 window=window, policy=policy)
+    cloudtalk = CloudTalkClient.from_credentials(
+        session, ct.base_url, ct.key_id.value(), ct.key_secret.value(), window=window, policy=policy
+    )
     return CloudTalkEffects(cloudtalk, kustomer_clients(session, config, policy), settle_s=settle_s)

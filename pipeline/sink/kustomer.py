@@ -35,8 +35,9 @@ class KustomerEffects:
         "kustomer.upsert_customer": "command.kustomer.upsert_customer",
     }
 
-    def __init__(self, clients: Mapping[str, KustomerApi], per_customer_per_minute: int = 120,
-                 settle_s: float = 20.0) -> None:
+    def __init__(
+        self, clients: Mapping[str, KustomerApi], per_customer_per_minute: int = 120, settle_s: float = 20.0
+    ) -> None:
         self.clients = clients
         self.settle_s = settle_s
         self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
@@ -45,8 +46,12 @@ class KustomerEffects:
     def client(self, command: dict[str, Any]) -> KustomerApi:
         client = self.clients.get(command["integration"])
         if client is None:
-            raise RejectedError("kustomer", command["type"], None,
-                                f"integration {command['integration']!r} is not configured in this sink")
+            raise RejectedError(
+                "kustomer",
+                command["type"],
+                None,
+                f"integration {command['integration']!r} is not configured in this sink",
+            )
         return client
 
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
@@ -70,12 +75,16 @@ class KustomerEffects:
             if found is not None:
                 customer_id = found["id"]
             elif wanted["create"]:
-                attributes = {"name": wanted.get("name") or wanted["phone"],
-                              "phones": [{"type": "mobile", "phone": wanted["phone"]}]}
+                attributes = {
+                    "name": wanted.get("name") or wanted["phone"],
+                    "phones": [{"type": "mobile", "phone": wanted["phone"]}],
+                }
                 try:
                     customer, found_it = await create_or_find(
                         lambda: client.create_customer(attributes),
-                        lambda: client.find_customer_by_phone(wanted["phone"]), settle_s=self.settle_s)
+                        lambda: client.find_customer_by_phone(wanted["phone"]),
+                        settle_s=self.settle_s,
+                    )
                     customer_id = customer["id"]
                     steps["customer_created"] = not found_it
                 except ConflictError:
@@ -96,15 +105,21 @@ class KustomerEffects:
             found_existing = conversation_id is not None
         if not conversation_id:
             await self.conversation_limit.acquire(f"{integration}|{customer_id}")
-            body = {"customer": customer_id, "name": conv["name"], "status": conv["status"],
-                    "direction": conv["direction"], "externalId": conv["externalId"]}
+            body = {
+                "customer": customer_id,
+                "name": conv["name"],
+                "status": conv["status"],
+                "direction": conv["direction"],
+                "externalId": conv["externalId"],
+            }
 
             async def find_conversation() -> dict[str, Any] | None:
                 cid = await self._find_conversation(client, customer_id, conv["externalId"])
                 return {"id": cid} if cid else None
 
-            created, found_existing = await create_or_find(lambda: client.create_conversation(body),
-                                                           find_conversation, settle_s=self.settle_s)
+            created, found_existing = await create_or_find(
+                lambda: client.create_conversation(body), find_conversation, settle_s=self.settle_s
+            )
             conversation_id = created["id"]
         steps["conversation_id"] = conversation_id
 
@@ -122,8 +137,9 @@ class KustomerEffects:
                 nid = await self._find_note(client, conversation_id, note["marker"])
                 return {"id": nid} if nid else None
 
-            created_note, found_note = await create_or_find(lambda: client.create_note(conversation_id, note["body"]),
-                                                            find_note, settle_s=self.settle_s)
+            created_note, found_note = await create_or_find(
+                lambda: client.create_note(conversation_id, note["body"]), find_note, settle_s=self.settle_s
+            )
             note_id = created_note["id"]
             if found_note:
                 outcome = "reconciled"
@@ -152,12 +168,18 @@ class KustomerEffects:
 # The contacts export: customers from CloudTalk contacts
 # --------------------------------------------------------------------------------------------
 
+
 def _values(items: Any, field: str) -> list[str]:
     return [str(x.get(field)) for x in items or [] if isinstance(x, dict) and x.get(field)]
 
 
-async def export_customer(client: KustomerApi, command: dict[str, Any], prior: LedgerEntry | None,
-                          index: Mapping[str, Any], settle_s: float = 20.0) -> Done:
+async def export_customer(
+    client: KustomerApi,
+    command: dict[str, Any],
+    prior: LedgerEntry | None,
+    index: Mapping[str, Any],
+    settle_s: float = 20.0,
+) -> Done:
     integration, contact_id = command["integration"], command["contact_id"]
     key = f"k|{integration}|contact|{contact_id}"
     known = index.get(key)
@@ -203,20 +225,33 @@ async def export_customer(client: KustomerApi, command: dict[str, Any], prior: L
         owner = await client.find_customer_by_email(e)
         if owner is not None:
             return Done({"owner": owner["id"]}, "skipped:email_exists")
-    body = {"name": desired.get("name") or (phones[0] if phones else emails[0] if emails else contact_id),
-            "externalId": contact_id, "phones": desired["phones"], "emails": desired["emails"]}
+    body = {
+        "name": desired.get("name") or (phones[0] if phones else emails[0] if emails else contact_id),
+        "externalId": contact_id,
+        "phones": desired["phones"],
+        "emails": desired["emails"],
+    }
     try:
-        created, found = await create_or_find(lambda: client.create_customer(body),
-                                               lambda: client.find_customer_by_external_id(contact_id),
-                                               settle_s=settle_s)
+        created, found = await create_or_find(
+            lambda: client.create_customer(body),
+            lambda: client.find_customer_by_external_id(contact_id),
+            settle_s=settle_s,
+        )
         if found:
-            return Done({"customer_id": created["id"]}, "reconciled",
-                        {key: {"customer_id": created["id"], "version": command["version"]}})
+            return Done(
+                {"customer_id": created["id"]},
+                "reconciled",
+                {key: {"customer_id": created["id"], "version": command["version"]}},
+            )
     except ConflictError:
         again = await client.find_customer_by_external_id(contact_id)
         if again is None:  # a phone or e-mail was taken meanwhile
             return Done({}, "skipped:phone_or_email_exists")
-        return Done({"customer_id": again["id"]}, "reconciled",
-                    {key: {"customer_id": again["id"], "version": command["version"]}})
-    return Done({"customer_id": created["id"]}, "created",
-                {key: {"customer_id": created["id"], "version": command["version"]}})
+        return Done(
+            {"customer_id": again["id"]},
+            "reconciled",
+            {key: {"customer_id": again["id"], "version": command["version"]}},
+        )
+    return Done(
+        {"customer_id": created["id"]}, "created", {key: {"customer_id": created["id"], "version": command["version"]}}
+    )

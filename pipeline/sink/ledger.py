@@ -44,8 +44,14 @@ class LedgerEntry:
     index: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        data: dict[str, Any] = {"command_id": self.command_id, "state": self.state, "at": self.at,
-                                "attempt": self.attempt, "steps": self.steps, "outcome": self.outcome}
+        data: dict[str, Any] = {
+            "command_id": self.command_id,
+            "state": self.state,
+            "at": self.at,
+            "attempt": self.attempt,
+            "steps": self.steps,
+            "outcome": self.outcome,
+        }
         if self.index:
             data["index"] = self.index
         return orjson.dumps(data)
@@ -53,8 +59,15 @@ class LedgerEntry:
     @classmethod
     def from_json(cls, raw: bytes) -> LedgerEntry:
         d = orjson.loads(raw)
-        return cls(command_id=d["command_id"], state=d["state"], at=d.get("at", ""), attempt=d.get("attempt", 1),
-                   steps=d.get("steps") or {}, outcome=d.get("outcome"), index=d.get("index") or {})
+        return cls(
+            command_id=d["command_id"],
+            state=d["state"],
+            at=d.get("at", ""),
+            attempt=d.get("attempt", 1),
+            steps=d.get("steps") or {},
+            outcome=d.get("outcome"),
+            index=d.get("index") or {},
+        )
 
 
 INDEX_PREFIX = "index|"
@@ -111,9 +124,14 @@ class Ledger:
         """Read each partition from the beginning to its last stable offset (read_committed)."""
         if not partitions:
             return {}
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, isolation_level="read_committed",
-                                    enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
-                                    max_partition_fetch_bytes=8 * 1024 * 1024)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            group_id=None,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
         await consumer.start()
         counts: dict[int, int] = {}
         try:
@@ -128,9 +146,9 @@ class Ledger:
                 key = r.key.decode() if r.key else ""
                 if key.startswith(INDEX_PREFIX):
                     if r.value is None:
-                        idx.pop(key[len(INDEX_PREFIX):], None)
+                        idx.pop(key[len(INDEX_PREFIX) :], None)
                     else:
-                        idx[key[len(INDEX_PREFIX):]] = orjson.loads(r.value)
+                        idx[key[len(INDEX_PREFIX) :]] = orjson.loads(r.value)
                     continue
                 if r.value is None:  # tombstone
                     part.pop(key, None)

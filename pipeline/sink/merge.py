@@ -37,8 +37,9 @@ def merge_sources(sources: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     ordered = _order(sources)
     merged: dict[str, Any] = {}
     for field in SCALARS:
-        merged[field] = next((s["fields"].get(field) for s in ordered if s["fields"].get(field) not in (None, "")),
-                             None)
+        merged[field] = next(
+            (s["fields"].get(field) for s in ordered if s["fields"].get(field) not in (None, "")), None
+        )
     phones: list[str] = []
     emails: list[str] = []
     links: list[dict[str, str]] = []
@@ -92,8 +93,9 @@ def contact_body(merged: Mapping[str, Any], current: Mapping[str, Any] | None, t
     return body
 
 
-def match_in_index(index: Mapping[str, Any], integration: str, merge_key: str,
-                   contact: Mapping[str, Any]) -> str | None:
+def match_in_index(
+    index: Mapping[str, Any], integration: str, merge_key: str, contact: Mapping[str, Any]
+) -> str | None:
     phones = [index.get(ikey(integration, "phone", p)) for p in contact["phones"]]
     emails = [index.get(ikey(integration, "email", e.lower())) for e in contact["emails"]]
     if merge_key in ("phone", "phone_or_name"):

@@ -76,8 +76,7 @@ class CloudTalkApi(Protocol):
     """CloudTalk as the CloudTalk sink sees it: contacts found by keyword and shown in full,
     added or edited; agents and countries to resolve a favorite agent and a country id."""
 
-    async def list_contacts(self, *, keyword: str | None = ...,
-                            limit: int | None = ...) -> Page[ContactIndexItem]: ...
+    async def list_contacts(self, *, keyword: str | None = ..., limit: int | None = ...) -> Page[ContactIndexItem]: ...
 
     async def get_contact(self, contact_id: int | str) -> ContactShow | None: ...
 

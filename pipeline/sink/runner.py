@@ -27,22 +27,38 @@ from pipeline.sink.kustomer import KustomerEffects
 from pipeline.sink.ledger import Ledger
 
 
-async def build_kustomer_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
-                               topics: Topics) -> SinkStage:
+async def build_kustomer_stage(
+    session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings, topics: Topics
+) -> SinkStage:
     settle_s = settle_from_env()
-    effects = KustomerEffects(kustomer_clients(session, config, retry_policy_from_env()),
-                              per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120,
-                                                              minimum=1), settle_s=settle_s)
-    return SinkStage("sink-kustomer", effects, Ledger(settings.kafka.bootstrap, topics.kustomer_ledger), topics.audit,
-                     concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1), settle_s=settle_s)
+    effects = KustomerEffects(
+        kustomer_clients(session, config, retry_policy_from_env()),
+        per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120, minimum=1),
+        settle_s=settle_s,
+    )
+    return SinkStage(
+        "sink-kustomer",
+        effects,
+        Ledger(settings.kafka.bootstrap, topics.kustomer_ledger),
+        topics.audit,
+        concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1),
+        settle_s=settle_s,
+    )
 
 
-async def build_cloudtalk_stage(session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings,
-                                topics: Topics) -> SinkStage:
+async def build_cloudtalk_stage(
+    session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings, topics: Topics
+) -> SinkStage:
     settle_s = settle_from_env()
     effects = await build_cloudtalk_effects(session, config, retry_policy_from_env(), settle_s)
-    return SinkStage("sink-cloudtalk", effects, Ledger(settings.kafka.bootstrap, topics.cloudtalk_ledger),
-                     topics.audit, concurrency=1, settle_s=settle_s)
+    return SinkStage(
+        "sink-cloudtalk",
+        effects,
+        Ledger(settings.kafka.bootstrap, topics.cloudtalk_ledger),
+        topics.audit,
+        concurrency=1,
+        settle_s=settle_s,
+    )
 
 
 SINKS: dict[str, tuple[str, Callable[..., Awaitable[SinkStage]]]] = {
@@ -71,16 +87,20 @@ def run(args: argparse.Namespace) -> int:
         try:
             stage = await build(session, config, settings, topics)
             loop = TransactionalLoop(
-                LoopSettings(bootstrap=settings.kafka.bootstrap,
-                             group_id=f"{settings.kafka.topic_prefix}sink-{args.target}",
-                             input_topics=(getattr(topics, input_attr),), deadletter_topic=topics.deadletter,
-                             client_id=settings.kafka.client_id,
-                             max_batch=env_int(env, "SINK_MAX_BATCH", 200, minimum=1),
-                             poll_timeout_ms=settings.kafka.poll_timeout_ms,
-                             transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
-                             max_poll_interval_ms=env_int(env, "SINK_MAX_POLL_INTERVAL_MS", 900_000, minimum=10_000),
-                             session_timeout_ms=env_int(env, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000)),
-                stage)
+                LoopSettings(
+                    bootstrap=settings.kafka.bootstrap,
+                    group_id=f"{settings.kafka.topic_prefix}sink-{args.target}",
+                    input_topics=(getattr(topics, input_attr),),
+                    deadletter_topic=topics.deadletter,
+                    client_id=settings.kafka.client_id,
+                    max_batch=env_int(env, "SINK_MAX_BATCH", 200, minimum=1),
+                    poll_timeout_ms=settings.kafka.poll_timeout_ms,
+                    transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
+                    max_poll_interval_ms=env_int(env, "SINK_MAX_POLL_INTERVAL_MS", 900_000, minimum=10_000),
+                    session_timeout_ms=env_int(env, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000),
+                ),
+                stage,
+            )
             await run_loop_service(f"sink-{args.target}", loop, settings)
         finally:
             await session.close()

@@ -27,8 +27,13 @@ from pipeline.kafka.topics import Topics
 
 SUPPORT_LINE = "+442012345678"
 OTHER_LINE = "+442079460000"
-SECRETS = {"E2E_CT_ID": "e2e-key-id", "E2E_CT_SECRET": "e2e-key-secret", "E2E_K_KEY": "e2e-kustomer-key",
-           "E2E_HOOK_SECRET": "e2e-webhook-secret", "E2E_K_TOKEN": "e2e-kustomer-token"}
+SECRETS = {
+    "E2E_CT_ID": "e2e-key-id",
+    "E2E_CT_SECRET": "e2e-key-secret",
+    "E2E_K_KEY": "e2e-kustomer-key",
+    "E2E_HOOK_SECRET": "e2e-webhook-secret",
+    "E2E_K_TOKEN": "e2e-kustomer-token",
+}
 
 
 def config_yaml(ct_api: str, kustomer_url: str, extra: str = "") -> str:
@@ -45,7 +50,8 @@ integrations:
   - name: support
     active: true
     contact_tag: kustomer-support
-    kustomer: {{base_url: "{kustomer_url}", org_name: acme, api_key: {{env: E2E_K_KEY}}, webhook_token: {{env: E2E_K_TOKEN}}}}
+    kustomer:
+      {{base_url: "{kustomer_url}", org_name: acme, api_key: {{env: E2E_K_KEY}}, webhook_token: {{env: E2E_K_TOKEN}}}}
     cloudtalk_webhook_secret: {{env: E2E_HOOK_SECRET}}
     calls:
       create_customers_for_unknown_numbers: true
@@ -83,28 +89,44 @@ class Flow:
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     async def end_call(self, **spec: Any) -> dict[str, Any]:
-        body = {"direction": "incoming", "status": "answered", "internal_number": SUPPORT_LINE,
-                "external_number": "+447700900123", **spec}
-        async with self.http.post(f"{self.ct_root}/_sim/calls", data=orjson.dumps(body),
-                                  headers={"Content-Type": "application/json"}) as r:
+        body = {
+            "direction": "incoming",
+            "status": "answered",
+            "internal_number": SUPPORT_LINE,
+            "external_number": "+447700900123",
+            **spec,
+        }
+        async with self.http.post(
+            f"{self.ct_root}/_sim/calls", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status < 300, await r.text()
             call = await r.json()
         self.calls.append(call)
         return call
 
     async def sms(self, **spec: Any) -> None:
-        body = {"direction": "incoming", "internal_number": SUPPORT_LINE, "external_number": "+447700900123",
-                "text": "Hi", **spec}
-        async with self.http.post(f"{self.ct_root}/_sim/sms", data=orjson.dumps(body),
-                                  headers={"Content-Type": "application/json"}) as r:
+        body = {
+            "direction": "incoming",
+            "internal_number": SUPPORT_LINE,
+            "external_number": "+447700900123",
+            "text": "Hi",
+            **spec,
+        }
+        async with self.http.post(
+            f"{self.ct_root}/_sim/sms", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        ) as r:
             assert r.status < 300, await r.text()
 
     async def fault(self, **spec: Any) -> None:
         self.ksim.faults.add(**spec)
 
     async def _sim(self, method: str, url: str, body: Any = None) -> Any:
-        async with self.http.request(method, url, data=orjson.dumps(body) if body is not None else None,
-                                     headers={"Content-Type": "application/json"}) as r:
+        async with self.http.request(
+            method,
+            url,
+            data=orjson.dumps(body) if body is not None else None,
+            headers={"Content-Type": "application/json"},
+        ) as r:
             assert r.status < 300, f"{method} {url}: {r.status} {await r.text()}"
             return await r.json()
 
@@ -114,8 +136,9 @@ class Flow:
         return (await self._sim("POST", f"{self.k_url}/_sim/customers", {"attributes": attributes, **extra}))["data"]
 
     async def person_edits_customer(self, customer_id: str, **attributes: Any) -> dict[str, Any]:
-        return (await self._sim("POST", f"{self.k_url}/_sim/customers/{customer_id}/edit",
-                                {"attributes": attributes}))["data"]
+        return (await self._sim("POST", f"{self.k_url}/_sim/customers/{customer_id}/edit", {"attributes": attributes}))[
+            "data"
+        ]
 
     async def person_creates_contact(self, body: dict[str, Any]) -> str:
         """An agent creates a CloudTalk contact (the contact.created workflow fires)."""
@@ -163,34 +186,57 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
     kmarker = request.node.get_closest_marker("kustomer")
     ksettings = KustomerSimSettings(webhook_allow_http=True, **(kmarker.kwargs if kmarker else {}))
     csettings = CloudTalkSimSettings(key_id=SECRETS["E2E_CT_ID"], key_secret=SECRETS["E2E_CT_SECRET"], rate_limit=6000)
-    async with running_kustomer_sim(ksettings, keys={SECRETS["E2E_K_KEY"]: ALL_ROLES}) as (ksim, k_url), \
-            running_cloudtalk_sim(csettings) as (csim, ct_api), aiohttp.ClientSession() as http:
+    async with (
+        running_kustomer_sim(ksettings, keys={SECRETS["E2E_K_KEY"]: ALL_ROLES}) as (ksim, k_url),
+        running_cloudtalk_sim(csettings) as (csim, ct_api),
+        aiohttp.ClientSession() as http,
+    ):
         ct_root = ct_api.removesuffix("/api")
         ingest_port = free_port()
         ingest_url = f"http://127.0.0.1:{ingest_port}"
         config = tmp_path / "integrations.yaml"
         config.write_text(config_yaml(ct_api, k_url))
-        env = {"KAFKA_BOOTSTRAP": kafka_bootstrap, "TOPIC_PREFIX": topics.prefix, "PIPELINE_CONFIG": str(config),
-               "LOG_LEVEL": "INFO", "SINK_RETRY_DEADLINE_S": "20", "SINK_HTTP_TIMEOUT_S": "2",
-               "SINK_RECONCILE_SETTLE_S": "10",
-               "SINK_RETRY_MAX_BACKOFF_S": "1",
-               "CALLS_POLL_INITIAL_LOOKBACK_S": "1800", "CALLS_POLL_OVERLAP_S": "1800", **SECRETS}
+        env = {
+            "KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "TOPIC_PREFIX": topics.prefix,
+            "PIPELINE_CONFIG": str(config),
+            "LOG_LEVEL": "INFO",
+            "SINK_RETRY_DEADLINE_S": "20",
+            "SINK_HTTP_TIMEOUT_S": "2",
+            "SINK_RECONCILE_SETTLE_S": "10",
+            "SINK_RETRY_MAX_BACKOFF_S": "1",
+            "CALLS_POLL_INITIAL_LOOKBACK_S": "1800",
+            "CALLS_POLL_OVERLAP_S": "1800",
+            **SECRETS,
+        }
         env_marker = request.node.get_closest_marker("env")
         env.update(env_marker.kwargs if env_marker else {})
         stack = Stack(tmp_path, env)
-        commands = {"ingest": ["ingest", "--port", str(ingest_port)], "process-calls": ["process", "calls"],
-                    "process-calls-2": ["process", "calls"], "process-sms": ["process", "sms"],
-                    "sink-kustomer": ["sink", "kustomer"], "poll-calls": ["poll", "calls"],
-                    "process-contacts-import": ["process", "contacts-import"],
-                    "process-contacts-export": ["process", "contacts-export"],
-                    "sink-cloudtalk": ["sink", "cloudtalk"], "poll-customers": ["poll", "customers"],
-                    "poll-contacts": ["poll", "contacts"]}
+        commands = {
+            "ingest": ["ingest", "--port", str(ingest_port)],
+            "process-calls": ["process", "calls"],
+            "process-calls-2": ["process", "calls"],
+            "process-sms": ["process", "sms"],
+            "sink-kustomer": ["sink", "kustomer"],
+            "poll-calls": ["poll", "calls"],
+            "process-contacts-import": ["process", "contacts-import"],
+            "process-contacts-export": ["process", "contacts-export"],
+            "sink-cloudtalk": ["sink", "cloudtalk"],
+            "poll-customers": ["poll", "customers"],
+            "poll-contacts": ["poll", "contacts"],
+        }
         if "process-contacts-import" in services:  # Kustomer signs its webhooks with the token it hands out
-            async with http.post(f"{k_url}/v1/outbound-webhooks", data=orjson.dumps({
-                    "name": "sync", "url": f"{ingest_url}/ingest/kustomer/support",
-                    "events": ["kustomer.customer.create", "kustomer.customer.update"]}),
-                    headers={"Authorization": f"Bearer {SECRETS['E2E_K_KEY']}",
-                             "Content-Type": "application/json"}) as r:
+            async with http.post(
+                f"{k_url}/v1/outbound-webhooks",
+                data=orjson.dumps(
+                    {
+                        "name": "sync",
+                        "url": f"{ingest_url}/ingest/kustomer/support",
+                        "events": ["kustomer.customer.create", "kustomer.customer.update"],
+                    }
+                ),
+                headers={"Authorization": f"Bearer {SECRETS['E2E_K_KEY']}", "Content-Type": "application/json"},
+            ) as r:
                 env["E2E_K_TOKEN"] = (await r.json())["data"]["attributes"]["token"]
         for name in services:
             if name == "ingest":
@@ -198,13 +244,27 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
             else:
                 stack.add(name, commands[name])
         await stack.wait_ready(timeout=90)
-        await http.post(f"{ct_root}/_sim/workflows", data=orjson.dumps([
-            {"trigger": t, "url": f"{ingest_url}/ingest/cloudtalk/support/{path}",
-             "headers": {"X-Pipeline-Secret": SECRETS["E2E_HOOK_SECRET"]}}
-            for t, path in (("call.ended", "call-ended"), ("sms.received", "sms"), ("sms.sent", "sms"),
-                            ("contact.created", "contact"), ("contact.updated", "contact"),
-                            ("contact.deleted", "contact"))]),
-            headers={"Content-Type": "application/json"})
+        await http.post(
+            f"{ct_root}/_sim/workflows",
+            data=orjson.dumps(
+                [
+                    {
+                        "trigger": t,
+                        "url": f"{ingest_url}/ingest/cloudtalk/support/{path}",
+                        "headers": {"X-Pipeline-Secret": SECRETS["E2E_HOOK_SECRET"]},
+                    }
+                    for t, path in (
+                        ("call.ended", "call-ended"),
+                        ("sms.received", "sms"),
+                        ("sms.sent", "sms"),
+                        ("contact.created", "contact"),
+                        ("contact.updated", "contact"),
+                        ("contact.deleted", "contact"),
+                    )
+                ]
+            ),
+            headers={"Content-Type": "application/json"},
+        )
         f = Flow(stack, topics, kafka_bootstrap, ksim, csim, ct_root, k_url, ingest_url, http)
         try:
             yield f

@@ -24,14 +24,18 @@ def ext(call: dict) -> str:
 
 
 async def idle(flow: Flow, groups=("process-calls", "sink-kustomer"), timeout: float = 60) -> None:
-    inputs = {"process-calls": flow.topics.raw_calls, "process-sms": flow.topics.raw_sms,
-              "sink-kustomer": flow.topics.kustomer_commands}
+    inputs = {
+        "process-calls": flow.topics.raw_calls,
+        "process-sms": flow.topics.raw_sms,
+        "sink-kustomer": flow.topics.kustomer_commands,
+    }
 
     async def no_lag() -> bool:
         for g in groups:
             if sum((await group_lag(flow.bootstrap, f"{flow.topics.prefix}{g}", [inputs[g]])).values()):
                 return False
         return True
+
     await wait_for(no_lag, timeout, "the pipeline to be idle")
 
 
@@ -43,17 +47,32 @@ async def test_duplicate_webhooks_and_a_replay_from_offset_zero_leave_one_conver
     await idle(flow, ("process-calls", "process-sms", "sink-kustomer"))
     raw = await read_topic(flow.bootstrap, flow.topics.raw_calls)
     assert len(raw) == 7, "each duplicated webhook was stored twice"
-    sms_ext = next(c["attributes"]["externalId"] for c in flow.ksim.conversations.values()
-                   if c["attributes"]["externalId"].startswith("cloudtalk-sms-"))
+    sms_ext = next(
+        c["attributes"]["externalId"]
+        for c in flow.ksim.conversations.values()
+        if c["attributes"]["externalId"].startswith("cloudtalk-sms-")
+    )
     flow.assert_exactly_once([ext(c) for c in calls] + [sms_ext])
     assert flow.creates("customer.create") == 2, "one customer per new number"
 
     # replay the raw topic from offset 0: processors and the sink see everything again
     writes_before = len([e for e in flow.ksim.log.entries if e.effect])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pipeline", "replay", "raw", "--topic", "calls", "--from", "2000-01-01T00:00:00Z",
-        "--to", "2100-01-01T00:00:00Z", env={**flow.stack.base_env, "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "pipeline",
+        "replay",
+        "raw",
+        "--topic",
+        "calls",
+        "--from",
+        "2000-01-01T00:00:00Z",
+        "--to",
+        "2100-01-01T00:00:00Z",
+        env={**flow.stack.base_env, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert "replayed 7 event(s)" in out.decode()
@@ -84,8 +103,9 @@ async def test_sink_killed_between_conversation_and_commit_reconciles_to_one(flo
     await flow.fault(match="POST /v1/notes", kind="latency", latency_ms=8_000)
     call = await flow.end_call()
     await wait_for(lambda: flow.creates("conversation.create") == 1, 60, "the conversation")
-    await wait_for(lambda: any(e.path == "/v1/notes" for e in flow.ksim.log.entries)
-                   or len(flow.ksim.log.entries) > 0, 10)
+    await wait_for(
+        lambda: any(e.path == "/v1/notes" for e in flow.ksim.log.entries) or len(flow.ksim.log.entries) > 0, 10
+    )
     await asyncio.sleep(1.0)
     flow.stack.kill("sink-kustomer", signal.SIGKILL)
     flow.ksim.faults.clear()
@@ -181,11 +201,18 @@ async def test_bad_webhooks_get_clear_4xx_and_nothing_reaches_kafka_or_kustomer(
 
     async def stored() -> bool:
         return len(await read_topic(flow.bootstrap, flow.topics.raw_calls)) == 1
+
     await wait_for(stored, 30, "the call to be stored")
     await idle(flow)
     raw = await read_topic(flow.bootstrap, flow.topics.raw_calls)
     assert [orjson.loads(r.value)["payload"]["call_id"] for r in raw] == [call["call_id"]]
     audit = [orjson.loads(r.value) for r in await read_topic(flow.bootstrap, flow.topics.audit)]
-    assert audit[0]["decisions"] == [{"integration": "support", "decision": "dropped", "rule": "number_not_connected",
-                                      "detail": f"CloudTalk number {OTHER_LINE} is not connected"}]
+    assert audit[0]["decisions"] == [
+        {
+            "integration": "support",
+            "decision": "dropped",
+            "rule": "number_not_connected",
+            "detail": f"CloudTalk number {OTHER_LINE} is not connected",
+        }
+    ]
     assert not flow.ksim.conversations and not [e for e in flow.ksim.log.entries if e.effect]

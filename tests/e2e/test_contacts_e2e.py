@@ -30,16 +30,30 @@ JANA = {  # reference 4.4
     "sharedPhones": [{"type": "work", "phone": "+421232123456"}],
     "whatsapps": [{"type": "mobile", "phone": "whatsapp:+421905123456"}],
     "urls": [{"type": "website", "url": "https://acme.example.sk"}],
-    "locations": [{"type": "home", "address": "Obchodná 5, 81106 Bratislava"},
-                  {"type": "work", "name": "Office", "address1": "Hlavná 12", "address2": "3rd floor",
-                   "cityName": "Bratislava", "regionName": "Bratislavský kraj", "zipCode": "81101",
-                   "countryName": "Slovakia", "countryCode": "SK"}],
+    "locations": [
+        {"type": "home", "address": "Obchodná 5, 81106 Bratislava"},
+        {
+            "type": "work",
+            "name": "Office",
+            "address1": "Hlavná 12",
+            "address2": "3rd floor",
+            "cityName": "Bratislava",
+            "regionName": "Bratislavský kraj",
+            "zipCode": "81101",
+            "countryName": "Slovakia",
+            "countryCode": "SK",
+        },
+    ],
 }
 
 
 async def idle(flow: Flow, timeout: float = 90) -> None:
-    groups = {"process-contacts-import": flow.topics.raw_customers, "process-contacts-export": flow.topics.raw_contacts,
-              "sink-cloudtalk": flow.topics.cloudtalk_commands, "sink-kustomer": flow.topics.kustomer_commands}
+    groups = {
+        "process-contacts-import": flow.topics.raw_customers,
+        "process-contacts-export": flow.topics.raw_contacts,
+        "sink-cloudtalk": flow.topics.cloudtalk_commands,
+        "sink-kustomer": flow.topics.kustomer_commands,
+    }
 
     async def quiet() -> bool:
         for group, topic in groups.items():
@@ -58,8 +72,10 @@ async def idle(flow: Flow, timeout: float = 90) -> None:
 
 
 async def contacts(flow: Flow) -> list[dict[str, Any]]:
-    return [c["Contact"] | {"links": [u["url"] for u in c.get("ExternalUrl") or []]}
-            for c in (await flow.ct_state())["contacts"]]
+    return [
+        c["Contact"] | {"links": [u["url"] for u in c.get("ExternalUrl") or []]}
+        for c in (await flow.ct_state())["contacts"]
+    ]
 
 
 def numbers(contact: dict[str, Any]) -> set[str]:
@@ -77,10 +93,16 @@ async def audit_rules(flow: Flow, stage: str) -> list[tuple[str, str]]:
 
 async def seed_people(flow: Flow) -> dict[str, str]:
     """A Kustomer company and user; a CloudTalk agent with the user's e-mail."""
-    k = await flow._sim("POST", f"{flow.k_url}/_sim/seed", {"companies": [{"name": "Acme s.r.o."}],
-                                                            "users": [{"name": "Eva", "email": "eva@example.com"}]})
-    await flow._sim("POST", f"{flow.ct_root}/_sim/seed", {"agents": [
-        {"id": 493933, "firstname": "Eva", "lastname": "Agent", "email": "eva@example.com"}]})
+    k = await flow._sim(
+        "POST",
+        f"{flow.k_url}/_sim/seed",
+        {"companies": [{"name": "Acme s.r.o."}], "users": [{"name": "Eva", "email": "eva@example.com"}]},
+    )
+    await flow._sim(
+        "POST",
+        f"{flow.ct_root}/_sim/seed",
+        {"agents": [{"id": 493933, "firstname": "Eva", "lastname": "Agent", "email": "eva@example.com"}]},
+    )
     auth = aiohttp.encode_basic_auth(SECRETS["E2E_CT_ID"], SECRETS["E2E_CT_SECRET"])
     async with flow.http.get(f"{flow.ct_root}/api/countries/index.json", headers={"Authorization": auth}) as r:
         countries = [item["Country"] for item in (await r.json())["responseData"]]
@@ -93,13 +115,19 @@ async def test_import_maps_every_field_merges_by_phone_and_name_and_skips_by_rul
     ids = await seed_people(flow)
     await flow.person_creates_customer(user=ids["user"], company=ids["company"], **JANA)
     await flow.person_creates_customer(name="No Phone", emails=[{"email": "nophone@example.org"}])
-    await flow.person_creates_customer(name="Shared Only", sharedPhones=[{"phone": "+421905000111"}],
-                                       whatsapps=[{"phone": "whatsapp:+421905000222"}])
-    await flow.person_creates_customer(name="John Jones", phones=[{"phone": "+421905111111"}, {"phone": "+421905222222"}])
+    await flow.person_creates_customer(
+        name="Shared Only", sharedPhones=[{"phone": "+421905000111"}], whatsapps=[{"phone": "whatsapp:+421905000222"}]
+    )
+    await flow.person_creates_customer(
+        name="John Jones", phones=[{"phone": "+421905111111"}, {"phone": "+421905222222"}]
+    )
     await asyncio.sleep(1.5)  # "John J" is the newer customer
     # the same number in another notation: Kustomer keeps both customers; CloudTalk gets one contact
-    await flow.person_creates_customer(name="John J", phones=[{"phone": "+421 905 222 222"}, {"phone": "+421905333333"}],
-                                       emails=[{"email": "jj@example.org"}])
+    await flow.person_creates_customer(
+        name="John J",
+        phones=[{"phone": "+421 905 222 222"}, {"phone": "+421905333333"}],
+        emails=[{"email": "jj@example.org"}],
+    )
     await flow.person_creates_customer(name="Ann Lee", phones=[{"phone": "+420601111111"}])
     await flow.person_creates_customer(name="Ann  lee", phones=[{"phone": "+420602222222"}])
     await wait_for(lambda: sum(1 for e in flow.ct_writes() if e.startswith("contact.add")) >= 3, 90, "3 contacts")
@@ -111,8 +139,12 @@ async def test_import_maps_every_field_merges_by_phone_and_name_and_skips_by_rul
     assert numbers(jana) == {"+421905123456"}, "shared, WhatsApp and invalid numbers are never copied"
     assert jana["contact_emails"] == ["jana@example.org"]
     assert jana["company"] == "Acme s.r.o." and jana["website"] == "https://acme.example.sk"
-    assert (jana["address"], jana["city"], jana["zip"], jana["state"]) == \
-        ("Hlavná 12 3rd floor", "Bratislava", "81101", "Bratislavský kraj")
+    assert (jana["address"], jana["city"], jana["zip"], jana["state"]) == (
+        "Hlavná 12 3rd floor",
+        "Bratislava",
+        "81101",
+        "Bratislavský kraj",
+    )
     assert str(jana["country_id"]) == ids["sk"] and ids["sk"]
     assert str(jana["favorite_agent"]) == "493933", "the Created-by user's e-mail picks the agent"
     assert [t["name"] for t in jana["tags"]] == ["kustomer-support"]
@@ -133,17 +165,24 @@ async def test_import_maps_every_field_merges_by_phone_and_name_and_skips_by_rul
 
 @pytest.mark.services(*CONTACT_SERVICES)
 async def test_export_rule_4_no_ping_pong_and_person_edits_sync_both_ways(flow: Flow):
-    await flow._sim("POST", f"{flow.k_url}/_sim/seed", {"customers": [{"name": "Existing", "phones": [
-        {"phone": "+421907777777"}]}]})
-    c1 = await flow.person_creates_contact({"name": "Peter Horváth", "ContactNumber": [{"public_number": "+421911222333"}],
-                                            "ContactEmail": [{"email": "peter.horvath@example.net"}]})
+    await flow._sim(
+        "POST", f"{flow.k_url}/_sim/seed", {"customers": [{"name": "Existing", "phones": [{"phone": "+421907777777"}]}]}
+    )
+    c1 = await flow.person_creates_contact(
+        {
+            "name": "Peter Horváth",
+            "ContactNumber": [{"public_number": "+421911222333"}],
+            "ContactEmail": [{"email": "peter.horvath@example.net"}],
+        }
+    )
     await flow.person_creates_contact({"name": "Taken", "ContactNumber": [{"public_number": "+421907777777"}]})
     await flow.person_creates_contact({"name": "Bad Number", "ContactNumber": [{"public_number": "+447700900123"}]})
     await wait_for(lambda: any(e.startswith("customer.create") for e in flow.k_writes()), 90, "the exported customer")
     await idle(flow)
 
-    customers = {c["attributes"]["externalId"]: c for c in [flow.ksim.customer_resource(x)
-                                                            for x in flow.ksim.customers.values()]}
+    customers = {
+        c["attributes"]["externalId"]: c for c in [flow.ksim.customer_resource(x) for x in flow.ksim.customers.values()]
+    }
     k = customers[c1]["attributes"]
     assert k["name"] == "Peter Horváth"
     assert [(p["type"], p["phone"]) for p in k["phones"]] == [("work", "+421911222333")]
@@ -167,8 +206,9 @@ async def test_export_rule_4_no_ping_pong_and_person_edits_sync_both_ways(flow: 
     assert len(flow.k_writes()) == k_writes, "the contact edit did not come back as a Kustomer write"
 
     # a person adds a number in CloudTalk: the customer gets it; its echo changes nothing
-    await flow.person_edits_contact(c1, {"ContactNumber": [{"public_number": "+421911222333"},
-                                                           {"public_number": "+421911444555"}]})
+    await flow.person_edits_contact(
+        c1, {"ContactNumber": [{"public_number": "+421911222333"}, {"public_number": "+421911444555"}]}
+    )
     await wait_for(lambda: len(flow.k_writes()) > k_writes, 60, "the customer update")
     await idle(flow)
     phones = [p["phone"] for p in flow.ksim.customer_resource(flow.ksim.customers[kid])["attributes"]["phones"]]
@@ -179,24 +219,34 @@ async def test_export_rule_4_no_ping_pong_and_person_edits_sync_both_ways(flow: 
 
 @pytest.mark.services("process-contacts-import", "sink-cloudtalk")
 async def test_an_older_version_never_overwrites_a_newer_one(flow: Flow):
-    base = {"type": "customer", "id": "65f1c0a2e4b0a1b2c3d4e5f6",
-            "relationships": {"modifiedBy": {"data": {"type": "user", "id": "60aa11bb22cc33dd44ee55ff"}}}}
+    base = {
+        "type": "customer",
+        "id": "65f1c0a2e4b0a1b2c3d4e5f6",
+        "relationships": {"modifiedBy": {"data": {"type": "user", "id": "60aa11bb22cc33dd44ee55ff"}}},
+    }
 
     def event(rev: int, name: str, updated: str, kind: str = "update") -> bytes:
-        data = {**base, "attributes": {"name": name, "phones": [{"phone": "+421905123456"}], "rev": rev,
-                                       "updatedAt": updated}}
-        env = kustomer_envelope({"id": f"ev{rev}", "name": f"kustomer.customer.{kind}", "createdAt": updated,
-                                 "data": data}, "support", "webhook")
+        data = {
+            **base,
+            "attributes": {"name": name, "phones": [{"phone": "+421905123456"}], "rev": rev, "updatedAt": updated},
+        }
+        env = kustomer_envelope(
+            {"id": f"ev{rev}", "name": f"kustomer.customer.{kind}", "createdAt": updated, "data": data},
+            "support",
+            "webhook",
+        )
         return env.to_json()
 
     producer = durable_producer(flow.bootstrap, "e2e-test")
     await producer.start()
     try:
         # the update arrives before the create; an old update arrives after a newer one
-        for payload in (event(2, "Jana v2", "2026-03-02T10:00:00.000Z"),
-                        event(1, "Jana v1", "2026-03-01T10:00:00.000Z", "create"),
-                        event(4, "Jana v4", "2026-03-04T10:00:00.000Z"),
-                        event(3, "Jana v3", "2026-03-03T10:00:00.000Z")):
+        for payload in (
+            event(2, "Jana v2", "2026-03-02T10:00:00.000Z"),
+            event(1, "Jana v1", "2026-03-01T10:00:00.000Z", "create"),
+            event(4, "Jana v4", "2026-03-04T10:00:00.000Z"),
+            event(3, "Jana v3", "2026-03-03T10:00:00.000Z"),
+        ):
             await producer.send_and_wait(flow.topics.raw_customers, payload, key=b"jana")
     finally:
         await producer.stop()
@@ -217,8 +267,14 @@ async def test_cloudtalk_sink_killed_in_the_middle_of_a_merge_leaves_one_right_c
     # the merge edit hangs at CloudTalk; the sink is killed while it waits
     flow.csim.faults.add(match=r"POST /api/contacts/edit/", kind="latency", latency_ms=4000, times=1)
     await flow.person_creates_customer(name="John J", phones=[{"phone": "00421905111111"}, {"phone": "+421905999999"}])
-    await wait_for(lambda: any(e.path.startswith("/api/contacts/edit/") for e in flow.csim.log.entries)
-                   or any(r.fired for r in flow.csim.faults.rules), 60, "the merge edit to start")
+    await wait_for(
+        lambda: (
+            any(e.path.startswith("/api/contacts/edit/") for e in flow.csim.log.entries)
+            or any(r.fired for r in flow.csim.faults.rules)
+        ),
+        60,
+        "the merge edit to start",
+    )
     await asyncio.sleep(0.5)
     flow.stack.kill("sink-cloudtalk", signal.SIGKILL)
     flow.stack.start("sink-cloudtalk")
@@ -238,9 +294,21 @@ async def test_replaying_the_raw_topics_from_the_start_changes_nothing_at_either
     ct_before, k_before = list(flow.ct_writes()), list(flow.k_writes())
     for topic in ("customers", "contacts"):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pipeline", "replay", "raw", "--topic", topic, "--from", "2000-01-01T00:00:00Z",
-            "--to", "2100-01-01T00:00:00Z", env=flow.stack.base_env | {"PATH": "/usr/bin:/bin"},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "pipeline",
+            "replay",
+            "raw",
+            "--topic",
+            topic,
+            "--from",
+            "2000-01-01T00:00:00Z",
+            "--to",
+            "2100-01-01T00:00:00Z",
+            env=flow.stack.base_env | {"PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         assert "replayed" in out.decode()

@@ -14,9 +14,24 @@ pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 
 async def test_the_demo_runs_and_every_count_matches_its_model(kafka_bootstrap: str, tmp_path):
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "devkit", "demo", "--calls", "60", "--sms", "20", "--customers", "150",
-        "--contacts", "60", "--workdir", str(tmp_path), env={**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "devkit",
+        "demo",
+        "--calls",
+        "60",
+        "--sms",
+        "20",
+        "--customers",
+        "150",
+        "--contacts",
+        "60",
+        "--workdir",
+        str(tmp_path),
+        env={**os.environ, "KAFKA_BOOTSTRAP": kafka_bootstrap},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 600)
     text = out.decode()
     assert proc.returncode == 0, text[-4000:]

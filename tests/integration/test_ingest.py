@@ -32,6 +32,7 @@ async def ingest(kafka_bootstrap: str, topics: Topics):
         if publisher.connected:
             break
         import asyncio
+
         await asyncio.sleep(0.1)
     app = build_app(cfg, publisher, topics.prefix, {"support": SECRET, "sales": "other"}, {"support": TOKEN})
     client = TestClient(TestServer(app))
@@ -65,22 +66,41 @@ async def test_sms_goes_to_its_own_topic(ingest, kafka: KafkaIO, topics: Topics)
     assert orjson.loads(records[0].value)["type"] == "sms.received"
 
 
-@pytest.mark.parametrize(("path", "headers", "body", "status", "says"), [
-    ("/ingest/cloudtalk/nobody/call-ended", {"X-Pipeline-Secret": SECRET}, CALL, 404, "unknown integration"),
-    ("/ingest/cloudtalk/support/call-ended", {}, CALL, 401, "X-Pipeline-Secret"),
-    ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": "other"}, CALL, 401, "X-Pipeline-Secret"),
-    ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, b"{not json", 400, "not valid JSON"),
-    ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, {**CALL, "call_id": "x"}, 400,
-     "payload.call_id: must be integer (rule: type)"),
-    ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, {**CALL, "event": "sms.received"}, 400,
-     "payload.event"),
-    ("/ingest/cloudtalk/support/sms", {"X-Pipeline-Secret": SECRET}, {k: v for k, v in SMS.items() if k != "sms_id"},
-     400, "sms_id"),
-    ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, [1, 2], 400, "must be a JSON object"),
-    ("/ingest/cloudtalk/support/fax", {"X-Pipeline-Secret": SECRET}, CALL, 404, "unknown endpoint"),
-])
-async def test_bad_requests_get_a_clear_4xx_and_nothing_is_published(ingest, kafka: KafkaIO, topics: Topics,
-                                                                     path, headers, body, status, says):
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "status", "says"),
+    [
+        ("/ingest/cloudtalk/nobody/call-ended", {"X-Pipeline-Secret": SECRET}, CALL, 404, "unknown integration"),
+        ("/ingest/cloudtalk/support/call-ended", {}, CALL, 401, "X-Pipeline-Secret"),
+        ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": "other"}, CALL, 401, "X-Pipeline-Secret"),
+        ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, b"{not json", 400, "not valid JSON"),
+        (
+            "/ingest/cloudtalk/support/call-ended",
+            {"X-Pipeline-Secret": SECRET},
+            {**CALL, "call_id": "x"},
+            400,
+            "payload.call_id: must be integer (rule: type)",
+        ),
+        (
+            "/ingest/cloudtalk/support/call-ended",
+            {"X-Pipeline-Secret": SECRET},
+            {**CALL, "event": "sms.received"},
+            400,
+            "payload.event",
+        ),
+        (
+            "/ingest/cloudtalk/support/sms",
+            {"X-Pipeline-Secret": SECRET},
+            {k: v for k, v in SMS.items() if k != "sms_id"},
+            400,
+            "sms_id",
+        ),
+        ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, [1, 2], 400, "must be a JSON object"),
+        ("/ingest/cloudtalk/support/fax", {"X-Pipeline-Secret": SECRET}, CALL, 404, "unknown endpoint"),
+    ],
+)
+async def test_bad_requests_get_a_clear_4xx_and_nothing_is_published(
+    ingest, kafka: KafkaIO, topics: Topics, path, headers, body, status, says
+):
     resp = await post(ingest, path, body, headers)
     assert resp.status == status
     text = await resp.text()
@@ -98,17 +118,32 @@ async def test_oversized_body_is_413_and_nothing_is_published(ingest, kafka: Kaf
 
 
 async def test_kustomer_webhook_signature_is_checked(ingest, kafka: KafkaIO, topics: Topics):
-    event = {"id": "65f1d0c4e4b0a1b2c3d4e9aa", "name": "kustomer.customer.update", "createdAt": "2026-03-02T11:00:03.230Z",
-             "data": {"type": "customer", "id": "65f1c0a2e4b0a1b2c3d4e5f6",
-                      "attributes": {"name": "Jana", "rev": 8, "updatedAt": "2026-03-02T11:00:03.207Z",
-                                     "phones": [{"type": "mobile", "phone": "+421905123456"}]}}}
+    event = {
+        "id": "65f1d0c4e4b0a1b2c3d4e9aa",
+        "name": "kustomer.customer.update",
+        "createdAt": "2026-03-02T11:00:03.230Z",
+        "data": {
+            "type": "customer",
+            "id": "65f1c0a2e4b0a1b2c3d4e5f6",
+            "attributes": {
+                "name": "Jana",
+                "rev": 8,
+                "updatedAt": "2026-03-02T11:00:03.207Z",
+                "phones": [{"type": "mobile", "phone": "+421905123456"}],
+            },
+        },
+    }
     raw = orjson.dumps(event)
     good = hmac.new(TOKEN.encode(), raw, hashlib.sha256).hexdigest()
     bad = await post(ingest, "/ingest/kustomer/support", raw, {"X-Kustomer-Webhook-Signature": "0" * 64})
     assert bad.status == 401
     assert await kafka.read_all(topics.raw_customers, timeout=1.5, idle=0.5) == []
-    resp = await post(ingest, "/ingest/kustomer/support", raw, {"X-Kustomer-Webhook-Signature": good,
-                                                                "X-Kustomer-Webhook-Event": event["name"]})
+    resp = await post(
+        ingest,
+        "/ingest/kustomer/support",
+        raw,
+        {"X-Kustomer-Webhook-Signature": good, "X-Kustomer-Webhook-Event": event["name"]},
+    )
     assert resp.status == 202
     again = await post(ingest, "/ingest/kustomer/support", raw, {"X-Kustomer-Webhook-Signature": good})
     assert again.status == 200 and (await again.json()) == {"duplicate": event["id"]}

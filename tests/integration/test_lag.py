@@ -15,9 +15,17 @@ pytestmark = pytest.mark.kafka
 
 
 async def _copy_all(kafka: KafkaIO, group: str, src: str, dst: str, dlq: str, n: int) -> None:
-    loop = TransactionalLoop(LoopSettings(bootstrap=kafka.bootstrap, group_id=group, input_topics=(src,),
-                                          deadletter_topic=dlq, poll_timeout_ms=100, max_batch=2),
-                             TransformStage("copy", copy_transform(dst, None)))
+    loop = TransactionalLoop(
+        LoopSettings(
+            bootstrap=kafka.bootstrap,
+            group_id=group,
+            input_topics=(src,),
+            deadletter_topic=dlq,
+            poll_timeout_ms=100,
+            max_batch=2,
+        ),
+        TransformStage("copy", copy_transform(dst, None)),
+    )
     await loop.start()
     task = asyncio.create_task(loop.run())
     while loop.stats["out"] < n:

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.kafka
 
 
 def _settings(bootstrap: str, group: str, src: str, dlq: str, **kw) -> LoopSettings:
-    return LoopSettings(bootstrap=bootstrap, group_id=group, input_topics=(src,), deadletter_topic=dlq,
-                        poll_timeout_ms=100, **kw)
+    return LoopSettings(
+        bootstrap=bootstrap, group_id=group, input_topics=(src,), deadletter_topic=dlq, poll_timeout_ms=100, **kw
+    )
 
 
 async def _run_until(loop: TransactionalLoop, condition, timeout: float = 60.0) -> None:
@@ -56,8 +57,9 @@ async def test_ten_thousand_records_copied_exactly_once(kafka: KafkaIO, topic_pr
     await kafka.produce(src, ((v, v) for v in sorted(sent)))
     assert sum((await kafka.end_offsets(src)).values()) == 10_000, "the input itself must hold no duplicates"
 
-    loop = TransactionalLoop(_settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq),
-                             TransformStage("copy", copy_transform(dst, None)))
+    loop = TransactionalLoop(
+        _settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq), TransformStage("copy", copy_transform(dst, None))
+    )
 
     async def all_copied() -> bool:
         return loop.stats["out"] >= 10_000
@@ -81,8 +83,10 @@ async def test_rejected_records_go_to_deadletter_with_error_headers(kafka: Kafka
     bad = {v for _, v in records if v.startswith(b"BAD-")}
     good = {v for _, v in records if v.startswith(b"ok-")}
 
-    loop = TransactionalLoop(_settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq),
-                             TransformStage("copy", copy_transform(dst, re.compile(rb"^BAD-"))))
+    loop = TransactionalLoop(
+        _settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq),
+        TransformStage("copy", copy_transform(dst, re.compile(rb"^BAD-"))),
+    )
 
     async def done() -> bool:
         return loop.stats["in"] >= 700
@@ -105,8 +109,13 @@ async def test_rejected_records_go_to_deadletter_with_error_headers(kafka: Kafka
 
 def _start_copy(kafka: KafkaIO, prefix: str, src: str, dst: str, group: str, log) -> subprocess.Popen:
     env = pipeline_env(kafka.bootstrap, prefix, LOOP_MAX_BATCH="300")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "copy", src, dst, "--group", group],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "copy", src, dst, "--group", group],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 async def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka: KafkaIO, topic_prefix: str, tmp_path):
@@ -149,7 +158,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka: KafkaIO, t
 
 async def _produce_slowly(kafka: KafkaIO, topic: str, values: list[bytes]) -> None:
     for i in range(0, len(values), 2000):
-        chunk = values[i:i + 2000]
+        chunk = values[i : i + 2000]
         await kafka.produce(topic, ((v, v) for v in chunk))
         await asyncio.sleep(0.5)
 
@@ -216,8 +225,9 @@ async def test_two_members_share_partitions_and_survive_one_killed(kafka: KafkaI
     assert "partitions_assigned" in log_b
 
 
-async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate_nothing(kafka: KafkaIO,
-                                                                                         topic_prefix: str):
+async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate_nothing(
+    kafka: KafkaIO, topic_prefix: str
+):
     """Batches that race a rebalance (fetched before, committed after) must be neither dropped nor repeated."""
     src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
     dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=6)
@@ -227,9 +237,16 @@ async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate
 
     def member(name: str) -> TransactionalLoop:
         # a long poll: one getmany spans a whole rebalance and returns what was fetched after it
-        settings = LoopSettings(bootstrap=kafka.bootstrap, group_id=group, input_topics=(src,), deadletter_topic=dlq,
-                                max_batch=200, poll_timeout_ms=3000, session_timeout_ms=6000,
-                                heartbeat_interval_ms=500)
+        settings = LoopSettings(
+            bootstrap=kafka.bootstrap,
+            group_id=group,
+            input_topics=(src,),
+            deadletter_topic=dlq,
+            max_batch=200,
+            poll_timeout_ms=3000,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=500,
+        )
         return TransactionalLoop(settings, TransformStage(name, copy_transform(dst, None)))
 
     steady = member("steady")

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.kafka
 
 
 async def sim_post(http: aiohttp.ClientSession, root: str, path: str, body) -> dict:
-    async with http.post(f"{root}/_sim/{path}", data=orjson.dumps(body),
-                         headers={"Content-Type": "application/json"}) as r:
+    async with http.post(
+        f"{root}/_sim/{path}", data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+    ) as r:
         assert r.status < 300, await r.text()
         return await r.json()
 
@@ -40,18 +41,40 @@ async def cloudtalk():
         yield sim, api.removesuffix("/api"), client, http
 
 
-async def test_call_poller_finds_calls_without_webhook_with_the_webhook_event_id(cloudtalk, kafka: KafkaIO,
-                                                                                 topics: Topics):
+async def test_call_poller_finds_calls_without_webhook_with_the_webhook_event_id(
+    cloudtalk, kafka: KafkaIO, topics: Topics
+):
     sim, root, client, http = cloudtalk
-    await sim_post(http, root, "seed", {"contacts": [{"name": "Jana", "ContactNumber": [{"public_number": "+421905123456"}]}]})
-    ended = [await sim_post(http, root, "calls", {"direction": "incoming", "status": s, "internal_number": "+442012345678",
-                                                  "external_number": n, "deliver": False})
-             for s, n in (("answered", "+421905123456"), ("missed", "+447700900123"), ("answered", "+421905123456"))]
+    await sim_post(
+        http, root, "seed", {"contacts": [{"name": "Jana", "ContactNumber": [{"public_number": "+421905123456"}]}]}
+    )
+    ended = [
+        await sim_post(
+            http,
+            root,
+            "calls",
+            {
+                "direction": "incoming",
+                "status": s,
+                "internal_number": "+442012345678",
+                "external_number": n,
+                "deliver": False,
+            },
+        )
+        for s, n in (("answered", "+421905123456"), ("missed", "+447700900123"), ("answered", "+421905123456"))
+    ]
     producer = durable_producer(kafka.bootstrap, "test-poller")
     await producer.start()
     try:
-        poller = CallHistoryPoller(client, producer, topics, CursorStore(kafka.bootstrap, topics.cursors),
-                                   lag_s=0, overlap_s=60, initial_lookback_s=600)
+        poller = CallHistoryPoller(
+            client,
+            producer,
+            topics,
+            CursorStore(kafka.bootstrap, topics.cursors),
+            lag_s=0,
+            overlap_s=60,
+            initial_lookback_s=600,
+        )
         first = await poller.poll_once(datetime.now(UTC) + timedelta(seconds=2))
         assert first["published"] == 3 and first["pages"] >= 1
         cursor = await CursorStore(kafka.bootstrap, topics.cursors).read(CallHistoryPoller.CURSOR)
@@ -73,8 +96,16 @@ async def test_call_poller_finds_calls_without_webhook_with_the_webhook_event_id
 
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     """The CLI as a process, without blocking the loop the in-process simulator runs on."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline", *args, cwd=REPO, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline",
+        *args,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     return proc.returncode, out.decode(), err.decode()
 
@@ -82,9 +113,18 @@ async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 async def test_backfill_command_publishes_a_window_with_progress(cloudtalk, kafka: KafkaIO, topics: Topics, tmp_path):
     sim, root, client, http = cloudtalk
     for _ in range(4):
-        await sim_post(http, root, "calls", {"direction": "outgoing", "status": "answered",
-                                             "internal_number": "+442012345678", "external_number": "+421905123456",
-                                             "deliver": False})
+        await sim_post(
+            http,
+            root,
+            "calls",
+            {
+                "direction": "outgoing",
+                "status": "answered",
+                "internal_number": "+442012345678",
+                "external_number": "+421905123456",
+                "deliver": False,
+            },
+        )
     config = tmp_path / "integrations.yaml"
     config.write_text(f"""
 cloudtalk: {{base_url: "{root}/api", key_id: {{env: CT_ID}}, key_secret: {{env: CT_SECRET}}}}
@@ -95,10 +135,18 @@ integrations:
     cloudtalk_webhook_secret: {{env: CT_ID}}
 """)
     now = datetime.now(UTC)
-    env = pipeline_env(kafka.bootstrap, topics.prefix, PIPELINE_CONFIG=str(config), CT_ID="poll-key",
-                       CT_SECRET="poll-secret")
-    rc, out, err = await run_cli("backfill", "calls", "--from", (now - timedelta(hours=1)).isoformat(),
-                                 "--to", (now + timedelta(minutes=1)).isoformat(), env=env)
+    env = pipeline_env(
+        kafka.bootstrap, topics.prefix, PIPELINE_CONFIG=str(config), CT_ID="poll-key", CT_SECRET="poll-secret"
+    )
+    rc, out, err = await run_cli(
+        "backfill",
+        "calls",
+        "--from",
+        (now - timedelta(hours=1)).isoformat(),
+        "--to",
+        (now + timedelta(minutes=1)).isoformat(),
+        env=env,
+    )
     assert rc == 0, err
     assert "page 1/1: 4 calls published" in err
     assert orjson.loads(out.strip().splitlines()[-1])["published"] == 4
@@ -121,9 +169,21 @@ async def test_contacts_poller_exports_everything_once_then_only_changes(cloudta
     receiver = TestServer(app)
     await receiver.start_server()
     await sim_post(http, root, "workflows", {"trigger": "contact.updated", "url": str(receiver.make_url("/hook"))})
-    await sim_post(http, root, "seed", {"contacts": [
-        {"name": f"Contact {i}", "ContactNumber": [{"public_number": f"+42190512345{i}"}],
-         "ContactEmail": [{"email": f"c{i}@example.org"}]} for i in range(3)]})
+    await sim_post(
+        http,
+        root,
+        "seed",
+        {
+            "contacts": [
+                {
+                    "name": f"Contact {i}",
+                    "ContactNumber": [{"public_number": f"+42190512345{i}"}],
+                    "ContactEmail": [{"email": f"c{i}@example.org"}],
+                }
+                for i in range(3)
+            ]
+        },
+    )
     producer = durable_producer(kafka.bootstrap, "test-poller")
     await producer.start()
     try:
@@ -133,8 +193,11 @@ async def test_contacts_poller_exports_everything_once_then_only_changes(cloudta
         state = await (await http.get(f"{root}/_sim/state")).json()
         changed = state["contacts"][1]
         cid = changed["Contact"]["id"]
-        async with http.patch(f"{root}/_sim/contacts/{cid}", data=orjson.dumps({"name": "Renamed"}),
-                              headers={"Content-Type": "application/json"}) as r:
+        async with http.patch(
+            f"{root}/_sim/contacts/{cid}",
+            data=orjson.dumps({"name": "Renamed"}),
+            headers={"Content-Type": "application/json"},
+        ) as r:
             assert r.status < 300, await r.text()
         third = await poller.poll_once()
     finally:
@@ -156,8 +219,9 @@ async def test_contacts_poller_exports_everything_once_then_only_changes(cloudta
     assert last["id"] == contact_event_id(received[0]["contact_id"], received[0]["modified_at"])
 
 
-async def test_sigterm_stops_a_poller_in_the_middle_of_a_pass_without_writing_its_cursor(kafka: KafkaIO,
-                                                                                         topics: Topics, tmp_path):
+async def test_sigterm_stops_a_poller_in_the_middle_of_a_pass_without_writing_its_cursor(
+    kafka: KafkaIO, topics: Topics, tmp_path
+):
     """CloudTalk unreachable: the pass keeps retrying; SIGTERM must still stop the poller at once
     (exit 0), and no cursor is written for the unfinished pass."""
     import signal
@@ -176,8 +240,9 @@ integrations:
     env = pipeline_env(kafka.bootstrap, topics.prefix, PIPELINE_CONFIG=str(config), CT_ID="x")
     log = tmp_path / "poll.log"
     with open(log, "wb") as out:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline", "poll", "contacts", cwd=REPO,
-                                                    env=env, stdout=out, stderr=out)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "poll", "contacts", cwd=REPO, env=env, stdout=out, stderr=out
+        )
         deadline = time.monotonic() + 60
         while b"http_retry" not in log.read_bytes():
             assert time.monotonic() < deadline, log.read_text()

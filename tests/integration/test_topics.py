@@ -15,8 +15,14 @@ pytestmark = pytest.mark.kafka
 
 
 def _ensure_cli(bootstrap: str, prefix: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", "topics", "ensure"], cwd=REPO,
-                          env=pipeline_env(bootstrap, prefix), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "topics", "ensure"],
+        cwd=REPO,
+        env=pipeline_env(bootstrap, prefix),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def _describe(bootstrap: str, names: list[str]) -> dict[str, int]:

@@ -11,8 +11,10 @@ from pipeline.clients.kustomer import KustomerClient
 
 
 async def test_a_timed_out_create_that_the_target_finished_is_found_not_repeated():
-    async with running_kustomer_sim(KustomerSimSettings(), keys={"k": ALL_ROLES}) as (sim, url), \
-            aiohttp.ClientSession() as http:
+    async with (
+        running_kustomer_sim(KustomerSimSettings(), keys={"k": ALL_ROLES}) as (sim, url),
+        aiohttp.ClientSession() as http,
+    ):
         client = KustomerClient.from_credentials(http, url, "k", policy=RetryPolicy(timeout_s=0.5, initial_s=0.01))
         customer = await client.create_customer({"name": "Jana", "phones": [{"phone": "+421905123456"}]})
         conv = await client.create_conversation({"customer": customer["id"]})
@@ -29,8 +31,9 @@ async def test_a_timed_out_create_that_the_target_finished_is_found_not_repeated
             return None
 
         sim.faults.add(match="POST /v1/notes", kind="latency", latency_ms=1500, times=1)
-        note, found = await create_or_find(lambda: client.create_note(conv["id"], "CloudTalk call 1"), find,
-                                           settle_s=2.0)
+        note, found = await create_or_find(
+            lambda: client.create_note(conv["id"], "CloudTalk call 1"), find, settle_s=2.0
+        )
         assert found is True and note["attributes"]["body"] == "CloudTalk call 1"
         assert len(sim.notes) == 2, "the first, abandoned request also landed: that is why nothing is repeated blindly"
         posts = [e for e in sim.log.entries if e.method == "POST" and e.path == "/v1/notes"]
@@ -39,15 +42,19 @@ async def test_a_timed_out_create_that_the_target_finished_is_found_not_repeated
 
 async def test_creates_are_retried_when_they_never_reached_the_target():
     # a 429 announces the window's reset: a short window keeps the wait short
-    async with running_kustomer_sim(KustomerSimSettings(window_seconds=1.0), keys={"k": ALL_ROLES}) as (sim, url), \
-            aiohttp.ClientSession() as http:
+    async with (
+        running_kustomer_sim(KustomerSimSettings(window_seconds=1.0), keys={"k": ALL_ROLES}) as (sim, url),
+        aiohttp.ClientSession() as http,
+    ):
         client = KustomerClient.from_credentials(http, url, "k", policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.05))
         sim.faults.add(match="POST /v1/customers", kind="status", status=429, times=2)
         created = await client.create_customer({"name": "Jana", "phones": [{"phone": "+421905123456"}]})
         assert created["id"] in sim.customers and len(sim.customers) == 1
-        dead = KustomerClient.from_credentials(http, "http://127.0.0.1:9", "k",
-                                               policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=3))
+        dead = KustomerClient.from_credentials(
+            http, "http://127.0.0.1:9", "k", policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=3)
+        )
         from pipeline.clients.http import RetryExhaustedError
+
         with pytest.raises(RetryExhaustedError):  # connection refused: never sent, so retried, not ambiguous
             await dead.create_customer({"name": "x"})
 
@@ -63,8 +70,9 @@ async def test_cloudtalk_429_waits_for_the_announced_reset_and_spends_no_retry_b
     settings = CloudTalkSimSettings(key_id="id", key_secret="secret", rate_limit=3, window_seconds=2.0)
     async with running_cloudtalk_sim(settings) as (sim, api), aiohttp.ClientSession() as http:
         poller = CloudTalkClient.from_credentials(http, api, "id", "secret")
-        sink = CloudTalkClient.from_credentials(http, api, "id", "secret",
-                                                policy=RetryPolicy(max_attempts=1, initial_s=0.01))
+        sink = CloudTalkClient.from_credentials(
+            http, api, "id", "secret", policy=RetryPolicy(max_attempts=1, initial_s=0.01)
+        )
         for _ in range(3):
             await poller.list_contacts(limit=1)
         started = time.monotonic()

@@ -46,13 +46,31 @@ from pipeline.clients.http import (
 )
 
 KEY_ID, KEY_SECRET = "test-key-id", "test-secret"
-AGENT = {"id": 493933, "firstname": "Max", "lastname": "Yellow", "email": "max.yellow@example.com",
-         "extension": 1001, "associated_numbers": ["+442012345678"], "groups": ["support"]}
+AGENT = {
+    "id": 493933,
+    "firstname": "Max",
+    "lastname": "Yellow",
+    "email": "max.yellow@example.com",
+    "extension": 1001,
+    "associated_numbers": ["+442012345678"],
+    "groups": ["support"],
+}
 SEED = {
-    "agents": [AGENT, {"id": 493934, "firstname": "Eva", "lastname": "Green", "email": "eva.green@example.com",
-                       "extension": 1002, "associated_numbers": ["+421221291400"]}],
-    "numbers": [{"id": 12345, "caller_id_e164": "+442012345678", "internal_name": "UK Support"},
-                {"id": 12346, "caller_id_e164": "+421221291400", "internal_name": "SK Sales", "source_id": 493934}],
+    "agents": [
+        AGENT,
+        {
+            "id": 493934,
+            "firstname": "Eva",
+            "lastname": "Green",
+            "email": "eva.green@example.com",
+            "extension": 1002,
+            "associated_numbers": ["+421221291400"],
+        },
+    ],
+    "numbers": [
+        {"id": 12345, "caller_id_e164": "+442012345678", "internal_name": "UK Support"},
+        {"id": 12346, "caller_id_e164": "+421221291400", "internal_name": "SK Sales", "source_id": 493934},
+    ],
     "attributes": [{"id": 123, "title": "Salary"}],
 }
 FAST = RetryPolicy(initial_s=0.01, max_backoff_s=0.05, max_attempts=5, deadline_s=10.0, timeout_s=2.0)
@@ -60,9 +78,15 @@ NOT_FOUND = {"responseData": {"status": 404, "message": "Not found."}}
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 JANA = {
-    "name": "Jana Nováková", "company": "Acme s.r.o.", "website": "https://acme.example.sk",
-    "address": "Hlavná 12 3rd floor", "city": "Bratislava", "zip": "81101", "state": "Bratislavský kraj",
-    "country_id": 199, "favorite_agent": 493933,
+    "name": "Jana Nováková",
+    "company": "Acme s.r.o.",
+    "website": "https://acme.example.sk",
+    "address": "Hlavná 12 3rd floor",
+    "city": "Bratislava",
+    "zip": "81101",
+    "state": "Bratislavský kraj",
+    "country_id": 199,
+    "favorite_agent": 493933,
     "ExternalUrl": [{"name": "Kustomer", "url": "https://acme.kustomerapp.com/app/customers/65f1c0a2e4b0a1b2c3d4e5f6"}],
     "ContactNumber": [{"public_number": "+421905123456"}, {"public_number": "+447700900123"}],
     "ContactEmail": [{"email": "jana@example.org"}],
@@ -74,9 +98,15 @@ JANA = {
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------
 
+
 def settings(**overrides: Any) -> CloudTalkSimSettings:
-    base: dict[str, Any] = {"key_id": KEY_ID, "key_secret": KEY_SECRET, "rate_limit": 10_000,
-                            "delivery_base_delay_s": 0.02, "delivery_timeout_s": 1.0}
+    base: dict[str, Any] = {
+        "key_id": KEY_ID,
+        "key_secret": KEY_SECRET,
+        "rate_limit": 10_000,
+        "delivery_base_delay_s": 0.02,
+        "delivery_timeout_s": 1.0,
+    }
     return CloudTalkSimSettings(**{**base, **overrides})
 
 
@@ -86,8 +116,15 @@ class Raw:
     def __init__(self, session: aiohttp.ClientSession, api: str, root: str) -> None:
         self.session, self.api, self.root = session, api, root
 
-    async def call(self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None,
-                   auth: tuple[str, str] | None = (KEY_ID, KEY_SECRET)) -> tuple[int, Any, Any]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        auth: tuple[str, str] | None = (KEY_ID, KEY_SECRET),
+    ) -> tuple[int, Any, Any]:
         headers = {"Accept": "application/json"}
         if auth is not None:
             headers["Authorization"] = aiohttp.encode_basic_auth(*auth)
@@ -111,8 +148,11 @@ class Env:
         self.client = CloudTalkClient.from_credentials(session, api, KEY_ID, KEY_SECRET, policy=FAST)
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[Any]:
-        return [e for e in self.sim.log.entries
-                if (method is None or e.method == method) and (path is None or re.search(path, e.path))]
+        return [
+            e
+            for e in self.sim.log.entries
+            if (method is None or e.method == method) and (path is None or re.search(path, e.path))
+        ]
 
 
 @pytest.fixture
@@ -133,8 +173,14 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
-        self.requests.append({"method": request.method, "path": request.path, "headers": request.headers,
-                              "body": orjson.loads(raw) if raw else None})
+        self.requests.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": request.headers,
+                "body": orjson.loads(raw) if raw else None,
+            }
+        )
         if len(self.requests) <= self.fail_first:
             return web.Response(status=500, text="not now")
         return web.Response(status=200, text="ok")
@@ -153,7 +199,9 @@ class Receiver:
             if len(got) >= count:
                 return got
             await asyncio.sleep(0.01)
-        raise AssertionError(f"expected {count} deliveries on {path}, got {len(self.on(path) if path else self.requests)}")
+        raise AssertionError(
+            f"expected {count} deliveries on {path}, got {len(self.on(path) if path else self.requests)}"
+        )
 
 
 @pytest.fixture
@@ -165,8 +213,10 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def add_workflows(env: Env, receiver: Receiver, *triggers: str) -> None:
-    specs = [{"trigger": t, "url": f"{receiver.url}/hooks/{t}", "headers": {"X-Pipeline-Secret": "test-shared-token"}}
-             for t in triggers]
+    specs = [
+        {"trigger": t, "url": f"{receiver.url}/hooks/{t}", "headers": {"X-Pipeline-Secret": "test-shared-token"}}
+        for t in triggers
+    ]
     status, body = await env.raw.sim("POST", "workflows", specs)
     assert status == 201, body
 
@@ -180,10 +230,10 @@ def assert_delivery_headers(request: dict[str, Any]) -> None:
     assert h["X-Pipeline-Secret"] == "test-shared-token"
 
 
-
 # --------------------------------------------------------------------------------------------
 # Auth, unknown routes
 # --------------------------------------------------------------------------------------------
+
 
 async def test_missing_or_wrong_credentials_get_401_and_no_rate_headers(env: Env) -> None:
     for auth in (None, (KEY_ID, "wrong"), ("unknown", KEY_SECRET)):
@@ -211,9 +261,11 @@ async def test_unknown_route_and_wrong_method_use_the_error_envelope(env: Env) -
 
 
 async def test_malformed_json_is_a_400_and_changes_nothing(env: Env) -> None:
-    async with env.session.put(f"{env.api}/contacts/add.json", data=b"{not json",
-                               headers={"Authorization": aiohttp.encode_basic_auth(KEY_ID, KEY_SECRET),
-                                        "Content-Type": "application/json"}) as resp:
+    async with env.session.put(
+        f"{env.api}/contacts/add.json",
+        data=b"{not json",
+        headers={"Authorization": aiohttp.encode_basic_auth(KEY_ID, KEY_SECRET), "Content-Type": "application/json"},
+    ) as resp:
         assert resp.status == 400
         assert await resp.json() == {"responseData": {"status": 400, "message": "Request body is not valid JSON."}}
     status, body, _ = await env.raw.call("PUT", "/contacts/add.json", ["a", "list"])
@@ -224,6 +276,7 @@ async def test_malformed_json_is_a_400_and_changes_nothing(env: Env) -> None:
 # --------------------------------------------------------------------------------------------
 # Contacts: add, show, index, edit, delete, tags
 # --------------------------------------------------------------------------------------------
+
 
 async def test_add_and_show_return_the_documented_shapes(env: Env) -> None:
     status, body, _ = await env.raw.call("PUT", "/contacts/add.json", JANA)
@@ -238,23 +291,42 @@ async def test_add_and_show_return_the_documented_shapes(env: Env) -> None:
     assert ISO_MS.match(contact.pop("created")) and ISO_MS.match(contact.pop("modified"))
     tag_id = contact["tags"][0]["id"]
     assert contact == {
-        "id": cid, "name": "Jana Nováková", "title": "", "company": "Acme s.r.o.", "industry": "",
-        "website": "https://acme.example.sk", "address": "Hlavná 12 3rd floor", "city": "Bratislava",
-        "zip": "81101", "state": "Bratislavský kraj", "country_id": "199", "favorite_agent": "493933",
-        "type": "contact", "contact_numbers": ["+421905123456", "+447700900123"],
-        "contact_emails": ["jana@example.org"], "tags": [{"id": tag_id, "name": "kustomer-support"}],
-        "external_urls": [{"external_system": "Kustomer",
-                           "external_url": "https://acme.kustomerapp.com/app/customers/65f1c0a2e4b0a1b2c3d4e5f6"}],
+        "id": cid,
+        "name": "Jana Nováková",
+        "title": "",
+        "company": "Acme s.r.o.",
+        "industry": "",
+        "website": "https://acme.example.sk",
+        "address": "Hlavná 12 3rd floor",
+        "city": "Bratislava",
+        "zip": "81101",
+        "state": "Bratislavský kraj",
+        "country_id": "199",
+        "favorite_agent": "493933",
+        "type": "contact",
+        "contact_numbers": ["+421905123456", "+447700900123"],
+        "contact_emails": ["jana@example.org"],
+        "tags": [{"id": tag_id, "name": "kustomer-support"}],
+        "external_urls": [
+            {
+                "external_system": "Kustomer",
+                "external_url": "https://acme.kustomerapp.com/app/customers/65f1c0a2e4b0a1b2c3d4e5f6",
+            }
+        ],
         "custom_fields": [],
     }
     rest = {k: v for k, v in show["responseData"].items() if k != "Contact"}
     assert rest == {
-        "ExternalUrl": JANA["ExternalUrl"], "ContactNumber": JANA["ContactNumber"],
-        "ContactEmail": JANA["ContactEmail"], "ContactsTag": [{"name": "kustomer-support"}], "ContactAttribute": [],
+        "ExternalUrl": JANA["ExternalUrl"],
+        "ContactNumber": JANA["ContactNumber"],
+        "ContactEmail": JANA["ContactEmail"],
+        "ContactsTag": [{"name": "kustomer-support"}],
+        "ContactAttribute": [],
     }
 
-    client_id = await env.client.add_contact({**JANA, "name": "Jana Second",
-                                              "ContactAttribute": [{"attribute_id": 123, "value": "5000"}]})
+    client_id = await env.client.add_contact(
+        {**JANA, "name": "Jana Second", "ContactAttribute": [{"attribute_id": 123, "value": "5000"}]}
+    )
     shown = await env.client.get_contact(client_id)
     assert shown is not None and shown["Contact"]["name"] == "Jana Second"
     assert shown["Contact"]["custom_fields"] == [{"key": "Salary", "value": "5000"}]
@@ -276,8 +348,7 @@ INVALID_BODIES = [
     pytest.param({"name": "A", "company": "c" * 101}, "company", id="company-too-long"),
     pytest.param({"name": "A", "website": "w" * 101}, "website", id="website-too-long"),
     pytest.param({"name": "A", "ContactNumber": [{"public_number": "447700900123"}]}, "public_number", id="no-plus"),
-    pytest.param({"name": "A", "ContactNumber": [{"public_number": "+44 7700 900123"}]}, "public_number",
-                 id="spaces"),
+    pytest.param({"name": "A", "ContactNumber": [{"public_number": "+44 7700 900123"}]}, "public_number", id="spaces"),
     pytest.param({"name": "A", "ContactNumber": [{"public_number": "07700900123"}]}, "public_number", id="national"),
     pytest.param({"name": "A", "ContactNumber": [{"public_number": 447700900123}]}, "public_number", id="integer"),
     pytest.param({"name": "A", "ContactNumber": [{"public_number": "+4412"}]}, "public_number", id="too-short"),
@@ -285,13 +356,22 @@ INVALID_BODIES = [
     pytest.param({"name": "A", "country_id": 9999}, "country_id", id="unknown-country"),
     pytest.param({"name": "A", "country_id": "GB"}, "country_id", id="country-not-an-id"),
     pytest.param({"name": "A", "favorite_agent": 1}, "favorite_agent", id="unknown-agent"),
-    pytest.param({"name": "A", "ExternalUrl": [{"name": f"n{i}", "url": "https://x.example"} for i in range(4)]},
-                 "ExternalUrl", id="four-external-urls"),
-    pytest.param({"name": "A", "ExternalUrl": [{"name": "n" * 31, "url": "https://x.example"}]}, "ExternalUrl",
-                 id="external-url-name-too-long"),
+    pytest.param(
+        {"name": "A", "ExternalUrl": [{"name": f"n{i}", "url": "https://x.example"} for i in range(4)]},
+        "ExternalUrl",
+        id="four-external-urls",
+    ),
+    pytest.param(
+        {"name": "A", "ExternalUrl": [{"name": "n" * 31, "url": "https://x.example"}]},
+        "ExternalUrl",
+        id="external-url-name-too-long",
+    ),
     pytest.param({"name": "A", "ContactsTag": ["plain-string"]}, "ContactsTag", id="tag-not-an-object"),
-    pytest.param({"name": "A", "ContactAttribute": [{"attribute_id": 999, "value": "x"}]}, "ContactAttribute",
-                 id="unknown-attribute"),
+    pytest.param(
+        {"name": "A", "ContactAttribute": [{"attribute_id": 999, "value": "x"}]},
+        "ContactAttribute",
+        id="unknown-attribute",
+    ),
 ]
 
 
@@ -311,14 +391,17 @@ async def test_add_rejects_invalid_input_with_per_field_messages(env: Env, body:
 
 
 async def test_add_reports_every_bad_field_at_once(env: Env) -> None:
-    status, resp, _ = await env.raw.call("PUT", "/contacts/add.json",
-                                         {"zip": "1" * 20, "ContactEmail": [{"email": "x"}], "country_id": 1})
+    status, resp, _ = await env.raw.call(
+        "PUT", "/contacts/add.json", {"zip": "1" * 20, "ContactEmail": [{"email": "x"}], "country_id": 1}
+    )
     assert status == 406
     assert set(resp["responseData"]["data"]) == {"name", "zip", "email", "country_id"}
 
 
 async def test_edit_changes_only_sent_keys_clears_with_empty_string_and_replaces_lists(env: Env) -> None:
-    cid = await env.client.add_contact({**JANA, "title": "Dr.", "ContactAttribute": [{"attribute_id": 123, "value": "1"}]})
+    cid = await env.client.add_contact(
+        {**JANA, "title": "Dr.", "ContactAttribute": [{"attribute_id": 123, "value": "1"}]}
+    )
 
     status, body, _ = await env.raw.call("POST", f"/contacts/edit/{cid}.json", {"city": "Košice"})
     assert (status, body) == (200, {"responseData": {"status": 200}})
@@ -330,10 +413,18 @@ async def test_edit_changes_only_sent_keys_clears_with_empty_string_and_replaces
     assert c["contact_numbers"] == ["+421905123456", "+447700900123"]
     assert c["custom_fields"] == [{"key": "Salary", "value": "1"}]
 
-    assert await env.client.edit_contact(cid, {"title": "", "country_id": "", "favorite_agent": "",
-                                                "ContactNumber": [{"public_number": "+420601123456"}],
-                                                "ContactEmail": "", "ContactsTag": [{"name": "vip"}],
-                                                "ContactAttribute": ""})
+    assert await env.client.edit_contact(
+        cid,
+        {
+            "title": "",
+            "country_id": "",
+            "favorite_agent": "",
+            "ContactNumber": [{"public_number": "+420601123456"}],
+            "ContactEmail": "",
+            "ContactsTag": [{"name": "vip"}],
+            "ContactAttribute": "",
+        },
+    )
     shown = await env.client.get_contact(cid)
     assert shown is not None
     c = shown["Contact"]
@@ -353,8 +444,9 @@ async def test_edit_changes_only_sent_keys_clears_with_empty_string_and_replaces
 async def test_edit_errors_leave_the_contact_untouched(env: Env) -> None:
     cid = await env.client.add_contact({"name": "Keep Me", "city": "Brno"})
     before = await env.client.get_contact(cid)
-    status, body, _ = await env.raw.call("POST", f"/contacts/edit/{cid}.json",
-                                         {"city": "Praha", "ContactNumber": [{"public_number": "123"}]})
+    status, body, _ = await env.raw.call(
+        "POST", f"/contacts/edit/{cid}.json", {"city": "Praha", "ContactNumber": [{"public_number": "123"}]}
+    )
     assert status == 406 and list(body["responseData"]["data"]) == ["public_number"]
     status, body, _ = await env.raw.call("POST", f"/contacts/edit/{cid}.json", {"name": ""})
     assert status == 406 and list(body["responseData"]["data"]) == ["name"]
@@ -390,19 +482,31 @@ async def test_phone_numbers_are_not_unique_across_api_contacts(env: Env) -> Non
 
 
 async def test_index_items_carry_single_first_values_while_show_has_lists(env: Env) -> None:
-    cid = await env.client.add_contact({**JANA, "ContactEmail": [{"email": "a@example.org"}, {"email": "b@example.org"}],
-                                        "ContactAttribute": [{"attribute_id": 123, "value": "7"}]})
+    cid = await env.client.add_contact(
+        {
+            **JANA,
+            "ContactEmail": [{"email": "a@example.org"}, {"email": "b@example.org"}],
+            "ContactAttribute": [{"attribute_id": 123, "value": "7"}],
+        }
+    )
     bare = await env.client.add_contact({"name": "Bare"})
     status, body, _ = await env.raw.call("GET", "/contacts/index.json")
     assert status == 200
     page = body["responseData"]
     assert (page["itemsCount"], page["pageCount"], page["pageNumber"], page["limit"]) == (2, 1, 1, 30)
     assert page["data"] == [
-        {"Contact": {"id": cid, "name": "Jana Nováková", "company": "Acme s.r.o."},
-         "ContactNumber": {"public_number": "+421905123456"}, "ContactEmail": {"email": "a@example.org"},
-         "ContactAttribute": [{"attribute_id": "123", "title": "Salary", "value": "7"}]},
-        {"Contact": {"id": bare, "name": "Bare", "company": ""},
-         "ContactNumber": {"public_number": None}, "ContactEmail": {"email": None}, "ContactAttribute": []},
+        {
+            "Contact": {"id": cid, "name": "Jana Nováková", "company": "Acme s.r.o."},
+            "ContactNumber": {"public_number": "+421905123456"},
+            "ContactEmail": {"email": "a@example.org"},
+            "ContactAttribute": [{"attribute_id": "123", "title": "Salary", "value": "7"}],
+        },
+        {
+            "Contact": {"id": bare, "name": "Bare", "company": ""},
+            "ContactNumber": {"public_number": None},
+            "ContactEmail": {"email": None},
+            "ContactAttribute": [],
+        },
     ]
     shown = await env.client.get_contact(cid)
     assert shown is not None and [e["email"] for e in shown["ContactEmail"]] == ["a@example.org", "b@example.org"]
@@ -411,9 +515,15 @@ async def test_index_items_carry_single_first_values_while_show_has_lists(env: E
 
 async def test_keyword_and_filters(env: Env) -> None:
     jana = await env.client.add_contact({**JANA, "industry": "Retail"})
-    john = await env.client.add_contact({"name": "John Smith", "company": "Globex", "country_id": 235,
-                                         "ContactNumber": [{"public_number": "+12025550143"}],
-                                         "ContactEmail": [{"email": "john.smith@example.com"}]})
+    john = await env.client.add_contact(
+        {
+            "name": "John Smith",
+            "company": "Globex",
+            "country_id": 235,
+            "ContactNumber": [{"public_number": "+12025550143"}],
+            "ContactEmail": [{"email": "john.smith@example.com"}],
+        }
+    )
 
     async def ids(**params: Any) -> list[str]:
         status, body, _ = await env.raw.call("GET", "/contacts/index.json", params=params)
@@ -450,7 +560,13 @@ async def test_pagination_walks_to_the_last_page_and_limit_is_bounded(env: Env) 
     env.sim.seed({"contacts": [{"name": f"Contact {i:02d}"} for i in range(65)]})
     status, body, _ = await env.raw.call("GET", "/contacts/index.json")
     page = body["responseData"]
-    assert (page["itemsCount"], page["pageCount"], page["pageNumber"], page["limit"], len(page["data"])) == (65, 3, 1, 30, 30)
+    assert (page["itemsCount"], page["pageCount"], page["pageNumber"], page["limit"], len(page["data"])) == (
+        65,
+        3,
+        1,
+        30,
+        30,
+    )
     status, body, _ = await env.raw.call("GET", "/contacts/index.json", params={"page": 3})
     assert len(body["responseData"]["data"]) == 5 and body["responseData"]["pageNumber"] == 3
     status, body, _ = await env.raw.call("GET", "/contacts/index.json", params={"page": 4})
@@ -463,8 +579,12 @@ async def test_pagination_walks_to_the_last_page_and_limit_is_bounded(env: Env) 
     assert len([p async for p in env.client.iter_contacts()]) == 1
     assert len(env.requests("GET", r"/contacts/index\.json$")) == 3 + 3 + 1
 
-    for params, field in (({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "ten"}, "limit"),
-                          ({"page": 0}, "page")):
+    for params, field in (
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"page": 0}, "page"),
+    ):
         status, body, _ = await env.raw.call("GET", "/contacts/index.json", params=params)
         assert status == 406 and list(body["responseData"]["data"]) == [field], params
     status, body, _ = await env.raw.call("GET", "/contacts/index.json", params={"limit": 1000})
@@ -509,13 +629,20 @@ async def test_add_and_remove_tags(env: Env) -> None:
 # Reference data
 # --------------------------------------------------------------------------------------------
 
+
 async def test_countries_are_a_plain_list_with_cloudtalk_ids(env: Env) -> None:
     status, body, _ = await env.raw.call("GET", "/countries/index.json")
     assert status == 200
     countries = [item["Country"] for item in body["responseData"]]
     assert len(countries) >= 60
     assert {"id": "61", "name": "Denmark", "country_code": "DK", "iso3": "DNK", "calling_code": "45"} in countries
-    assert {"id": "235", "name": "United Kingdom", "country_code": "GB", "iso3": "GBR", "calling_code": "44"} in countries
+    assert {
+        "id": "235",
+        "name": "United Kingdom",
+        "country_code": "GB",
+        "iso3": "GBR",
+        "calling_code": "44",
+    } in countries
     codes = {c["country_code"] for c in countries}
     assert {"SK", "CZ", "US", "DE", "AT", "PL", "FR"} <= codes
     assert await env.client.list_countries() == countries
@@ -525,11 +652,30 @@ async def test_agents_numbers_tags_attributes(env: Env) -> None:
     status, body, _ = await env.raw.call("GET", "/agents/index.json")
     assert status == 200 and body["responseData"]["itemsCount"] == 2
     max_agent = body["responseData"]["data"][0]["Agent"]
-    assert {k: max_agent[k] for k in ("id", "firstname", "lastname", "email", "extension", "default_number",
-                                      "associated_numbers", "availability_status", "call_number_id")} == {
-        "id": "493933", "firstname": "Max", "lastname": "Yellow", "email": "max.yellow@example.com",
-        "extension": "1001", "default_number": "+442012345678", "associated_numbers": ["+442012345678"],
-        "availability_status": "online", "call_number_id": 12345}
+    assert {
+        k: max_agent[k]
+        for k in (
+            "id",
+            "firstname",
+            "lastname",
+            "email",
+            "extension",
+            "default_number",
+            "associated_numbers",
+            "availability_status",
+            "call_number_id",
+        )
+    } == {
+        "id": "493933",
+        "firstname": "Max",
+        "lastname": "Yellow",
+        "email": "max.yellow@example.com",
+        "extension": "1001",
+        "default_number": "+442012345678",
+        "associated_numbers": ["+442012345678"],
+        "availability_status": "online",
+        "call_number_id": 12345,
+    }
     status, body, _ = await env.raw.call("GET", "/agents/index.json", params={"associated_number": "+421221291400"})
     assert [a["Agent"]["id"] for a in body["responseData"]["data"]] == ["493934"]
     pages = [p async for p in env.client.iter_agents(agent_id=493933)]
@@ -538,9 +684,16 @@ async def test_agents_numbers_tags_attributes(env: Env) -> None:
     status, body, _ = await env.raw.call("GET", "/numbers/index.json", params={"is_free": 0})
     assert [n["CallNumber"]["id"] for n in body["responseData"]["data"]] == ["12346"]
     numbers = [n["CallNumber"] async for p in env.client.iter_numbers() for n in p["data"]]
-    assert numbers[0] == {"id": "12345", "country_code": "44", "area_code": "20", "internal_name": "UK Support",
-                          "caller_id_e164": "442012345678", "is_redirected": False, "connected_to": "1",
-                          "source_id": None}
+    assert numbers[0] == {
+        "id": "12345",
+        "country_code": "44",
+        "area_code": "20",
+        "internal_name": "UK Support",
+        "caller_id_e164": "442012345678",
+        "is_redirected": False,
+        "connected_to": "1",
+        "source_id": None,
+    }
     assert len(numbers) == 2
 
     await env.client.add_contact({"name": "T", "ContactsTag": [{"name": "vip"}, {"name": "shopify"}]})
@@ -558,16 +711,40 @@ async def test_agents_numbers_tags_attributes(env: Env) -> None:
 # Calls
 # --------------------------------------------------------------------------------------------
 
-CALL_A = {"direction": "incoming", "status": "answered", "internal_number": "+442012345678",
-          "external_number": "+447700900123", "agent_id": 493933, "waiting_time": 12, "talking_time": 263,
-          "wrapup_time": 30, "is_voicemail": False, "recorded": True, "tags": ["Billing"],
-          "notes": ["Customer asked for refund status"], "rating": 4, "started_at": "2026-03-02T09:14:05.000Z"}
-CALL_B = {"direction": "outgoing", "status": "missed", "internal_number": "+421221291400",
-          "external_number": "+421905123456", "agent_id": 493934, "waiting_time": 20,
-          "started_at": "2026-03-02T10:00:00Z"}
-CALL_C = {"direction": "incoming", "status": "missed", "internal_number": "+442012345678",
-          "external_number": "+447700900999", "waiting_time": 30, "is_voicemail": True,
-          "started_at": "2026-03-03 08:00:00"}
+CALL_A = {
+    "direction": "incoming",
+    "status": "answered",
+    "internal_number": "+442012345678",
+    "external_number": "+447700900123",
+    "agent_id": 493933,
+    "waiting_time": 12,
+    "talking_time": 263,
+    "wrapup_time": 30,
+    "is_voicemail": False,
+    "recorded": True,
+    "tags": ["Billing"],
+    "notes": ["Customer asked for refund status"],
+    "rating": 4,
+    "started_at": "2026-03-02T09:14:05.000Z",
+}
+CALL_B = {
+    "direction": "outgoing",
+    "status": "missed",
+    "internal_number": "+421221291400",
+    "external_number": "+421905123456",
+    "agent_id": 493934,
+    "waiting_time": 20,
+    "started_at": "2026-03-02T10:00:00Z",
+}
+CALL_C = {
+    "direction": "incoming",
+    "status": "missed",
+    "internal_number": "+442012345678",
+    "external_number": "+447700900999",
+    "waiting_time": 30,
+    "is_voicemail": True,
+    "started_at": "2026-03-03 08:00:00",
+}
 
 
 async def test_calls_index_record_shape_filters_and_order(env: Env) -> None:
@@ -587,24 +764,56 @@ async def test_calls_index_record_shape_filters_and_order(env: Env) -> None:
     item = page["data"][0]
     billing_tag = item["Tags"][0]["id"]
     assert item["Cdr"] == {
-        "id": str(a.id), "billsec": "275", "type": "incoming", "country_code": "44",
-        "public_external": "447700900123", "public_internal": "442012345678", "recorded": True,
-        "is_voicemail": False, "fax_email": "", "is_redirected": "0", "redirected_from": "",
-        "transferred_from": "", "is_local": True, "user_id": "493933", "talking_time": "263",
-        "started_at": "2026-03-02T09:14:05.000Z", "answered_at": "2026-03-02T09:14:17.000Z",
-        "ended_at": "2026-03-02T09:18:40.000Z", "waiting_time": 12, "wrapup_time": 30,
+        "id": str(a.id),
+        "billsec": "275",
+        "type": "incoming",
+        "country_code": "44",
+        "public_external": "447700900123",
+        "public_internal": "442012345678",
+        "recorded": True,
+        "is_voicemail": False,
+        "fax_email": "",
+        "is_redirected": "0",
+        "redirected_from": "",
+        "transferred_from": "",
+        "is_local": True,
+        "user_id": "493933",
+        "talking_time": "263",
+        "started_at": "2026-03-02T09:14:05.000Z",
+        "answered_at": "2026-03-02T09:14:17.000Z",
+        "ended_at": "2026-03-02T09:18:40.000Z",
+        "waiting_time": 12,
+        "wrapup_time": 30,
         "recording_link": f"https://my.cloudtalk.io/r/play/{a.id}",
     }
     assert {k: item["Contact"][k] for k in ("id", "name", "type", "contact_numbers", "contact_emails")} == {
-        "id": jana, "name": "Jana Nováková", "type": "contact",
-        "contact_numbers": ["421905123456", "447700900123"], "contact_emails": ["jana@example.org"]}
+        "id": jana,
+        "name": "Jana Nováková",
+        "type": "contact",
+        "contact_numbers": ["421905123456", "447700900123"],
+        "contact_emails": ["jana@example.org"],
+    }
     assert item["Contact"]["favorite_agent"]["id"] == "493933"
-    assert item["CallNumber"] == {"id": "12345", "internal_name": "UK Support", "caller_id_e164": "442012345678",
-                                  "country_code": "44", "area_code": "20"}
-    assert item["Agent"] == {"id": "493933", "firstname": "Max", "lastname": "Yellow", "fullname": "Max Yellow",
-                             "email": "max.yellow@example.com", "language": "en", "role": "Agent",
-                             "status": "online", "default_outbound_number": "442012345678",
-                             "associated_numbers": ["442012345678"], "groups": ["support"]}
+    assert item["CallNumber"] == {
+        "id": "12345",
+        "internal_name": "UK Support",
+        "caller_id_e164": "442012345678",
+        "country_code": "44",
+        "area_code": "20",
+    }
+    assert item["Agent"] == {
+        "id": "493933",
+        "firstname": "Max",
+        "lastname": "Yellow",
+        "fullname": "Max Yellow",
+        "email": "max.yellow@example.com",
+        "language": "en",
+        "role": "Agent",
+        "status": "online",
+        "default_outbound_number": "442012345678",
+        "associated_numbers": ["442012345678"],
+        "groups": ["support"],
+    }
     assert item["BillingData"] == {"price": "0.000000"}
     assert [n["name"] for n in item["Notes"]] == ["Customer asked for refund status"]
     assert item["Tags"] == [{"id": billing_tag, "name": "Billing"}]
@@ -637,8 +846,12 @@ async def test_calls_index_record_shape_filters_and_order(env: Env) -> None:
         status, body, _ = await env.raw.call("GET", "/calls/index.json", params=params)
         assert status == 406 and list(body["responseData"]["data"]) == list(params)
 
-    pages = [p async for p in env.client.iter_calls(date_from=datetime(2026, 3, 2, tzinfo=UTC),
-                                                    date_to="2026-03-02 23:59:59", limit=1)]
+    pages = [
+        p
+        async for p in env.client.iter_calls(
+            date_from=datetime(2026, 3, 2, tzinfo=UTC), date_to="2026-03-02 23:59:59", limit=1
+        )
+    ]
     assert [int(i["Cdr"]["id"]) for p in pages for i in p["data"]] == [a.id, b.id]
     assert [p["pageNumber"] for p in pages] == [1, 2]
     missed = [i async for p in env.client.iter_calls(status="missed", type="incoming") for i in p["data"]]
@@ -659,6 +872,7 @@ async def test_calls_without_contact_or_agent_can_carry_null_keys(env: Env) -> N
 # --------------------------------------------------------------------------------------------
 # Rate limit
 # --------------------------------------------------------------------------------------------
+
 
 async def test_429_with_the_three_headers_once_the_budget_is_spent(env: Env) -> None:
     env.sim.update_settings({"rate_limit": 5, "window_seconds": 2.0})
@@ -682,8 +896,9 @@ async def test_429_with_the_three_headers_once_the_budget_is_spent(env: Env) -> 
     # Another company has its own window and its own data.
     status, _ = await env.raw.sim("POST", "companies", {"key_id": "other-key", "key_secret": "other-secret"})
     assert status == 201
-    status, body, _ = await env.raw.call("PUT", "/contacts/add.json", {"name": "Other Co"},
-                                         auth=("other-key", "other-secret"))
+    status, body, _ = await env.raw.call(
+        "PUT", "/contacts/add.json", {"name": "Other Co"}, auth=("other-key", "other-secret")
+    )
     assert status == 201
     assert env.sim.company.contacts == {}
     status, state = await env.raw.sim("GET", "state", company="other-key")
@@ -723,11 +938,16 @@ async def test_rate_headers_only_on_429_when_so_configured(env: Env) -> None:
 # Faults
 # --------------------------------------------------------------------------------------------
 
+
 async def test_injected_5xx_on_a_create_are_not_retried_blindly_and_the_effect_happens_once(env: Env) -> None:
-    status, _ = await env.raw.sim("POST", "faults", [
-        {"match": r"PUT /api/contacts/add\.json", "status": 500, "times": 1},
-        {"match": r"PUT /api/contacts/add\.json", "status": 503, "times": 1},
-    ])
+    status, _ = await env.raw.sim(
+        "POST",
+        "faults",
+        [
+            {"match": r"PUT /api/contacts/add\.json", "status": 500, "times": 1},
+            {"match": r"PUT /api/contacts/add\.json", "status": 503, "times": 1},
+        ],
+    )
     assert status == 201
     # a 5xx does not say whether the contact was added: the client reports it instead of retrying
     with pytest.raises(AmbiguousOutcomeError) as info:
@@ -769,9 +989,13 @@ async def test_injected_4xx_are_not_retried(env: Env) -> None:
 
 async def test_persistent_5xx_exhaust_the_retries(env: Env) -> None:
     await env.raw.sim("POST", "faults", {"match": "GET /api/tags", "status": 502})
-    client = CloudTalkClient.from_credentials(env.session, env.api, KEY_ID, KEY_SECRET,
-                                              policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=3,
-                                                                 timeout_s=1.0))
+    client = CloudTalkClient.from_credentials(
+        env.session,
+        env.api,
+        KEY_ID,
+        KEY_SECRET,
+        policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=3, timeout_s=1.0),
+    )
     with pytest.raises(RetryExhaustedError):
         [p async for p in client.iter_tags()]
     assert len(env.requests("GET", "/api/tags")) == 3
@@ -791,17 +1015,23 @@ async def test_injected_429_burst_is_waited_out(env: Env) -> None:
 
 async def test_latency_timeout_and_reset_faults(env: Env) -> None:
     cid = await env.client.add_contact({"name": "Slow"})
-    await env.raw.sim("POST", "faults", {"match": "GET /api/contacts/show", "kind": "latency", "latency_ms": 300,
-                                         "times": 1})
+    await env.raw.sim(
+        "POST", "faults", {"match": "GET /api/contacts/show", "kind": "latency", "latency_ms": 300, "times": 1}
+    )
     started = time.monotonic()
     assert await env.client.get_contact(cid) is not None
     assert time.monotonic() - started >= 0.3
 
     impatient = CloudTalkClient.from_credentials(
-        env.session, env.api, KEY_ID, KEY_SECRET,
-        policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=4, timeout_s=0.3))
-    await env.raw.sim("POST", "faults", {"match": "POST /api/contacts/edit", "kind": "timeout", "latency_ms": 600,
-                                         "times": 1})
+        env.session,
+        env.api,
+        KEY_ID,
+        KEY_SECRET,
+        policy=RetryPolicy(initial_s=0.01, max_backoff_s=0.02, max_attempts=4, timeout_s=0.3),
+    )
+    await env.raw.sim(
+        "POST", "faults", {"match": "POST /api/contacts/edit", "kind": "timeout", "latency_ms": 600, "times": 1}
+    )
     assert await impatient.edit_contact(cid, {"city": "Žilina"}) is True
     edits = env.requests("POST", "/api/contacts/edit")
     assert [(e.fault, e.status) for e in edits] == [("timeout", -1), (None, 200)]
@@ -817,6 +1047,7 @@ async def test_latency_timeout_and_reset_faults(env: Env) -> None:
 # Workflow deliveries
 # --------------------------------------------------------------------------------------------
 
+
 async def test_call_ended_delivers_the_canonical_body_with_headers(env: Env, receiver: Receiver) -> None:
     await add_workflows(env, receiver, "call.ended")
     jana = await env.client.add_contact(JANA)
@@ -829,14 +1060,30 @@ async def test_call_ended_delivers_the_canonical_body_with_headers(env: Env, rec
     body = request["body"]
     assert re.fullmatch(rf"https://my\.cloudtalk\.io/pub/r/{re.escape(encoded)}/[\w-]+\.wav", body["recording_url"])
     assert body == {
-        "event": "call.ended", "call_id": call_id, "call_uuid": made["call_uuid"], "direction": "incoming",
-        "status": "answered", "internal_number": 442012345678, "internal_number_name": "UK Support",
-        "external_number": 447700900123, "contact_id": int(jana), "agent_id": 493933,
-        "agent_first_name": "Max", "agent_last_name": "Yellow", "agent_email": "max.yellow@example.com",
-        "started_at": "2026-03-02T09:14:05.000Z", "answered_at": "2026-03-02T09:14:17.000Z",
-        "ended_at": "2026-03-02T09:18:40.000Z", "waiting_time": 12, "talking_time": 263, "wrapup_time": 30,
-        "is_voicemail": False, "recording_url": body["recording_url"], "call_tags": ["Billing"],
-        "call_notes": ["Customer asked for refund status"], "rating": 4,
+        "event": "call.ended",
+        "call_id": call_id,
+        "call_uuid": made["call_uuid"],
+        "direction": "incoming",
+        "status": "answered",
+        "internal_number": 442012345678,
+        "internal_number_name": "UK Support",
+        "external_number": 447700900123,
+        "contact_id": int(jana),
+        "agent_id": 493933,
+        "agent_first_name": "Max",
+        "agent_last_name": "Yellow",
+        "agent_email": "max.yellow@example.com",
+        "started_at": "2026-03-02T09:14:05.000Z",
+        "answered_at": "2026-03-02T09:14:17.000Z",
+        "ended_at": "2026-03-02T09:18:40.000Z",
+        "waiting_time": 12,
+        "talking_time": 263,
+        "wrapup_time": 30,
+        "is_voicemail": False,
+        "recording_url": body["recording_url"],
+        "call_tags": ["Billing"],
+        "call_notes": ["Customer asked for refund status"],
+        "rating": 4,
     }
     assert re.fullmatch(r"[0-9a-f-]{36}", made["call_uuid"])
     record = await env.client.get_call(call_id)
@@ -846,13 +1093,40 @@ async def test_call_ended_delivers_the_canonical_body_with_headers(env: Env, rec
     [_, request] = await receiver.wait_for(2, "/hooks/call.ended")
     assert made["call_id"] > call_id
     missed = request["body"]
-    assert {k: missed[k] for k in ("status", "contact_id", "agent_id", "agent_email", "answered_at", "talking_time",
-                                   "recording_url", "rating", "is_voicemail", "external_number",
-                                   "call_tags", "call_notes", "started_at", "ended_at")} == {
-        "status": "missed", "contact_id": None, "agent_id": None, "agent_email": None, "answered_at": None,
-        "talking_time": 0, "recording_url": None, "rating": None, "is_voicemail": True,
-        "external_number": 447700900999, "call_tags": [], "call_notes": [],
-        "started_at": "2026-03-03T08:00:00.000Z", "ended_at": "2026-03-03T08:00:30.000Z"}
+    assert {
+        k: missed[k]
+        for k in (
+            "status",
+            "contact_id",
+            "agent_id",
+            "agent_email",
+            "answered_at",
+            "talking_time",
+            "recording_url",
+            "rating",
+            "is_voicemail",
+            "external_number",
+            "call_tags",
+            "call_notes",
+            "started_at",
+            "ended_at",
+        )
+    } == {
+        "status": "missed",
+        "contact_id": None,
+        "agent_id": None,
+        "agent_email": None,
+        "answered_at": None,
+        "talking_time": 0,
+        "recording_url": None,
+        "rating": None,
+        "is_voicemail": True,
+        "external_number": 447700900999,
+        "call_tags": [],
+        "call_notes": [],
+        "started_at": "2026-03-03T08:00:00.000Z",
+        "ended_at": "2026-03-03T08:00:30.000Z",
+    }
     status, deliveries = await env.raw.sim("GET", "deliveries", trigger="call.ended")
     assert [d["status"] for d in deliveries["deliveries"]] == ["delivered", "delivered"]
     assert "X-Pipeline-Secret" in deliveries["deliveries"][0]["header_names"]
@@ -883,26 +1157,58 @@ async def test_call_ended_waits_for_wrap_up(env: Env, receiver: Receiver) -> Non
 async def test_sms_received_and_sent_bodies(env: Env, receiver: Receiver) -> None:
     await add_workflows(env, receiver, "sms.received", "sms.sent")
     jana = await env.client.add_contact(JANA)
-    status, made = await env.raw.sim("POST", "sms", {
-        "direction": "incoming", "internal_number": "+442012345678", "external_number": "+447700900123",
-        "text": "Hi, is my refund processed yet?", "created_at": "2026-03-02T10:01:22Z"})
+    status, made = await env.raw.sim(
+        "POST",
+        "sms",
+        {
+            "direction": "incoming",
+            "internal_number": "+442012345678",
+            "external_number": "+447700900123",
+            "text": "Hi, is my refund processed yet?",
+            "created_at": "2026-03-02T10:01:22Z",
+        },
+    )
     assert status == 201
     [received] = await receiver.wait_for(1, "/hooks/sms.received")
     assert_delivery_headers(received)
     assert received["body"] == {
-        "event": "sms.received", "sms_id": made["sms_id"], "direction": "incoming", "sender": 447700900123,
-        "recipient": 442012345678, "internal_number": 442012345678, "external_number": 447700900123,
-        "contact_id": int(jana), "agent_id": None, "text": "Hi, is my refund processed yet?",
+        "event": "sms.received",
+        "sms_id": made["sms_id"],
+        "direction": "incoming",
+        "sender": 447700900123,
+        "recipient": 442012345678,
+        "internal_number": 442012345678,
+        "external_number": 447700900123,
+        "contact_id": int(jana),
+        "agent_id": None,
+        "text": "Hi, is my refund processed yet?",
         "created_at": "2026-03-02T10:01:22.000Z",
     }
-    status, made2 = await env.raw.sim("POST", "sms", {
-        "direction": "outgoing", "internal_number": "442012345678", "external_number": 12025550143,
-        "agent_id": 493933, "text": "Yes, it is.", "created_at": "2026-03-02 10:05:00"})
+    status, made2 = await env.raw.sim(
+        "POST",
+        "sms",
+        {
+            "direction": "outgoing",
+            "internal_number": "442012345678",
+            "external_number": 12025550143,
+            "agent_id": 493933,
+            "text": "Yes, it is.",
+            "created_at": "2026-03-02 10:05:00",
+        },
+    )
     [sent] = await receiver.wait_for(1, "/hooks/sms.sent")
     assert sent["body"] == {
-        "event": "sms.sent", "sms_id": made2["sms_id"], "direction": "outgoing", "sender": 442012345678,
-        "recipient": 12025550143, "internal_number": 442012345678, "external_number": 12025550143,
-        "contact_id": None, "agent_id": 493933, "text": "Yes, it is.", "created_at": "2026-03-02T10:05:00.000Z",
+        "event": "sms.sent",
+        "sms_id": made2["sms_id"],
+        "direction": "outgoing",
+        "sender": 442012345678,
+        "recipient": 12025550143,
+        "internal_number": 442012345678,
+        "external_number": 12025550143,
+        "contact_id": None,
+        "agent_id": 493933,
+        "text": "Yes, it is.",
+        "created_at": "2026-03-02T10:05:00.000Z",
     }
     assert made2["sms_id"] > made["sms_id"]
     status, body = await env.raw.sim("POST", "sms", {"direction": "sideways", "internal_number": "x"})
@@ -912,15 +1218,25 @@ async def test_sms_received_and_sent_bodies(env: Env, receiver: Receiver) -> Non
 def expected_contact(event: str, show: dict[str, Any]) -> dict[str, Any]:
     c = show["Contact"]
     return {
-        "event": event, "contact_id": int(c["id"]), "name": c["name"], "title": c["title"],
-        "company": c["company"], "industry": c["industry"], "website": c["website"], "address": c["address"],
-        "city": c["city"], "zip": c["zip"], "state": c["state"],
+        "event": event,
+        "contact_id": int(c["id"]),
+        "name": c["name"],
+        "title": c["title"],
+        "company": c["company"],
+        "industry": c["industry"],
+        "website": c["website"],
+        "address": c["address"],
+        "city": c["city"],
+        "zip": c["zip"],
+        "state": c["state"],
         "country_id": int(c["country_id"]) if c["country_id"] else None,
         "favorite_agent": int(c["favorite_agent"]) if c["favorite_agent"] else None,
         "contact_numbers": [int(n.lstrip("+")) for n in c["contact_numbers"]],
-        "contact_emails": c["contact_emails"], "tags": [t["name"] for t in c["tags"]],
+        "contact_emails": c["contact_emails"],
+        "tags": [t["name"] for t in c["tags"]],
         "external_urls": [{"name": u["name"], "url": u["url"]} for u in show["ExternalUrl"]],
-        "created_at": c["created"], "modified_at": c["modified"],
+        "created_at": c["created"],
+        "modified_at": c["modified"],
     }
 
 
@@ -958,7 +1274,9 @@ async def test_contact_workflows_fire_on_api_writes(env: Env, receiver: Receiver
 
 async def test_contact_workflows_fire_on_agent_writes(env: Env, receiver: Receiver) -> None:
     await add_workflows(env, receiver, "contact.created", "contact.updated", "contact.deleted")
-    status, made = await env.raw.sim("POST", "contacts", {"name": "Walk-in", "ContactNumber": [{"public_number": "+420601123456"}]})
+    status, made = await env.raw.sim(
+        "POST", "contacts", {"name": "Walk-in", "ContactNumber": [{"public_number": "+420601123456"}]}
+    )
     assert status == 201
     [created] = await receiver.wait_for(1, "/hooks/contact.created")
     assert created["body"] == expected_contact("contact.created", made["contact"])
@@ -979,8 +1297,9 @@ async def test_contact_workflows_fire_on_agent_writes(env: Env, receiver: Receiv
 async def test_failing_receiver_is_retried_until_delivered(env: Env, receiver: Receiver) -> None:
     receiver.fail_first = 2
     await add_workflows(env, receiver, "sms.received")
-    await env.raw.sim("POST", "sms", {"internal_number": "+442012345678", "external_number": "+447700900123",
-                                      "text": "retry me"})
+    await env.raw.sim(
+        "POST", "sms", {"internal_number": "+442012345678", "external_number": "+447700900123", "text": "retry me"}
+    )
     requests = await receiver.wait_for(3, "/hooks/sms.received")
     assert len({orjson.dumps(r["body"]) for r in requests}) == 1
     assert await env.sim.wait_deliveries(2.0)
@@ -1004,18 +1323,27 @@ async def test_wildcard_workflow_gets_every_trigger(env: Env, receiver: Receiver
     await env.client.edit_contact(cid, {"city": "Leeds"})
     env.sim.end_call(CALL_A)
     env.sim.sms_event({"internal_number": "+442012345678", "external_number": "+447700900123", "text": "in"})
-    env.sim.sms_event({"direction": "outgoing", "internal_number": "+442012345678",
-                       "external_number": "+447700900123", "text": "out", "agent_id": 493933})
+    env.sim.sms_event(
+        {
+            "direction": "outgoing",
+            "internal_number": "+442012345678",
+            "external_number": "+447700900123",
+            "text": "out",
+            "agent_id": 493933,
+        }
+    )
     await env.client.delete_contact(cid)
     got = await receiver.wait_for(6, "/all")
     assert sorted(r["body"]["event"] for r in got) == sorted(
-        ["contact.created", "contact.updated", "call.ended", "sms.received", "sms.sent", "contact.deleted"])
+        ["contact.created", "contact.updated", "call.ended", "sms.received", "sms.sent", "contact.deleted"]
+    )
     assert all(r["method"] == "PUT" and r["headers"]["Authorization"] == "Bearer test-token" for r in got)
 
 
 # --------------------------------------------------------------------------------------------
 # Inspection API
 # --------------------------------------------------------------------------------------------
+
 
 async def test_settings_seed_state_and_reset(env: Env) -> None:
     status, current = await env.raw.sim("GET", "settings")
@@ -1026,8 +1354,11 @@ async def test_settings_seed_state_and_reset(env: Env) -> None:
         status, _ = await env.raw.sim("POST", "settings", bad)
         assert status == 400, bad
 
-    status, body = await env.raw.sim("POST", "seed", {"contacts": [{"name": "Seeded A"}, {"name": "Seeded B"},
-                                                                   {"name": "Seeded C"}], "tags": ["seed-tag"]})
+    status, body = await env.raw.sim(
+        "POST",
+        "seed",
+        {"contacts": [{"name": "Seeded A"}, {"name": "Seeded B"}, {"name": "Seeded C"}], "tags": ["seed-tag"]},
+    )
     assert status == 201 and len(body["created"]["contacts"]) == 3
     page = await env.client.list_contacts(limit=None)
     assert (page["limit"], page["pageCount"], len(page["data"])) == (2, 2, 2)
@@ -1048,12 +1379,24 @@ async def test_settings_seed_state_and_reset(env: Env) -> None:
 
 
 async def test_integration_import_merges_by_phone_or_name_but_api_adds_do_not(env: Env) -> None:
-    status, first = await env.raw.sim("POST", "contacts/import", {
-        "name": "John Jones", "ContactNumber": [{"public_number": "+447700900001"}, {"public_number": "+447700900002"}]})
+    status, first = await env.raw.sim(
+        "POST",
+        "contacts/import",
+        {
+            "name": "John Jones",
+            "ContactNumber": [{"public_number": "+447700900001"}, {"public_number": "+447700900002"}],
+        },
+    )
     assert status == 201 and first["merged"] is False
-    status, second = await env.raw.sim("POST", "contacts/import", {
-        "name": "John J", "company": "Jones Ltd",
-        "ContactNumber": [{"public_number": "+447700900002"}, {"public_number": "+447700900003"}]})
+    status, second = await env.raw.sim(
+        "POST",
+        "contacts/import",
+        {
+            "name": "John J",
+            "company": "Jones Ltd",
+            "ContactNumber": [{"public_number": "+447700900002"}, {"public_number": "+447700900003"}],
+        },
+    )
     assert second["merged"] is True and second["id"] == first["id"]
     merged = second["contact"]["Contact"]
     assert merged["name"] == "John J" and merged["company"] == "Jones Ltd"
@@ -1074,29 +1417,65 @@ async def test_integration_import_merges_by_phone_or_name_but_api_adds_do_not(en
 # The CLI: flags, and the process driven with curl
 # --------------------------------------------------------------------------------------------
 
+
 async def test_cli_flags_configure_the_simulator(tmp_path: Path, receiver: Receiver) -> None:
     seed = tmp_path / "seed.json"
     seed.write_bytes(orjson.dumps({"agents": [AGENT], "contacts": [{"name": "From Seed File"}]}))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([
-        "--key-id", "cli-key", "--key-secret", "cli-secret", "--rate-limit", "7", "--window-seconds", "3",
-        "--rate-headers", "429", "--page-size", "10", "--merge-rule", "phone", "--keyword-fields", "name,company",
-        "--workflow", f"contact.created={receiver.url}/created", "--workflow", f"*={receiver.url}/all",
-        "--workflow-header", "X-Pipeline-Secret:test-shared-token", "--delivery-attempts", "2",
-        "--company", "second-key:second-secret", "--seed-file", str(seed)])
+    args = parser.parse_args(
+        [
+            "--key-id",
+            "cli-key",
+            "--key-secret",
+            "cli-secret",
+            "--rate-limit",
+            "7",
+            "--window-seconds",
+            "3",
+            "--rate-headers",
+            "429",
+            "--page-size",
+            "10",
+            "--merge-rule",
+            "phone",
+            "--keyword-fields",
+            "name,company",
+            "--workflow",
+            f"contact.created={receiver.url}/created",
+            "--workflow",
+            f"*={receiver.url}/all",
+            "--workflow-header",
+            "X-Pipeline-Secret:test-shared-token",
+            "--delivery-attempts",
+            "2",
+            "--company",
+            "second-key:second-secret",
+            "--seed-file",
+            str(seed),
+        ]
+    )
     app = app_from_args(args)
     sim = app[CLOUDTALK_SIM]
     s = sim.settings
-    assert (s.key_id, s.rate_limit, s.window_seconds, s.rate_headers_always, s.page_size, s.merge_rule,
-            s.keyword_fields, s.delivery_attempts) == ("cli-key", 7, 3.0, False, 10, "phone", ("name", "company"), 2)
+    assert (
+        s.key_id,
+        s.rate_limit,
+        s.window_seconds,
+        s.rate_headers_always,
+        s.page_size,
+        s.merge_rule,
+        s.keyword_fields,
+        s.delivery_attempts,
+    ) == ("cli-key", 7, 3.0, False, 10, "phone", ("name", "company"), 2)
     assert [c.key_id for c in sim.companies] == ["cli-key", "second-key"]
     assert [w.trigger for w in sim.company.workflows] == ["contact.created", "*"]
     assert [c.name for c in sim.company.contacts.values()] == ["From Seed File"]
 
     async with SimServer(app) as server, aiohttp.ClientSession() as session:
-        client = CloudTalkClient.from_credentials(session, server.base_url + "/api", "cli-key", "cli-secret",
-                                                  policy=FAST)
+        client = CloudTalkClient.from_credentials(
+            session, server.base_url + "/api", "cli-key", "cli-secret", policy=FAST
+        )
         await client.add_contact({"name": "Via CLI App", "favorite_agent": 493933})
         created = await receiver.wait_for(1, "/created")
         everything = await receiver.wait_for(1, "/all")
@@ -1110,9 +1489,11 @@ async def test_cli_flags_configure_the_simulator(tmp_path: Path, receiver: Recei
 # The CLI process, driven with curl
 # --------------------------------------------------------------------------------------------
 
+
 async def curl(*args: str) -> tuple[int, Any]:
-    proc = await asyncio.create_subprocess_exec("curl", "-s", "-w", "\n%{http_code}", *args,
-                                                stdout=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-s", "-w", "\n%{http_code}", *args, stdout=asyncio.subprocess.PIPE
+    )
     out, _ = await proc.communicate()
     text, _, code = out.decode().rpartition("\n")
     return int(code), (orjson.loads(text) if text else None)
@@ -1122,10 +1503,26 @@ async def curl(*args: str) -> tuple[int, Any]:
 async def test_cli_process_serves_the_api_to_curl(receiver: Receiver) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "devkit", "sim", "cloudtalk", "--port", str(port), "--key-id", "I",
-        "--key-secret", "S", "--workflow", f"call.ended={receiver.url}/cli", "--workflow-header",
-        "X-Pipeline-Secret:test-shared-token", "--log-level", "WARNING",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "devkit",
+        "sim",
+        "cloudtalk",
+        "--port",
+        str(port),
+        "--key-id",
+        "I",
+        "--key-secret",
+        "S",
+        "--workflow",
+        f"call.ended={receiver.url}/cli",
+        "--workflow-header",
+        "X-Pipeline-Secret:test-shared-token",
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -1140,10 +1537,20 @@ async def test_cli_process_serves_the_api_to_curl(receiver: Receiver) -> None:
                 await asyncio.sleep(0.1)
 
         assert await curl(f"{base}/api/contacts/index.json") == (
-            401, {"responseData": {"status": 401, "message": "Unauthorized action"}})
-        code, body = await curl("-u", "I:S", "-X", "PUT", "-H", "Content-Type: application/json", "-d",
-                                '{"name": "Curl Contact", "ContactNumber": [{"public_number": "+447700900123"}]}',
-                                f"{base}/api/contacts/add.json")
+            401,
+            {"responseData": {"status": 401, "message": "Unauthorized action"}},
+        )
+        code, body = await curl(
+            "-u",
+            "I:S",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"name": "Curl Contact", "ContactNumber": [{"public_number": "+447700900123"}]}',
+            f"{base}/api/contacts/add.json",
+        )
         assert code == 201
         cid = body["responseData"]["data"]["id"]
         code, body = await curl("-u", "I:S", "-H", "Accept: application/json", f"{base}/api/contacts/show/{cid}.json")
@@ -1166,4 +1573,3 @@ async def test_cli_process_serves_the_api_to_curl(receiver: Receiver) -> None:
             proc.kill()
             raise
     assert proc.returncode == 0
-

@@ -15,8 +15,16 @@ URL = "https://pipeline.example.com/ingest/kustomer/support"
 
 
 async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pipeline", *args, cwd=REPO, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "pipeline",
+        *args,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode()
 
@@ -34,8 +42,9 @@ integrations:
     cloudtalk_webhook_secret: {{env: K}}
 """)
         env = {**os.environ, "K": "admin-key", "PIPELINE_CONFIG": str(config)}
-        rc, out, err = await cli("webhooks", "register", "--integration", "support", "--url", URL,
-                                 "--write-secret-file", env=env)
+        rc, out, err = await cli(
+            "webhooks", "register", "--integration", "support", "--url", URL, "--write-secret-file", env=env
+        )
         assert rc == 0, err
         (hook,) = sim.webhooks.values()
         assert hook.url == URL and set(hook.events) == {"kustomer.customer.create", "kustomer.customer.update"}

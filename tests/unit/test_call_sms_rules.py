@@ -19,19 +19,27 @@ SECRET = {"env": "X_SECRET"}
 
 def integration(name="support", **over):
     base = {
-        "name": name, "active": True, "contact_tag": f"kustomer-{name}",
+        "name": name,
+        "active": True,
+        "contact_tag": f"kustomer-{name}",
         "kustomer": {"base_url": "http://127.0.0.1:1", "org_name": "acme", "api_key": SECRET},
         "cloudtalk_webhook_secret": SECRET,
-        "calls": {"types": {"incoming_answered": {"export": True, "status": "done"},
-                            "incoming_missed": {"export": True, "status": "open"},
-                            "voicemail": {"export": True, "status": "open"},
-                            "outgoing_answered": {"export": True, "status": "done"},
-                            "outgoing_unanswered": {"export": False, "status": "done"}},
-                  "create_customers_for_unknown_numbers": True,
-                  "connected_numbers": ["+442012345678"]},
-        "sms": {"enabled": True, "types": {"incoming": {"export": True, "status": "open"},
-                                           "outgoing": {"export": True, "status": "done"}},
-                "connected_numbers": []},
+        "calls": {
+            "types": {
+                "incoming_answered": {"export": True, "status": "done"},
+                "incoming_missed": {"export": True, "status": "open"},
+                "voicemail": {"export": True, "status": "open"},
+                "outgoing_answered": {"export": True, "status": "done"},
+                "outgoing_unanswered": {"export": False, "status": "done"},
+            },
+            "create_customers_for_unknown_numbers": True,
+            "connected_numbers": ["+442012345678"],
+        },
+        "sms": {
+            "enabled": True,
+            "types": {"incoming": {"export": True, "status": "open"}, "outgoing": {"export": True, "status": "done"}},
+            "connected_numbers": [],
+        },
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -42,29 +50,54 @@ def integration(name="support", **over):
 
 
 def config(*integrations):
-    return parse_config({"cloudtalk": {"base_url": "http://127.0.0.1:2/api", "key_id": SECRET, "key_secret": SECRET},
-                         "integrations": list(integrations) or [integration()]})
+    return parse_config(
+        {
+            "cloudtalk": {"base_url": "http://127.0.0.1:2/api", "key_id": SECRET, "key_secret": SECRET},
+            "integrations": list(integrations) or [integration()],
+        }
+    )
 
 
 def call_env(**payload_over) -> Envelope:
     payload = copy.deepcopy(CALL)
     payload.update(payload_over)
-    return Envelope(id=f"cloudtalk:call:{payload['call_id']}", integration="support", source="cloudtalk",
-                    type="call.ended", occurred_at=payload["ended_at"], received_at=payload["ended_at"],
-                    payload=payload)
+    return Envelope(
+        id=f"cloudtalk:call:{payload['call_id']}",
+        integration="support",
+        source="cloudtalk",
+        type="call.ended",
+        occurred_at=payload["ended_at"],
+        received_at=payload["ended_at"],
+        payload=payload,
+    )
 
 
-SMS = {"event": "sms.received", "sms_id": 88231977, "direction": "incoming", "sender": 447700900123,
-       "recipient": 442012345678, "internal_number": 442012345678, "external_number": 447700900123,
-       "contact_id": 1451646073, "agent_id": None, "text": "Hi, is my refund processed yet?",
-       "created_at": "2026-03-02T10:01:22.000Z"}
+SMS = {
+    "event": "sms.received",
+    "sms_id": 88231977,
+    "direction": "incoming",
+    "sender": 447700900123,
+    "recipient": 442012345678,
+    "internal_number": 442012345678,
+    "external_number": 447700900123,
+    "contact_id": 1451646073,
+    "agent_id": None,
+    "text": "Hi, is my refund processed yet?",
+    "created_at": "2026-03-02T10:01:22.000Z",
+}
 
 
 def sms_env(**over) -> Envelope:
     payload = {**SMS, **over}
-    return Envelope(id=f"cloudtalk:sms:{payload['sms_id']}", integration="support", source="cloudtalk",
-                    type=payload["event"], occurred_at=payload["created_at"], received_at=payload["created_at"],
-                    payload=payload)
+    return Envelope(
+        id=f"cloudtalk:sms:{payload['sms_id']}",
+        integration="support",
+        source="cloudtalk",
+        type=payload["event"],
+        occurred_at=payload["created_at"],
+        received_at=payload["created_at"],
+        payload=payload,
+    )
 
 
 def only(decisions):
@@ -74,11 +107,22 @@ def only(decisions):
 
 # -- phones ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("raw", "e164"), [
-    (447700900123, "+447700900123"), ("447700900123", "+447700900123"), ("+44 7700 900123", "+447700900123"),
-    ("00421905123456", "+421905123456"), ("whatsapp:+421905123456", "+421905123456"),
-    ("(415) 555-0123", None), ("abc", None), (None, None), (12, None), (True, None),
-])
+
+@pytest.mark.parametrize(
+    ("raw", "e164"),
+    [
+        (447700900123, "+447700900123"),
+        ("447700900123", "+447700900123"),
+        ("+44 7700 900123", "+447700900123"),
+        ("00421905123456", "+421905123456"),
+        ("whatsapp:+421905123456", "+421905123456"),
+        ("(415) 555-0123", None),
+        ("abc", None),
+        (None, None),
+        (12, None),
+        (True, None),
+    ],
+)
 def test_numbers_arrive_as_integers_without_plus_and_become_e164(raw, e164):
     assert normalize_e164(raw) == e164
 
@@ -90,31 +134,61 @@ def test_strict_validity_is_separate_from_possibility():
 
 # -- calls -------------------------------------------------------------------------------------
 
+
 def test_reference_call_becomes_conversation_and_note():
     cmd = only(calls.process_call(call_env(), config()))
     assert isinstance(cmd, Command)
     validate("command.kustomer.log_conversation", cmd.body)
     assert cmd.key == "support|+447700900123"
     assert cmd.command_id == "support|cloudtalk:call:1002409191"
-    assert cmd.body["conversation"] == {"name": "Incoming call from +447700900123", "status": "done",
-                                        "direction": "in", "externalId": "cloudtalk-call-1002409191"}
+    assert cmd.body["conversation"] == {
+        "name": "Incoming call from +447700900123",
+        "status": "done",
+        "direction": "in",
+        "externalId": "cloudtalk-call-1002409191",
+    }
     assert cmd.body["customer"] == {"phone": "+447700900123", "name": None, "create": True}
     note = cmd.body["note"]["body"].splitlines()
     assert note[0] == "CloudTalk call 1002409191" == cmd.body["note"]["marker"]
     assert note == [
-        "CloudTalk call 1002409191", "Direction: Incoming", "Status: Answered",
-        "Started: 2026-03-02 09:14:05 UTC", "Answered: 2026-03-02 09:14:17 UTC", "Ended: 2026-03-02 09:18:40 UTC",
-        "Duration: 275 s", "Talking time: 263 s", "Waiting time: 12 s", "Wrap-up time: 30 s",
-        "Agent: Max Yellow <max.yellow@example.com>", "CloudTalk number: UK Support (+442012345678)",
-        "Customer number: +447700900123", "Tags: Billing", "Notes: Customer asked for refund status",
-        "Rating: 4/5", "Recording: https://my.cloudtalk.io/pub/r/MTAwMjQwOTE5MQ%3D%3D/Zm9vYmFy.wav",
+        "CloudTalk call 1002409191",
+        "Direction: Incoming",
+        "Status: Answered",
+        "Started: 2026-03-02 09:14:05 UTC",
+        "Answered: 2026-03-02 09:14:17 UTC",
+        "Ended: 2026-03-02 09:18:40 UTC",
+        "Duration: 275 s",
+        "Talking time: 263 s",
+        "Waiting time: 12 s",
+        "Wrap-up time: 30 s",
+        "Agent: Max Yellow <max.yellow@example.com>",
+        "CloudTalk number: UK Support (+442012345678)",
+        "Customer number: +447700900123",
+        "Tags: Billing",
+        "Notes: Customer asked for refund status",
+        "Rating: 4/5",
+        "Recording: https://my.cloudtalk.io/pub/r/MTAwMjQwOTE5MQ%3D%3D/Zm9vYmFy.wav",
     ]
 
 
 def test_empty_note_items_are_omitted():
-    cmd = only(calls.process_call(call_env(status="missed", answered_at=None, talking_time=0, agent_first_name=None,
-                                           agent_last_name=None, agent_email=None, recording_url=None, call_tags=[],
-                                           call_notes=[], rating=None), config()))
+    cmd = only(
+        calls.process_call(
+            call_env(
+                status="missed",
+                answered_at=None,
+                talking_time=0,
+                agent_first_name=None,
+                agent_last_name=None,
+                agent_email=None,
+                recording_url=None,
+                call_tags=[],
+                call_notes=[],
+                rating=None,
+            ),
+            config(),
+        )
+    )
     body = cmd.body["note"]["body"]
     for absent in ("Answered:", "Agent:", "Recording:", "Tags:", "Notes:", "Rating:"):
         assert absent not in body
@@ -122,12 +196,27 @@ def test_empty_note_items_are_omitted():
     assert cmd.body["conversation"]["status"] == "open"
 
 
-@pytest.mark.parametrize(("over", "ctype", "name", "direction", "status"), [
-    ({}, "incoming_answered", "Incoming call from", "in", "done"),
-    ({"status": "missed", "answered_at": None, "talking_time": 0}, "incoming_missed", "Missed call from", "in", "open"),
-    ({"status": "missed", "answered_at": None, "talking_time": 0, "is_voicemail": True}, "voicemail", "Voicemail from", "in", "open"),
-    ({"direction": "outgoing"}, "outgoing_answered", "Outgoing call to", "out", "done"),
-])
+@pytest.mark.parametrize(
+    ("over", "ctype", "name", "direction", "status"),
+    [
+        ({}, "incoming_answered", "Incoming call from", "in", "done"),
+        (
+            {"status": "missed", "answered_at": None, "talking_time": 0},
+            "incoming_missed",
+            "Missed call from",
+            "in",
+            "open",
+        ),
+        (
+            {"status": "missed", "answered_at": None, "talking_time": 0, "is_voicemail": True},
+            "voicemail",
+            "Voicemail from",
+            "in",
+            "open",
+        ),
+        ({"direction": "outgoing"}, "outgoing_answered", "Outgoing call to", "out", "done"),
+    ],
+)
 def test_each_call_type_has_its_name_direction_and_status(over, ctype, name, direction, status):
     env = call_env(**over)
     assert calls.call_type(env.payload) == ctype
@@ -144,8 +233,9 @@ def test_status_is_derived_when_the_body_has_none():
 
 
 def test_disabled_call_type_is_dropped_with_its_rule():
-    d = only(calls.process_call(call_env(direction="outgoing", status="missed", answered_at=None, talking_time=0),
-                                config()))
+    d = only(
+        calls.process_call(call_env(direction="outgoing", status="missed", answered_at=None, talking_time=0), config())
+    )
     assert d == Dropped("support", "call_type_disabled", "outgoing_unanswered")
 
 
@@ -164,8 +254,11 @@ def test_only_connected_numbers_are_logged_and_empty_means_all():
 
 
 def test_unknown_numbers_need_the_create_customers_setting():
-    d = only(calls.process_call(call_env(contact_id=None),
-                                config(integration(calls={"create_customers_for_unknown_numbers": False}))))
+    d = only(
+        calls.process_call(
+            call_env(contact_id=None), config(integration(calls={"create_customers_for_unknown_numbers": False}))
+        )
+    )
     assert d == Dropped("support", "unknown_number", "no CloudTalk contact has this number")
     cmd = only(calls.process_call(call_env(contact_id=None), config()))
     assert isinstance(cmd, Command) and cmd.body["customer"]["create"] is True
@@ -179,13 +272,18 @@ def test_inactive_integration_drops_everything():
 
 
 def test_every_integration_is_evaluated_and_each_gets_its_own_command():
-    cfg = config(integration("support"), integration("sales", calls={"connected_numbers": ["+14155550123"]}),
-                 integration("billing"))
+    cfg = config(
+        integration("support"),
+        integration("sales", calls={"connected_numbers": ["+14155550123"]}),
+        integration("billing"),
+    )
     ds = calls.process_call(call_env(), cfg)
     assert [type(d).__name__ for d in ds] == ["Command", "Dropped", "Command"]
     assert ds[1] == Dropped("sales", "number_not_connected", "CloudTalk number +442012345678 is not connected")
     assert {d.command_id for d in ds if isinstance(d, Command)} == {
-        "support|cloudtalk:call:1002409191", "billing|cloudtalk:call:1002409191"}
+        "support|cloudtalk:call:1002409191",
+        "billing|cloudtalk:call:1002409191",
+    }
 
 
 def test_an_impossible_external_number_is_rejected_for_the_dead_letter_topic():
@@ -197,8 +295,11 @@ def test_an_impossible_external_number_is_rejected_for_the_dead_letter_topic():
 def test_a_custom_template_keeps_the_marker_line():
     cfg = config(integration(calls={"note_template": ["Call by {agent}", "Took {duration} s"]}))
     body = only(calls.process_call(call_env(), cfg)).body["note"]["body"]
-    assert body.splitlines() == ["CloudTalk call 1002409191", "Call by Max Yellow <max.yellow@example.com>",
-                                 "Took 275 s"]
+    assert body.splitlines() == [
+        "CloudTalk call 1002409191",
+        "Call by Max Yellow <max.yellow@example.com>",
+        "Took 275 s",
+    ]
 
 
 def test_a_template_with_an_unknown_placeholder_is_a_config_error():
@@ -209,15 +310,26 @@ def test_a_template_with_an_unknown_placeholder_is_a_config_error():
 
 # -- sms ---------------------------------------------------------------------------------------
 
+
 def test_reference_sms_becomes_conversation_and_note():
     cmd = only(sms.process_sms(sms_env(), config()))
     validate("command.kustomer.log_conversation", cmd.body)
-    assert cmd.body["conversation"] == {"name": "SMS from +447700900123", "status": "open", "direction": "in",
-                                        "externalId": "cloudtalk-sms-88231977"}
+    assert cmd.body["conversation"] == {
+        "name": "SMS from +447700900123",
+        "status": "open",
+        "direction": "in",
+        "externalId": "cloudtalk-sms-88231977",
+    }
     assert cmd.body["note"]["body"].splitlines() == [
-        "CloudTalk SMS 88231977", "Direction: Incoming", "From: +447700900123", "To: +442012345678",
-        "CloudTalk number: +442012345678", "Date: 2026-03-02 10:01:22 UTC", "Message:",
-        "Hi, is my refund processed yet?"]
+        "CloudTalk SMS 88231977",
+        "Direction: Incoming",
+        "From: +447700900123",
+        "To: +442012345678",
+        "CloudTalk number: +442012345678",
+        "Date: 2026-03-02 10:01:22 UTC",
+        "Message:",
+        "Hi, is my refund processed yet?",
+    ]
 
 
 def test_outgoing_sms_has_its_own_type_setting_and_status():
@@ -225,8 +337,16 @@ def test_outgoing_sms_has_its_own_type_setting_and_status():
     cmd = only(sms.process_sms(out, config()))
     assert cmd.body["conversation"]["status"] == "done" and cmd.body["conversation"]["direction"] == "out"
     assert "From: +442012345678" in cmd.body["note"]["body"] and "Agent: agent 493933" in cmd.body["note"]["body"]
-    off = config(integration(sms={"types": {"incoming": {"export": True, "status": "open"},
-                                            "outgoing": {"export": False, "status": "done"}}}))
+    off = config(
+        integration(
+            sms={
+                "types": {
+                    "incoming": {"export": True, "status": "open"},
+                    "outgoing": {"export": False, "status": "done"},
+                }
+            }
+        )
+    )
     assert only(sms.process_sms(out, off)) == Dropped("support", "sms_type_disabled", "outgoing")
 
 
@@ -239,6 +359,9 @@ def test_sms_master_switch_and_connected_numbers_for_sms():
 def test_sms_from_unknown_number_follows_the_unknown_number_rule():
     cfg = config(integration(calls={"create_customers_for_unknown_numbers": False}))
     assert only(sms.process_sms(sms_env(contact_id=None), cfg)).rule == "unknown_number"
-    override = config(integration(calls={"create_customers_for_unknown_numbers": False},
-                                  sms={"create_customers_for_unknown_numbers": True}))
+    override = config(
+        integration(
+            calls={"create_customers_for_unknown_numbers": False}, sms={"create_customers_for_unknown_numbers": True}
+        )
+    )
     assert isinstance(only(sms.process_sms(sms_env(contact_id=None), override)), Command)

@@ -44,8 +44,12 @@ def test_compose_runs_the_same_broker_version_and_only_existing_commands():
 def test_prometheus_scrapes_every_pipeline_service():
     prom = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
     names = {n for job in prom["scrape_configs"] for sd in job.get("dns_sd_configs", []) for n in sd["names"]}
-    targets = {t.split(":")[0] for job in prom["scrape_configs"] for sc in job.get("static_configs", [])
-               for t in sc["targets"]}
-    services = {n for n, s in compose()["services"].items()
-                if n not in ("kafka", "prometheus", "topics") and not n.startswith("sim-")}
+    targets = {
+        t.split(":")[0] for job in prom["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]
+    }
+    services = {
+        n
+        for n, s in compose()["services"].items()
+        if n not in ("kafka", "prometheus", "topics") and not n.startswith("sim-")
+    }
     assert services <= names | targets, services - (names | targets)

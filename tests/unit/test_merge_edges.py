@@ -25,30 +25,35 @@ def contact(phones=(), emails=(), name="Jana Nováková"):
 # match_in_index
 # --------------------------------------------------------------------------------------------
 
-IDX = index(phone={"+421905000001": "17", "+421905000002": "23"},
-            email={"jana@example.org": "23", "other@example.org": "9"},
-            name={"jana nováková": "31"})
+IDX = index(
+    phone={"+421905000001": "17", "+421905000002": "23"},
+    email={"jana@example.org": "23", "other@example.org": "9"},
+    name={"jana nováková": "31"},
+)
 
 
-@pytest.mark.parametrize(("merge_key", "wanted", "expected"), [
-    # phone: the first number that is known wins; e-mails and the name play no part
-    ("phone", contact(["+421905999999", "+421905000002", "+421905000001"]), "23"),
-    ("phone", contact(["+421905999999"], ["jana@example.org"]), None),
-    # e-mail: looked up lower-cased; numbers play no part
-    ("email", contact(["+421905000001"], ["JANA@Example.org"]), "23"),
-    ("email", contact(["+421905000001"], ["nobody@example.org"]), None),
-    # phone and e-mail: a contact both point at
-    ("phone_and_email", contact(["+421905000002"], ["jana@example.org"]), "23"),
-    ("phone_and_email", contact(["+421905000001"], ["jana@example.org"]), None),
-    ("phone_and_email", contact(["+421905000001"], []), None),
-    # phone or name: a number first, else the name (whitespace and case folded)
-    ("phone_or_name", contact(["+421905000001"], name="Someone Else"), "17"),
-    ("phone_or_name", contact(["+421905999999"], name="  JANA   Nováková "), "31"),
-    ("phone_or_name", contact(["+421905999999"], name=""), None),
-    # no merging at all, or a key this rule does not know
-    ("none", contact(["+421905000001"], ["jana@example.org"]), None),
-    ("name", contact([], [], name="Jana Nováková"), None),
-])
+@pytest.mark.parametrize(
+    ("merge_key", "wanted", "expected"),
+    [
+        # phone: the first number that is known wins; e-mails and the name play no part
+        ("phone", contact(["+421905999999", "+421905000002", "+421905000001"]), "23"),
+        ("phone", contact(["+421905999999"], ["jana@example.org"]), None),
+        # e-mail: looked up lower-cased; numbers play no part
+        ("email", contact(["+421905000001"], ["JANA@Example.org"]), "23"),
+        ("email", contact(["+421905000001"], ["nobody@example.org"]), None),
+        # phone and e-mail: a contact both point at
+        ("phone_and_email", contact(["+421905000002"], ["jana@example.org"]), "23"),
+        ("phone_and_email", contact(["+421905000001"], ["jana@example.org"]), None),
+        ("phone_and_email", contact(["+421905000001"], []), None),
+        # phone or name: a number first, else the name (whitespace and case folded)
+        ("phone_or_name", contact(["+421905000001"], name="Someone Else"), "17"),
+        ("phone_or_name", contact(["+421905999999"], name="  JANA   Nováková "), "31"),
+        ("phone_or_name", contact(["+421905999999"], name=""), None),
+        # no merging at all, or a key this rule does not know
+        ("none", contact(["+421905000001"], ["jana@example.org"]), None),
+        ("name", contact([], [], name="Jana Nováková"), None),
+    ],
+)
 def test_match_in_index(merge_key, wanted, expected):
     assert match_in_index(IDX, INTEG, merge_key, wanted) == expected
 
@@ -58,10 +63,18 @@ def test_match_in_index_is_per_integration():
 
 
 def test_phone_and_email_picks_the_oldest_common_contact_by_numeric_id():
-    idx = index(phone={"+421905000001": "10", "+421905000002": "9"},
-                email={"a@example.org": "10", "b@example.org": "9"})
-    assert match_in_index(idx, INTEG, "phone_and_email",
-                          contact(["+421905000001", "+421905000002"], ["a@example.org", "b@example.org"])) == "9"
+    idx = index(
+        phone={"+421905000001": "10", "+421905000002": "9"}, email={"a@example.org": "10", "b@example.org": "9"}
+    )
+    assert (
+        match_in_index(
+            idx,
+            INTEG,
+            "phone_and_email",
+            contact(["+421905000001", "+421905000002"], ["a@example.org", "b@example.org"]),
+        )
+        == "9"
+    )
 
 
 def test_phone_or_name_without_a_name_key():
@@ -72,10 +85,22 @@ def test_phone_or_name_without_a_name_key():
 # contact_body
 # --------------------------------------------------------------------------------------------
 
+
 def fields(**values):
-    base: dict[str, Any] = {"name": None, "company": None, "website": None, "address": None, "city": None, "zip": None,
-                            "state": None, "country_id": None, "favorite_agent": None, "phones": [], "emails": [],
-                            "link": None}
+    base: dict[str, Any] = {
+        "name": None,
+        "company": None,
+        "website": None,
+        "address": None,
+        "city": None,
+        "zip": None,
+        "state": None,
+        "country_id": None,
+        "favorite_agent": None,
+        "phones": [],
+        "emails": [],
+        "link": None,
+    }
     return {**base, **values}
 
 
@@ -84,9 +109,16 @@ def merged(**values):
 
 
 def shown(numbers=(), emails=(), tags=(), links=(), **fields):
-    return {"Contact": {"id": "17", "contact_numbers": list(numbers), "contact_emails": list(emails),
-                        "tags": [{"id": str(i), "name": t} for i, t in enumerate(tags)], **fields},
-            "ExternalUrl": list(links)}
+    return {
+        "Contact": {
+            "id": "17",
+            "contact_numbers": list(numbers),
+            "contact_emails": list(emails),
+            "tags": [{"id": str(i), "name": t} for i, t in enumerate(tags)],
+            **fields,
+        },
+        "ExternalUrl": list(links),
+    }
 
 
 def link(n, name="Kustomer"):
@@ -106,10 +138,15 @@ def test_edit_never_clears_a_field_and_compares_values_as_text():
 
 def test_edit_keeps_the_contacts_own_numbers_and_emails_and_adds_the_new_ones():
     current = shown(["421905000001", "not a number"], ["Jana@Example.org"])
-    body = contact_body(merged(phones=["+421905000001", "+421905000002"],
-                               emails=["jana@example.org", "jana@work.example"]), current, None)
-    assert body == {"ContactNumber": [{"public_number": "+421905000001"}, {"public_number": "+421905000002"}],
-                    "ContactEmail": [{"email": "Jana@Example.org"}, {"email": "jana@work.example"}]}
+    body = contact_body(
+        merged(phones=["+421905000001", "+421905000002"], emails=["jana@example.org", "jana@work.example"]),
+        current,
+        None,
+    )
+    assert body == {
+        "ContactNumber": [{"public_number": "+421905000001"}, {"public_number": "+421905000002"}],
+        "ContactEmail": [{"email": "Jana@Example.org"}, {"email": "jana@work.example"}],
+    }
 
 
 def test_a_number_the_contact_has_that_cannot_be_normalized_is_not_carried_over():
@@ -123,9 +160,16 @@ def test_a_number_the_contact_has_that_cannot_be_normalized_is_not_carried_over(
 
 def test_links_keep_foreign_ones_first_at_most_three_names_cut_to_30():
     long_name = "Kustomer customer with a very long label"
-    foreign = [{"name": "Salesforce", "url": "https://sf.example/1"}, {"name": "Zendesk", "url": "https://zd.example/2"}]
-    two_sources = merge_sources({"c1": {"rev": 1, "updated_at": "t2", "fields": fields(link=link(1, long_name))},
-                                 "c2": {"rev": 1, "updated_at": "t1", "fields": fields(link=link(2))}})
+    foreign = [
+        {"name": "Salesforce", "url": "https://sf.example/1"},
+        {"name": "Zendesk", "url": "https://zd.example/2"},
+    ]
+    two_sources = merge_sources(
+        {
+            "c1": {"rev": 1, "updated_at": "t2", "fields": fields(link=link(1, long_name))},
+            "c2": {"rev": 1, "updated_at": "t1", "fields": fields(link=link(2))},
+        }
+    )
     body = contact_body(two_sources, shown(links=foreign), None)
     # foreign links first, then ours newest first; the older source's link does not fit
     assert body["ExternalUrl"] == [*foreign, {"name": long_name[:30], "url": link(1)["url"]}]
@@ -142,10 +186,14 @@ def test_tags_are_added_never_removed():
     assert contact_body(merged(), current, None) == {}, "no tag wanted: the contact's stay"
     assert contact_body(merged(), current, "vip") == {}, "already tagged"
     assert contact_body(merged(), current, "kustomer-support") == {
-        "ContactsTag": [{"name": "vip"}, {"name": "kustomer-support"}]}
+        "ContactsTag": [{"name": "vip"}, {"name": "kustomer-support"}]
+    }
 
 
 def test_a_show_without_contact_details_is_treated_as_empty():
     body = contact_body(merged(name="Jana", phones=["+421905000001"]), {"ExternalUrl": []}, "t")
-    assert body == {"name": "Jana", "ContactNumber": [{"public_number": "+421905000001"}],
-                    "ContactsTag": [{"name": "t"}]}
+    assert body == {
+        "name": "Jana",
+        "ContactNumber": [{"public_number": "+421905000001"}],
+        "ContactsTag": [{"name": "t"}],
+    }

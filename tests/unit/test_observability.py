@@ -10,13 +10,17 @@ from pipeline.core.observability import configure_logging, get_logger, mask_even
 
 
 def test_phone_numbers_are_masked_under_number_keys_and_in_text():
-    out = mask_event(None, "info", {
-        "event": "call from +447700900123 reached agent",
-        "external_number": 447700900123,
-        "customer_phone": "+421905123456",
-        "call_id": 1002409191,
-        "count": 12,
-    })
+    out = mask_event(
+        None,
+        "info",
+        {
+            "event": "call from +447700900123 reached agent",
+            "external_number": 447700900123,
+            "customer_phone": "+421905123456",
+            "call_id": 1002409191,
+            "count": 12,
+        },
+    )
     assert "7700900" not in out["event"] and out["event"].startswith("call from +44")
     assert out["external_number"] == mask_phone(447700900123) and "77009" not in out["external_number"]
     assert out["customer_phone"].startswith("+42") and out["customer_phone"].endswith("56")
@@ -26,11 +30,16 @@ def test_phone_numbers_are_masked_under_number_keys_and_in_text():
 
 
 def test_emails_are_masked_and_secrets_redacted_at_any_depth():
-    out = mask_event(None, "info", {
-        "event": "customer jana.novakova@example.org updated",
-        "api_key": "k-123", "headers": {"Authorization": "Bearer abc", "X-Pipeline-Secret": "s"},
-        "body": {"emails": [{"email": "peter@example.net"}], "token": "t"},
-    })
+    out = mask_event(
+        None,
+        "info",
+        {
+            "event": "customer jana.novakova@example.org updated",
+            "api_key": "k-123",
+            "headers": {"Authorization": "Bearer abc", "X-Pipeline-Secret": "s"},
+            "body": {"emails": [{"email": "peter@example.net"}], "token": "t"},
+        },
+    )
     assert "novakova" not in out["event"] and "@example.org" in out["event"]
     assert out["api_key"] == "[redacted]"
     assert out["headers"]["Authorization"] == "[redacted]"

@@ -24,8 +24,11 @@ from pipeline.sink.ports import CloudTalkApi, IntentLog, KustomerApi, KustomerLo
 
 
 def protocol_methods(protocol: type) -> dict[str, Any]:
-    return {name: member for name, member in vars(protocol).items()
-            if inspect.isfunction(member) and not name.startswith("_")}
+    return {
+        name: member
+        for name, member in vars(protocol).items()
+        if inspect.isfunction(member) and not name.startswith("_")
+    }
 
 
 def accepts(real: inspect.Signature, wanted: inspect.Signature) -> list[str]:
@@ -44,22 +47,29 @@ def accepts(real: inspect.Signature, wanted: inspect.Signature) -> list[str]:
         elif w.default is not inspect.Parameter.empty and r.default is inspect.Parameter.empty:
             problems.append(f"{w.name!r} has no default")
     for r in real_params:
-        if r.name not in {w.name for w in wanted_params} and r.default is inspect.Parameter.empty \
-                and r.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        if (
+            r.name not in {w.name for w in wanted_params}
+            and r.default is inspect.Parameter.empty
+            and r.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ):
             problems.append(f"extra parameter {r.name!r} without a default")
     return problems
 
 
-@pytest.mark.parametrize(("protocol", "real"), [
-    (KustomerApi, KustomerClient),
-    (KustomerLookups, KustomerClient),
-    (CloudTalkApi, CloudTalkClient),
-    (SinkLedger, Ledger),
-    (IntentLog, Lane),
-    (SinkSteps, SinkStage),
-    (Effects, KustomerEffects),
-    (Effects, CloudTalkEffects),
-], ids=lambda x: x.__name__)
+@pytest.mark.parametrize(
+    ("protocol", "real"),
+    [
+        (KustomerApi, KustomerClient),
+        (KustomerLookups, KustomerClient),
+        (CloudTalkApi, CloudTalkClient),
+        (SinkLedger, Ledger),
+        (IntentLog, Lane),
+        (SinkSteps, SinkStage),
+        (Effects, KustomerEffects),
+        (Effects, CloudTalkEffects),
+    ],
+    ids=lambda x: x.__name__,
+)
 def test_real_object_satisfies_the_protocol(protocol: type, real: type) -> None:
     methods = protocol_methods(protocol)
     assert methods, f"{protocol.__name__} lists no methods"

@@ -45,6 +45,7 @@ STAGE = "sink-test"
 # Fakes
 # --------------------------------------------------------------------------------------------
 
+
 class MemoryLedger:
     """The ledger's interface as the stage uses it (pipeline.sink.ports.SinkLedger), in memory.
     Records have the real ledger's format (checked by test_memory_ledger_writes_the_real_format)."""
@@ -100,8 +101,9 @@ class FakeLane:
         if self.fail is not None:
             raise self.fail
         self.published.append(list(records))
-        self.events.append(("publish", [(e.command_id, e.state, e.attempt) for e in map(_entry, records)],
-                            time.monotonic()))
+        self.events.append(
+            ("publish", [(e.command_id, e.state, e.attempt) for e in map(_entry, records)], time.monotonic())
+        )
 
 
 @dataclass
@@ -137,22 +139,40 @@ class FakeEffects:
 # Helpers
 # --------------------------------------------------------------------------------------------
 
+
 def command(cid: str, phone: str = "+421905123456") -> dict[str, Any]:
-    return {"command_id": cid, "type": "kustomer.log_conversation", "integration": "acme",
-            "event_id": f"event-{cid}", "occurred_at": "2026-03-01T10:00:00.000Z", "flow": "call",
-            "customer": {"phone": phone, "name": None, "create": True},
-            "conversation": {"name": "Call", "status": "done", "direction": "in", "externalId": f"cloudtalk-{cid}"},
-            "note": {"body": f"CloudTalk call {cid}\nhello", "marker": f"CloudTalk call {cid}"}}
+    return {
+        "command_id": cid,
+        "type": "kustomer.log_conversation",
+        "integration": "acme",
+        "event_id": f"event-{cid}",
+        "occurred_at": "2026-03-01T10:00:00.000Z",
+        "flow": "call",
+        "customer": {"phone": phone, "name": None, "create": True},
+        "conversation": {"name": "Call", "status": "done", "direction": "in", "externalId": f"cloudtalk-{cid}"},
+        "note": {"body": f"CloudTalk call {cid}\nhello", "marker": f"CloudTalk call {cid}"},
+    }
 
 
-def record(offset: int, value: dict[str, Any] | bytes, key: bytes | None = None,
-           headers: Sequence[tuple[str, bytes]] = ()) -> ConsumerRecord:
+def record(
+    offset: int, value: dict[str, Any] | bytes, key: bytes | None = None, headers: Sequence[tuple[str, bytes]] = ()
+) -> ConsumerRecord:
     raw = value if isinstance(value, bytes) else orjson.dumps(value)
     if key is None and isinstance(value, dict):
         key = value["customer"]["phone"].encode()  # the process stage keys commands by number
-    return ConsumerRecord(topic=TOPIC, partition=PARTITION, offset=offset, timestamp=0, timestamp_type=0,
-                          key=key, value=raw, checksum=None, serialized_key_size=len(key or b""),
-                          serialized_value_size=len(raw), headers=tuple(headers))
+    return ConsumerRecord(
+        topic=TOPIC,
+        partition=PARTITION,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=key,
+        value=raw,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(raw),
+        headers=tuple(headers),
+    )
 
 
 def _entry(out: OutRecord) -> LedgerEntry:
@@ -163,8 +183,11 @@ def _entry(out: OutRecord) -> LedgerEntry:
 
 
 def ledger_entries(result: BatchResult) -> list[LedgerEntry]:
-    return [_entry(o) for o in result.outputs
-            if o.topic == LEDGER_TOPIC and not (o.key or b"").startswith(INDEX_PREFIX.encode())]
+    return [
+        _entry(o)
+        for o in result.outputs
+        if o.topic == LEDGER_TOPIC and not (o.key or b"").startswith(INDEX_PREFIX.encode())
+    ]
 
 
 def audits(result: BatchResult) -> list[dict[str, Any]]:
@@ -215,6 +238,7 @@ def headers_of(out: OutRecord) -> dict[str, str]:
 # The bookkeeping
 # --------------------------------------------------------------------------------------------
 
+
 async def test_new_command_writes_started_before_the_effect_and_done_after() -> None:
     sink = Sink()
     records = [record(40, command("cmd-1"))]
@@ -222,8 +246,7 @@ async def test_new_command_writes_started_before_the_effect_and_done_after() -> 
     result = await sink.handle(records)
 
     # the intent is committed (and applied locally) before the effect is performed
-    assert sink.kinds() == [("publish", [("cmd-1", STARTED, 1)]), ("apply", [("cmd-1", STARTED)]),
-                            ("perform", "cmd-1")]
+    assert sink.kinds() == [("publish", [("cmd-1", STARTED, 1)]), ("apply", [("cmd-1", STARTED)]), ("perform", "cmd-1")]
     assert sink.effects.calls[0].prior is None
     # 'done' travels with the offsets: audit record, then the ledger entry
     assert [o.topic for o in result.outputs] == [AUDIT_TOPIC, LEDGER_TOPIC]
@@ -232,8 +255,15 @@ async def test_new_command_writes_started_before_the_effect_and_done_after() -> 
     assert done.steps == {"note_id": "note-cmd-1"}
     [audit] = audits(result)
     assert audit["event_id"] == "event-cmd-1" and audit["stage"] == STAGE
-    assert audit["decisions"] == [{"integration": "acme", "decision": "done", "rule": "created",
-                                   "detail": '{"note_id":"note-cmd-1"}', "command_id": "cmd-1"}]
+    assert audit["decisions"] == [
+        {
+            "integration": "acme",
+            "decision": "done",
+            "rule": "created",
+            "detail": '{"note_id":"note-cmd-1"}',
+            "command_id": "cmd-1",
+        }
+    ]
     assert result.rejections == [] and result.commit_upto is None
     # locally 'done' only once the transaction committed
     assert state(sink.ledger, "cmd-1") == STARTED
@@ -312,8 +342,15 @@ async def test_rejected_effect_becomes_a_dead_letter_with_error_headers_and_an_a
     [failed] = ledger_entries(result)
     assert (failed.command_id, failed.state, failed.outcome, failed.steps) == ("cmd-1", FAILED, "rejected:422", {})
     [audit] = audits(result)
-    assert audit["decisions"] == [{"integration": "acme", "decision": "dead_lettered", "rule": "http_422",
-                                   "detail": str(error), "command_id": "cmd-1"}]
+    assert audit["decisions"] == [
+        {
+            "integration": "acme",
+            "decision": "dead_lettered",
+            "rule": "http_422",
+            "detail": str(error),
+            "command_id": "cmd-1",
+        }
+    ]
     assert result.commit_upto is None, "a rejection does not hold the offsets"
 
     committed = commit(sink.stage, sink.lane, records, result)
@@ -341,13 +378,24 @@ async def test_schema_errors_are_rejected_without_stopping_the_batch() -> None:
     wrong_type = {**command("cmd-9"), "type": "kustomer.nope"}
     missing = {k: v for k, v in command("cmd-8").items() if k != "note"}
     type_is_a_list = {**command("cmd-7"), "type": ["kustomer.log_conversation"]}
-    records = [record(1, b"not json", key=b"k"), record(2, wrong_type), record(3, missing),
-               record(4, command("cmd-1")), record(5, type_is_a_list), record(6, b"[1, 2]")]
+    records = [
+        record(1, b"not json", key=b"k"),
+        record(2, wrong_type),
+        record(3, missing),
+        record(4, command("cmd-1")),
+        record(5, type_is_a_list),
+        record(6, b"[1, 2]"),
+    ]
 
     result = await sink.handle(records)
 
     assert [(r.record.offset, r.error_class) for r in result.rejections] == [
-        (1, "SchemaError"), (2, "SchemaError"), (3, "SchemaError"), (5, "SchemaError"), (6, "SchemaError")]
+        (1, "SchemaError"),
+        (2, "SchemaError"),
+        (3, "SchemaError"),
+        (5, "SchemaError"),
+        (6, "SchemaError"),
+    ]
     assert "unknown command type 'kustomer.nope'" in result.rejections[1].message
     assert [c.command_id for c in sink.effects.calls] == ["cmd-1"]
     assert result.commit_upto is None
@@ -355,15 +403,21 @@ async def test_schema_errors_are_rejected_without_stopping_the_batch() -> None:
 
 async def test_retryable_failure_keeps_the_offsets_before_the_failing_command() -> None:
     a, b, c, d = "+421905000001", "+421905000002", "+421905000003", "+421905000004"
-    sink = Sink(script={"cmd-b1": RetryExhaustedError("kustomer", "conversations.create", 503, "kept failing"),
-                        "cmd-d": RejectedError("kustomer", "customers.create", 400, "bad")})
-    records = [record(9, b"{}", key=b"x"),              # schema error before the stop: dead-lettered now
-               record(10, command("cmd-a", a)),
-               record(11, command("cmd-b1", b)),        # unfinished: the offsets stop here
-               record(12, command("cmd-b2", b)),        # same lane: waits for cmd-b1
-               record(13, command("cmd-c", c)),         # another lane: done now
-               record(14, b"not json", key=b"y"),       # schema error after the stop: left to the refetch
-               record(15, command("cmd-d", d))]         # rejected after the stop: dead-lettered now
+    sink = Sink(
+        script={
+            "cmd-b1": RetryExhaustedError("kustomer", "conversations.create", 503, "kept failing"),
+            "cmd-d": RejectedError("kustomer", "customers.create", 400, "bad"),
+        }
+    )
+    records = [
+        record(9, b"{}", key=b"x"),  # schema error before the stop: dead-lettered now
+        record(10, command("cmd-a", a)),
+        record(11, command("cmd-b1", b)),  # unfinished: the offsets stop here
+        record(12, command("cmd-b2", b)),  # same lane: waits for cmd-b1
+        record(13, command("cmd-c", c)),  # another lane: done now
+        record(14, b"not json", key=b"y"),  # schema error after the stop: left to the refetch
+        record(15, command("cmd-d", d)),
+    ]  # rejected after the stop: dead-lettered now
 
     result = await sink.handle(records)
 
@@ -373,14 +427,22 @@ async def test_retryable_failure_keeps_the_offsets_before_the_failing_command() 
     assert sorted(call.command_id for call in sink.effects.calls) == ["cmd-a", "cmd-b1", "cmd-c", "cmd-d"]
     assert result.commit_upto == 11
     assert [(e.command_id, e.state) for e in ledger_entries(result)] == [
-        ("cmd-a", DONE), ("cmd-c", DONE), ("cmd-d", FAILED)], "no entry for what did not finish"
+        ("cmd-a", DONE),
+        ("cmd-c", DONE),
+        ("cmd-d", FAILED),
+    ], "no entry for what did not finish"
     assert [(r.record.offset, r.error_class) for r in result.rejections] == [(9, "SchemaError"), (15, "TargetRejected")]
     assert sink.stage.stats["unfinished"] == 2
 
     committed = commit(sink.stage, sink.lane, records, result)
     assert committed.upto == 11, "offsets advance only up to the failing command"
     assert {cid: e.state for cid, e in sink.ledger.partitions[PARTITION].items()} == {
-        "cmd-a": DONE, "cmd-b1": STARTED, "cmd-b2": STARTED, "cmd-c": DONE, "cmd-d": FAILED}
+        "cmd-a": DONE,
+        "cmd-b1": STARTED,
+        "cmd-b2": STARTED,
+        "cmd-c": DONE,
+        "cmd-d": FAILED,
+    }
 
     # the rest is fetched again: the unfinished commands are reconciled, finished work is skipped
     sink.effects.script.clear()
@@ -392,7 +454,9 @@ async def test_retryable_failure_keeps_the_offsets_before_the_failing_command() 
     assert [call.command_id for call in retried] == ["cmd-b1", "cmd-b2"]
     assert all(call.prior is not None and call.prior.state == STARTED for call in retried)
     assert [(e.command_id, e.state, e.attempt) for e in ledger_entries(again)] == [
-        ("cmd-b1", DONE, 1), ("cmd-b2", DONE, 1)]
+        ("cmd-b1", DONE, 1),
+        ("cmd-b2", DONE, 1),
+    ]
     assert [(r.record.offset, r.error_class) for r in again.rejections] == [(14, "SchemaError")]
     assert again.commit_upto is None and commit(sink.stage, sink.lane, rest, again).upto == 16
 
@@ -417,9 +481,12 @@ async def test_index_updates_are_seen_by_later_commands_and_written_after_the_en
     assert sink.effects.calls[0].index == {"k|acme|old": "c0"}
     assert sink.effects.calls[1].index == {"k|acme|old": "c0", "k|acme|phone": "c1"}
     assert [(o.topic, o.key) for o in result.outputs] == [
-        (AUDIT_TOPIC, b"event-cmd-1"), (LEDGER_TOPIC, b"cmd-1"),
-        (AUDIT_TOPIC, b"event-cmd-2"), (LEDGER_TOPIC, b"cmd-2"),
-        (LEDGER_TOPIC, b"index|k|acme|phone")]
+        (AUDIT_TOPIC, b"event-cmd-1"),
+        (LEDGER_TOPIC, b"cmd-1"),
+        (AUDIT_TOPIC, b"event-cmd-2"),
+        (LEDGER_TOPIC, b"cmd-2"),
+        (LEDGER_TOPIC, b"index|k|acme|phone"),
+    ]
     assert sink.ledger.index(PARTITION) == {"k|acme|old": "c0"}, "visible only after the commit"
     commit(sink.stage, sink.lane, records, result)
     assert sink.ledger.index(PARTITION) == {"k|acme|old": "c0", "k|acme|phone": "c1"}
@@ -436,6 +503,7 @@ async def test_assignment_loads_and_revocation_drops_the_ledger_partitions() -> 
 # --------------------------------------------------------------------------------------------
 # The stand-ins stay honest
 # --------------------------------------------------------------------------------------------
+
 
 def test_memory_ledger_writes_the_real_format() -> None:
     real, fake = Ledger("127.0.0.1:1", LEDGER_TOPIC), MemoryLedger([])
