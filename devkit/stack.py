@@ -102,10 +102,6 @@ class Stack:
             svc.proc.wait(30)
             svc.history.append(f"signal {signal.Signals(sig).name}")
 
-    def restart(self, name: str) -> Service:
-        self.kill(name, signal.SIGKILL)
-        return self.start(name)
-
     async def wait_ready(self, names: list[str] | None = None, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         pending = [n for n in (names or list(self.services)) if self.services[n].health_url]

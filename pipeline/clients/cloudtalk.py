@@ -23,7 +23,7 @@ import aiohttp
 
 from pipeline.clients.http import (
     CLOUDTALK_RATE_HEADERS,
-    ApiResponse,
+    ApiClient,
     HttpExecutor,
     RateWindow,
     RejectedError,
@@ -289,12 +289,8 @@ def format_time(value: datetime | str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class CloudTalkClient:
+class CloudTalkClient(ApiClient):
     """``CloudTalkClient(executor, "https://my.cloudtalk.io/api")``."""
-
-    def __init__(self, executor: HttpExecutor, base_url: str) -> None:
-        self.executor = executor
-        self.base_url = base_url.rstrip("/")
 
     @classmethod
     def from_credentials(
@@ -322,36 +318,12 @@ class CloudTalkClient:
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        op: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        accept: tuple[int, ...] = (),
-        idempotent: bool = True,
-    ) -> ApiResponse:
-        query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        try:
-            return await self.executor.request(
-                method,
-                f"{self.base_url}{path}",
-                op,
-                json=json,
-                params=query or None,
-                accept=accept,
-                idempotent=idempotent,
-            )
-        except RejectedError as exc:
-            if exc.status == 406 and not isinstance(exc, ValidationError):
-                data = _response_data(exc.body)
-                fields = data.get("data") if isinstance(data.get("data"), dict) else {}
-                raise ValidationError(
-                    exc.target, exc.op, exc.status, str(data.get("message", exc)), exc.body, fields
-                ) from None
-            raise
+    def _rejected(self, exc: RejectedError) -> RejectedError:
+        if exc.status == 406 and not isinstance(exc, ValidationError):
+            data = _response_data(exc.body)
+            fields = data.get("data") if isinstance(data.get("data"), dict) else {}
+            return ValidationError(exc.target, exc.op, exc.status, str(data.get("message", exc)), exc.body, fields)
+        return exc
 
     async def _page(self, path: str, op: str, params: Mapping[str, Any]) -> Page[Any]:
         response = await self._call("GET", path, op, params=params)

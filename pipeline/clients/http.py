@@ -376,6 +376,44 @@ def _error_message(response: ApiResponse) -> str:
     return response.text[:300]
 
 
+class ApiClient:
+    """A typed client's plumbing: one target's base URL and executor; ``_call`` drops empty query
+    parameters and lets a client translate a target's rejections (``_rejected``)."""
+
+    def __init__(self, executor: HttpExecutor, base_url: str) -> None:
+        self.executor = executor
+        self.base_url = base_url.rstrip("/")
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        op: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        accept: tuple[int, ...] = (),
+        idempotent: bool = True,
+    ) -> ApiResponse:
+        query = {k: str(v) for k, v in (params or {}).items() if v is not None}
+        try:
+            return await self.executor.request(
+                method,
+                f"{self.base_url}{path}",
+                op,
+                json=json,
+                params=query or None,
+                accept=accept,
+                idempotent=idempotent,
+            )
+        except RejectedError as exc:
+            raise self._rejected(exc) from None
+
+    def _rejected(self, exc: RejectedError) -> RejectedError:
+        """The error to raise for a rejection (a client may return a more specific one)."""
+        return exc
+
+
 async def create_or_find(
     create: Callable[[], Awaitable[T]],
     find: Callable[[], Awaitable[T | None]],

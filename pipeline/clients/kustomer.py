@@ -18,6 +18,7 @@ import aiohttp
 
 from pipeline.clients.http import (
     KUSTOMER_RATE_HEADERS,
+    ApiClient,
     ApiError,
     ApiResponse,
     HttpExecutor,
@@ -59,12 +60,8 @@ def _data(response: ApiResponse) -> Resource:
     return body["data"] if isinstance(body, dict) and isinstance(body.get("data"), dict) else {}
 
 
-class KustomerClient:
+class KustomerClient(ApiClient):
     """``KustomerClient(executor, "https://acme.api.kustomerapp.com")``."""
-
-    def __init__(self, executor: HttpExecutor, base_url: str) -> None:
-        self.executor = executor
-        self.base_url = base_url.rstrip("/")
 
     @classmethod
     def from_credentials(
@@ -88,22 +85,6 @@ class KustomerClient:
             default_headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
         )
         return cls(executor, base_url)
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        op: str,
-        *,
-        json: Any = None,
-        params: Mapping[str, Any] | None = None,
-        accept: tuple[int, ...] = (),
-        idempotent: bool = True,
-    ) -> ApiResponse:
-        query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        return await self.executor.request(
-            method, f"{self.base_url}{path}", op, json=json, params=query or None, accept=accept, idempotent=idempotent
-        )
 
     async def _pages(
         self, path: str, op: str, params: dict[str, Any], method: str = "GET", json: Any = None

@@ -233,13 +233,6 @@ def metrics() -> Metrics:
     return _METRICS
 
 
-def reset_metrics() -> Metrics:
-    """A fresh catalogue (tests that run several services in one process)."""
-    global _METRICS
-    _METRICS = Metrics()
-    return _METRICS
-
-
 # --------------------------------------------------------------------------------------------
 # Health server
 # --------------------------------------------------------------------------------------------

@@ -46,15 +46,6 @@ def env_float(env: Mapping[str, str], name: str, default: float, minimum: float 
     return value
 
 
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = _get(env, name, "true" if default else "false").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name}: expected true/false, got {raw!r}")
-
-
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap: str = "127.0.0.1:9092"

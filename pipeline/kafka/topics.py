@@ -37,10 +37,6 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
     doc: str = ""
 
-    @property
-    def compacted(self) -> bool:
-        return "compact" in self.config.get("cleanup.policy", "")
-
 
 _RAW = {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}
 _COMPACT = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000", "segment.ms": str(DAY_MS)}

@@ -27,12 +27,11 @@ from pipeline.core.decisions import (
     RULE_INTERNAL_CALL,
     RULE_NOT_CONNECTED,
     RULE_UNKNOWN_NUMBER,
-    Command,
     Decision,
     Dropped,
     Reject,
 )
-from pipeline.core.envelope import Envelope, command_id
+from pipeline.core.envelope import Envelope
 from pipeline.core.phones import normalize_e164
 from pipeline.process import notes
 
@@ -129,27 +128,21 @@ def decide(env: Envelope, integration: Integration, external: str | None, intern
     call_id = payload["call_id"]
     values = note_values(payload, external, internal, ctype)
     body = notes.render(settings.note_template or templates.DEFAULT_CALL_TEMPLATE, values, templates.CALL_MARKER)
-    cid = command_id(integration.name, env.id)
-    return Command(
+    conversation = {
+        "name": CONVERSATION_NAMES[ctype].format(number=external),
+        "status": type_setting.status,
+        "direction": "in" if payload["direction"] == "incoming" else "out",
+        "externalId": f"cloudtalk-call-{call_id}",
+    }
+    return notes.log_conversation(
         integration.name,
-        cid,
-        f"{integration.name}|{external}",
-        {
-            "command_id": cid,
-            "type": "kustomer.log_conversation",
-            "integration": integration.name,
-            "event_id": env.id,
-            "occurred_at": env.occurred_at,
-            "flow": "call",
-            "customer": {"phone": external, "name": payload.get("contact_name"), "create": True},
-            "conversation": {
-                "name": CONVERSATION_NAMES[ctype].format(number=external),
-                "status": type_setting.status,
-                "direction": "in" if payload["direction"] == "incoming" else "out",
-                "externalId": f"cloudtalk-call-{call_id}",
-            },
-            "note": {"body": body[:10240], "marker": templates.CALL_MARKER.format(call_id=call_id)},
-        },
+        env,
+        "call",
+        external,
+        payload.get("contact_name"),
+        conversation,
+        body,
+        templates.CALL_MARKER.format(call_id=call_id),
     )
 
 

@@ -3,7 +3,9 @@
 A template is a list of lines with ``{placeholders}``; a line is left out when any placeholder
 in it has no value, so empty items never show. The first line of every note is the marker
 (``CloudTalk call 1002409191`` / ``CloudTalk SMS 88231977``) that identifies the source event; a
-custom template without it gets it prepended. Defaults follow the reference (1.7 and 1.8).
+custom template without it gets it prepended.
+
+:func:`log_conversation` builds the command both flows send to the Kustomer sink.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from pipeline.core.envelope import parse_time
+from pipeline.core.decisions import Command
+from pipeline.core.envelope import Envelope, command_id, parse_time
 from pipeline.core.templates import placeholders
 
 
@@ -53,3 +56,38 @@ def seconds_between(start: str | None, end: str | None) -> int | None:
         return max(0, int((parse_time(end) - parse_time(start)).total_seconds()))
     except ValueError:
         return None
+
+
+NOTE_LIMIT = 10_240  # Kustomer's note body limit, in characters
+
+
+def log_conversation(
+    integration: str,
+    env: Envelope,
+    flow: str,
+    external: str,
+    customer_name: str | None,
+    conversation: Mapping[str, Any],
+    body: str,
+    marker: str,
+) -> Command:
+    """A ``kustomer.log_conversation`` command: find or create the customer of ``external``, a
+    new conversation, and the note (``marker`` is its first line). Keyed by integration and
+    number, so the events of one number share a lane at the sink."""
+    cid = command_id(integration, env.id)
+    return Command(
+        integration,
+        cid,
+        f"{integration}|{external}",
+        {
+            "command_id": cid,
+            "type": "kustomer.log_conversation",
+            "integration": integration,
+            "event_id": env.id,
+            "occurred_at": env.occurred_at,
+            "flow": flow,
+            "customer": {"phone": external, "name": customer_name, "create": True},
+            "conversation": dict(conversation),
+            "note": {"body": body[:NOTE_LIMIT], "marker": marker},
+        },
+    )

@@ -24,12 +24,11 @@ from pipeline.core.decisions import (
     RULE_SMS_DISABLED,
     RULE_SMS_TYPE_DISABLED,
     RULE_UNKNOWN_NUMBER,
-    Command,
     Decision,
     Dropped,
     Reject,
 )
-from pipeline.core.envelope import Envelope, command_id
+from pipeline.core.envelope import Envelope
 from pipeline.core.phones import normalize_e164
 from pipeline.process import notes
 
@@ -69,28 +68,14 @@ def decide(env: Envelope, integration: Integration, external: str, internal: str
     sms_id = payload["sms_id"]
     values = note_values(payload, external, internal, sms_type)
     body = notes.render(settings.note_template or templates.DEFAULT_SMS_TEMPLATE, values, templates.SMS_MARKER)
-    cid = command_id(integration.name, env.id)
-    name = f"SMS from {external}" if sms_type == "incoming" else f"SMS to {external}"
-    return Command(
-        integration.name,
-        cid,
-        f"{integration.name}|{external}",
-        {
-            "command_id": cid,
-            "type": "kustomer.log_conversation",
-            "integration": integration.name,
-            "event_id": env.id,
-            "occurred_at": env.occurred_at,
-            "flow": "sms",
-            "customer": {"phone": external, "name": None, "create": True},
-            "conversation": {
-                "name": name,
-                "status": type_setting.status,
-                "direction": "in" if sms_type == "incoming" else "out",
-                "externalId": f"cloudtalk-sms-{sms_id}",
-            },
-            "note": {"body": body[:10240], "marker": templates.SMS_MARKER.format(sms_id=sms_id)},
-        },
+    conversation = {
+        "name": f"SMS from {external}" if sms_type == "incoming" else f"SMS to {external}",
+        "status": type_setting.status,
+        "direction": "in" if sms_type == "incoming" else "out",
+        "externalId": f"cloudtalk-sms-{sms_id}",
+    }
+    return notes.log_conversation(
+        integration.name, env, "sms", external, None, conversation, body, templates.SMS_MARKER.format(sms_id=sms_id)
     )
 
 

@@ -376,6 +376,10 @@ class SinkStage:
             cid, ctype = p.command["command_id"], p.command["type"]
             result = results.get(i)
             event_id, integration = p.command.get("event_id", cid), p.command.get("integration", "")
+
+            def audit(entry: dict[str, Any], event_id: str = event_id) -> OutRecord:
+                return audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[entry])
+
             if isinstance(result, Done):
                 entry = LedgerEntry(cid, DONE, attempt=p.attempt, steps=result.steps, outcome=result.outcome)
                 out.index_updates.update(result.index)
@@ -385,15 +389,7 @@ class SinkStage:
                 self._commands.labels(self.effects.target, ctype, result.outcome.split(":")[0]).inc()
                 what = "skipped" if result.outcome.startswith("skipped") else "done"
                 out.outputs.append(
-                    audit_record(
-                        self.audit_topic,
-                        event_id=event_id,
-                        stage=self.name,
-                        at=at,
-                        decisions=[
-                            decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid)
-                        ],
-                    )
+                    audit(decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid))
                 )
                 try:
                     flow = p.command.get("flow") or ctype
@@ -412,15 +408,7 @@ class SinkStage:
                 self._commands.labels(self.effects.target, ctype, "rejected").inc()
                 out.rejections.append(Rejection(p.record, TARGET_REJECTED, str(result)))
                 out.outputs.append(
-                    audit_record(
-                        self.audit_topic,
-                        event_id=event_id,
-                        stage=self.name,
-                        at=at,
-                        decisions=[
-                            decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid)
-                        ],
-                    )
+                    audit(decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid))
                 )
             else:
                 self.stats["unfinished"] += 1

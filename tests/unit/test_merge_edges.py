@@ -1,13 +1,13 @@
 """Edge cases of the contacts import's pure rules (pipeline.sink.merge): matching by merge key in
-the ledger index, and the add/edit body. The main cases are in test_merge.py."""
+the ledger index, and the add/edit body. The main cases are in test_merge.py, whose ``source``
+builds the fields here."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import pytest
 
 from pipeline.sink.merge import contact_body, ikey, match_in_index, merge_sources
+from tests.unit.test_merge import source
 
 INTEG = "support"
 
@@ -87,21 +87,7 @@ def test_phone_or_name_without_a_name_key():
 
 
 def fields(**values):
-    base: dict[str, Any] = {
-        "name": None,
-        "company": None,
-        "website": None,
-        "address": None,
-        "city": None,
-        "zip": None,
-        "state": None,
-        "country_id": None,
-        "favorite_agent": None,
-        "phones": [],
-        "emails": [],
-        "link": None,
-    }
-    return {**base, **values}
+    return source("", **values)["fields"]
 
 
 def merged(**values):
