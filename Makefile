@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 GATED  := pipeline devkit tests bench
 
-.PHONY: install test check lint format lock wheel-check demo kafka-up kafka-down kafka-jars bench clean
+.PHONY: install test check lint format lock wheel-check demo up down kafka-up kafka-down kafka-jars bench clean
 
 # reinstalled whenever pyproject.toml changes (the stamp's name carries its checksum)
 $(STAMP): pyproject.toml
@@ -59,6 +59,14 @@ wheel-check: install
 ## Run the demo: local broker, simulators, every service, a scripted day, a summary.
 demo: kafka-jars
 	$(PY) -m devkit demo $(DEMO_ARGS)
+
+## The local profile: broker, both simulators and every service in the background (logs in
+## .run/local/logs); README "One call end to end". `make down` stops exactly what it started.
+up: kafka-jars
+	$(PY) -m devkit up
+
+down: install
+	$(PY) -m devkit down
 
 kafka-up: kafka-jars
 	$(PY) -m devkit kafka up

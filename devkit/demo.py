@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -41,10 +39,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from devkit.demo_contacts import Checks, ContactsPart, attr, sim
-from devkit.localkafka import LocalKafka
+from devkit.demo_contacts import Checks, ContactsPart, attr
+from devkit.localkafka import broker_for_run
 from devkit.net import free_port
 from devkit.stack import Stack
+from devkit.wiring import cloudtalk_workflows, register_kustomer_webhook, sim
 from pipeline.kafka.lag import group_lag
 from pipeline.kafka.reading import read_topic
 from pipeline.kafka.topics import Topics, ensure_topics
@@ -186,18 +185,10 @@ class Demo:
         print(text, flush=True)
 
     async def run(self) -> int:
-        given = os.environ.get("KAFKA_BOOTSTRAP")
-        broker = None if given else LocalKafka.from_env()
-        if broker is None:
-            self.say(f"[1/9] Kafka at {given} (KAFKA_BOOTSTRAP) …")
-            bootstrap = given
-        else:
-            self.started_broker = broker.pid() is None
-            self.say(
-                f"[1/9] Kafka broker at {broker.bootstrap} (state {broker.state_dir}"
-                f"{'' if self.started_broker else ', already running: left running at the end'}) …"
-            )
-            bootstrap = await asyncio.to_thread(broker.up, 120.0, True)
+        self.say("[1/9] Kafka …")
+        kafka = await asyncio.to_thread(broker_for_run, lambda text: self.say(f"      {text}"))
+        self.say(f"      {kafka.describe()}")
+        bootstrap, broker = kafka.bootstrap, kafka.local
         topics = Topics(self.prefix)
         await ensure_topics(bootstrap, topics.specs())
         self.say(f"      topics with prefix {self.prefix!r} created; work dir {self.workdir}")
@@ -236,7 +227,7 @@ class Demo:
                 self.say(f"[9/9] stopped {len(codes)} processes" + (f" (non-zero exits: {bad})" if bad else ""))
                 if bad:
                     self.failed_stop = True
-                if broker is not None and (self.started_broker or self.args.stop_broker):
+                if broker is not None and (kafka.started or self.args.stop_broker):
                     await asyncio.to_thread(broker.down, 30.0, True)
                     self.say("      stopped the Kafka broker it started")
 
@@ -245,13 +236,11 @@ class Demo:
     ) -> int:
         rate = str(self.args.kustomer_rate_limit)
         self.say("[2/9] starting simulators and services as separate processes …")
-        stack.add(
+        stack.add_simulator(
             "sim-cloudtalk",
+            "cloudtalk",
+            ports["ct"],
             [
-                "sim",
-                "cloudtalk",
-                "--port",
-                str(ports["ct"]),
                 "--key-id",
                 SECRETS["DEMO_CLOUDTALK_KEY_ID"],
                 "--key-secret",
@@ -259,17 +248,14 @@ class Demo:
                 "--rate-limit",
                 str(self.args.cloudtalk_rate_limit),
             ],
-            health=f"{urls['ct']}/_sim/settings",
         )
         for name in ("support", "sales"):
             key = SECRETS[f"DEMO_{name.upper()}_KUSTOMER_KEY"]
-            stack.add(
+            stack.add_simulator(
                 f"sim-kustomer-{name}",
+                "kustomer",
+                ports[f"k_{name}"],
                 [
-                    "sim",
-                    "kustomer",
-                    "--port",
-                    str(ports[f"k_{name}"]),
                     "--api-key",
                     key,
                     "--rate-limit",
@@ -278,10 +264,10 @@ class Demo:
                     f"acme-{name}",
                     "--webhook-allow-http",
                 ],
-                health=f"{urls[f'k_{name}']}/_sim/settings",
             )
         await stack.wait_ready(timeout=60)
-        await self._register_kustomer_webhook(stack, urls)
+        said = await register_kustomer_webhook(stack, urls["ingest"], "support")
+        self.say(f"      pipeline webhooks register: {said}")
         stack.add("ingest", ["ingest", "--port", str(ports["ingest"])], health=f"{urls['ingest']}/readyz")
         stack.add("process-calls-1", ["process", "calls"])
         stack.add("process-calls-2", ["process", "calls"])
@@ -303,22 +289,8 @@ class Demo:
             before = await self._kustomer_writes(http, urls)
             window_from = (self.started_at - timedelta(minutes=15)).isoformat()  # calls start before they end
             window_to = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "pipeline",
-                "backfill",
-                "calls",
-                "--from",
-                window_from,
-                "--to",
-                window_to,
-                env={**os.environ, **stack.base_env},
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            out, _ = await proc.communicate()
-            backfilled = orjson.loads(out.decode().strip().splitlines()[-1]) if out else {}
+            out, _ = await stack.run_once(["backfill", "calls", "--from", window_from, "--to", window_to])
+            backfilled = orjson.loads(out.strip().splitlines()[-1]) if out.strip() else {}
             await self._wait_idle(http, bootstrap, topics, urls, "      ")
             after = await self._kustomer_writes(http, urls)
             calls_rc = await self._summary(http, bootstrap, topics, urls, backfilled, before, after)
@@ -326,29 +298,6 @@ class Demo:
                 return calls_rc
             contacts_rc = await ContactsPart(self, stack, http, bootstrap, topics, urls).run()
             return calls_rc or contacts_rc
-
-    async def _register_kustomer_webhook(self, stack: Stack, urls: dict[str, str]) -> None:
-        """What an operator does once per integration: ``pipeline webhooks register``."""
-        url = f"{urls['ingest']}/ingest/kustomer/support"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pipeline",
-            "webhooks",
-            "register",
-            "--integration",
-            "support",
-            "--url",
-            url,
-            "--write-secret-file",
-            env={**os.environ, **stack.base_env},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"pipeline webhooks register failed: {err.decode()[-500:]}")
-        self.say(f"      pipeline webhooks register: {err.decode().strip().splitlines()[0]}")
 
     async def _configure_cloudtalk(self, http: aiohttp.ClientSession, urls: dict[str, str]) -> None:
         self.say("[3/9] seeding CloudTalk (numbers, agents, contacts) and its workflow automations …")
@@ -368,33 +317,9 @@ class Demo:
             for i, f in enumerate(("Max", "Eva", "Ola"))
         ]
         numbers = [{"caller_id_e164": e164, "internal_name": name} for e164, name in LINES.items()]
-        ingest = urls["ingest"]
-        workflows = [
-            {
-                "trigger": "call.ended",
-                "url": f"{ingest}/ingest/cloudtalk/support/call-ended",
-                "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
-            },
-            {
-                "trigger": "sms.received",
-                "url": f"{ingest}/ingest/cloudtalk/support/sms",
-                "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
-            },
-            {
-                "trigger": "sms.sent",
-                "url": f"{ingest}/ingest/cloudtalk/support/sms",
-                "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
-            },
-        ]
-        if self.args.contacts_part:
-            workflows += [
-                {
-                    "trigger": t,
-                    "url": f"{ingest}/ingest/cloudtalk/support/contact",
-                    "headers": {"X-Pipeline-Secret": SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"]},
-                }
-                for t in ("contact.created", "contact.updated", "contact.deleted")
-            ]
+        workflows = cloudtalk_workflows(
+            urls["ingest"], "support", SECRETS["DEMO_SUPPORT_WEBHOOK_SECRET"], contacts=self.args.contacts_part
+        )
         await sim(
             http,
             "POST",

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 import phonenumbers
 
+from devkit.wiring import sim
 from pipeline.kafka.reading import read_topic
 
 # CloudTalk agents of the demo (the calls part seeds them); Kustomer users with these e-mails
@@ -548,15 +549,6 @@ def since(t0: float) -> str:
 # --------------------------------------------------------------------------------------------
 # The phases, driven from ``python -m devkit demo``
 # --------------------------------------------------------------------------------------------
-
-
-async def sim(http: Any, method: str, url: str, body: Any = None) -> Any:
-    data = orjson.dumps(body) if body is not None else None
-    async with http.request(method, url, data=data, headers={"Content-Type": "application/json"}) as r:
-        text = await r.read()
-        if r.status >= 300:
-            raise RuntimeError(f"{method} {url} -> {r.status}: {text[:300]!r}")
-        return orjson.loads(text) if text else None
 
 
 class ContactsPart:

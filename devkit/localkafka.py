@@ -7,7 +7,17 @@
    starts ``kafka.Kafka`` detached, records its PID and waits until it answers a metadata request.
    Starting a broker that is already up is harmless.
 3. ``down`` sends SIGTERM to the recorded PID (the broker's shutdown hook runs), waits, and
-   falls back to SIGKILL.
+   falls back to SIGKILL; ``kill`` sends SIGKILL at once (a crash, for tests). ``up`` after
+   either starts the same broker again: same ports, same data.
+
+Ports: 9092 for clients and the next one for the KRaft controller, unless ``LOCAL_KAFKA_PORT`` /
+``LOCAL_KAFKA_CONTROLLER_PORT`` (or ``--port``) say otherwise. When a default port is taken by
+another process, ``up`` picks a free one and says which; a port chosen explicitly that is taken
+stops it with one line naming the port and the variable. A running broker is found where its
+``server.properties`` says it listens, whatever the environment says now.
+
+:func:`broker_for_run` is what the demo and ``python -m devkit up`` share: ``KAFKA_BOOTSTRAP``
+when set, else the local broker (started, or reused when it already runs).
 
 State lives in one directory (default ``.run/kafka`` under the current directory): ``data/``,
 ``logs/server.log`` (the broker log a person reads), ``broker.pid``, ``server.properties``.
@@ -25,10 +35,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from devkit.net import free_port
+from devkit.errors import DevkitError
+from devkit.net import choose_port, free_port
+from devkit.stack import pid_alive, shown, stop_pids
 
 KAFKA_VERSION = "4.1.1"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
@@ -36,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 POM = REPO_ROOT / "deploy" / "local-kafka" / "pom.xml"
 
 
-class LocalKafkaError(RuntimeError):
+class LocalKafkaError(DevkitError):
     pass
 
 
@@ -93,20 +106,35 @@ class LocalKafka:
     port: int = 9092
     controller_port: int = 9093
     heap: str = "512m"
+    port_given: bool = False  # the ports were chosen (argument or environment), not defaults
+    controller_port_given: bool = False
 
     @classmethod
     def from_env(
         cls, state_dir: str | None = None, port: int | None = None, controller_port: int | None = None
     ) -> LocalKafka:
         sd = Path(state_dir or os.environ.get("LOCAL_KAFKA_DIR") or ".run/kafka").resolve()
-        p = port or int(os.environ.get("LOCAL_KAFKA_PORT", "9092"))
-        cp = controller_port or int(os.environ.get("LOCAL_KAFKA_CONTROLLER_PORT", str(p + 1)))
-        return cls(state_dir=sd, port=p, controller_port=cp, heap=os.environ.get("LOCAL_KAFKA_HEAP", "512m"))
+        p = port or _env_port("LOCAL_KAFKA_PORT") or 9092
+        cp = controller_port or _env_port("LOCAL_KAFKA_CONTROLLER_PORT") or p + 1
+        return cls(
+            state_dir=sd,
+            port=p,
+            controller_port=cp,
+            heap=os.environ.get("LOCAL_KAFKA_HEAP", "512m"),
+            port_given=bool(port or _env_port("LOCAL_KAFKA_PORT")),
+            controller_port_given=bool(controller_port or _env_port("LOCAL_KAFKA_CONTROLLER_PORT")),
+        )
 
     @classmethod
     def ephemeral(cls, state_dir: Path) -> LocalKafka:
         """A broker on free ports (test sessions)."""
-        return cls(state_dir=state_dir, port=free_port(), controller_port=free_port())
+        return cls(
+            state_dir=state_dir,
+            port=free_port(),
+            controller_port=free_port(),
+            port_given=True,
+            controller_port_given=True,
+        )
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -139,20 +167,37 @@ class LocalKafka:
             pid = int(self.pid_file.read_text().strip())
         except (FileNotFoundError, ValueError):
             return None
+        return pid if pid_alive(pid) else None
+
+    def _adopt_recorded_ports(self) -> None:
+        """A running broker listens where its ``server.properties`` says, whatever this process was told."""
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        # a zombie child of ours counts as gone
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().split()[2] == "Z":
-                    return None
+            text = self.properties_file.read_text()
         except OSError:
-            pass
-        return pid
+            return
+        for line in text.splitlines():
+            if not line.startswith("listeners="):
+                continue
+            for listener in line.split("=", 1)[1].split(","):
+                name, _, address = listener.partition("://")
+                port = int(address.rsplit(":", 1)[1])
+                if name == "PLAINTEXT":
+                    self.port = port
+                elif name == "CONTROLLER":
+                    self.controller_port = port
+
+    def _choose_ports(self, say: Callable[[str], None]) -> None:
+        """Free ports for a broker about to start: a taken default is replaced (and said), a taken
+        chosen port stops with one line (:class:`DevkitError`)."""
+        what = "the local Kafka broker"
+        self.port = choose_port("LOCAL_KAFKA_PORT", self.port, what, say, given=self.port if self.port_given else None)
+        self.controller_port = choose_port(
+            "LOCAL_KAFKA_CONTROLLER_PORT",
+            self.controller_port,
+            f"{what}'s controller",
+            say,
+            given=self.controller_port if self.controller_port_given else None,
+        )
 
     def port_open(self) -> bool:
         with socket.socket() as s:
@@ -228,16 +273,18 @@ class LocalKafka:
             raise LocalKafkaError(f"formatting KRaft storage failed:\n{result.stdout[-2000:]}")
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def up(self, timeout_s: float = 90.0, quiet: bool = False) -> str:
-        """Start the broker unless it runs; return the bootstrap address once it answers."""
+    def up(self, timeout_s: float = 90.0, quiet: bool = False, say: Callable[[str], None] | None = None) -> str:
+        """Start the broker unless it runs; return the bootstrap address once it answers.
+        ``say`` hears about ports chosen instead of taken defaults (even when ``quiet``)."""
+        say = say or (lambda text: print(f"local-kafka: {text}", file=sys.stderr))
         pid = self.pid()
         if pid is not None:
+            self._adopt_recorded_ports()
             asyncio.run(wait_for_metadata(self.bootstrap, timeout_s))
             if not quiet:
                 print(f"local-kafka: already running (pid {pid}) at {self.bootstrap}", file=sys.stderr)
             return self.bootstrap
-        if self.port_open():
-            raise LocalKafkaError(f"port {self.port} is taken by another process; set LOCAL_KAFKA_PORT")
+        self._choose_ports(say)
         ensure_jars(quiet=quiet)
         self._write_config()
         self._format()
@@ -282,25 +329,34 @@ class LocalKafka:
             if not quiet:
                 print("local-kafka: not running", file=sys.stderr)
             return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if self.pid() is None:
-                break
-            time.sleep(0.2)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        stop_pids([("broker", pid, None)], timeout_s)
         self.pid_file.unlink(missing_ok=True)
         if not quiet:
             print(f"local-kafka: stopped (pid {pid})", file=sys.stderr)
         return True
 
+    def kill(self, timeout_s: float = 30.0) -> bool:
+        """SIGKILL the broker (no shutdown hook, no clean close of its logs), as a crash would; True
+        when one was running. ``up`` starts it again on the same ports and data."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        # the JVM's main thread shows as a zombie before its other threads let go of the ports
+        while (self.pid() is not None or self.port_open()) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
     def status(self) -> dict[str, object]:
         pid = self.pid()
+        if pid is not None:
+            self._adopt_recorded_ports()
         return {
             "running": pid is not None,
             "pid": pid,
@@ -308,6 +364,50 @@ class LocalKafka:
             "state_dir": str(self.state_dir),
             "log": str(self.log_file),
         }
+
+
+def _env_port(var: str) -> int | None:
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise LocalKafkaError(f"{var}={raw!r}: expected a port number") from None
+
+
+@dataclass
+class RunBroker:
+    """The Kafka broker a run (the demo, ``python -m devkit up``) uses."""
+
+    bootstrap: str
+    local: LocalKafka | None  # the local broker; None when KAFKA_BOOTSTRAP named one
+    started: bool  # this run started it, so it is this run's to stop
+
+    def describe(self) -> str:
+        if self.local is None:
+            return f"Kafka at {self.bootstrap} (KAFKA_BOOTSTRAP)"
+        how = "started" if self.started else "already running, left running"
+        return f"local Kafka broker at {self.bootstrap} ({how}; log {shown(self.local.log_file)})"
+
+
+def broker_for_run(say: Callable[[str], None], timeout_s: float = 120.0) -> RunBroker:
+    """``KAFKA_BOOTSTRAP`` when set (it must answer), else the local broker: reused when it runs,
+    started otherwise (on free ports when the defaults are taken, said through ``say``)."""
+    given = os.environ.get("KAFKA_BOOTSTRAP", "").strip()
+    if given:
+        try:
+            asyncio.run(wait_for_metadata(given, 20.0))
+        except LocalKafkaError:
+            raise LocalKafkaError(
+                f"KAFKA_BOOTSTRAP={given}: no Kafka broker answers there; start it, or unset KAFKA_BOOTSTRAP "
+                "to use the local broker"
+            ) from None
+        return RunBroker(given, None, False)
+    broker = LocalKafka.from_env()
+    started = broker.pid() is None
+    bootstrap = broker.up(timeout_s, quiet=True, say=say)
+    return RunBroker(bootstrap, broker, started)
 
 
 async def wait_for_metadata(bootstrap: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:

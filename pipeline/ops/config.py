@@ -1,4 +1,9 @@
-"""``pipeline config check FILE``: validate an integrations file and name every bad field."""
+"""``pipeline config check FILE``: validate an integrations file and name every bad field.
+
+Every secret the file references is read too (``{env: NAME}``, ``{file: PATH}``), so a file
+written for another machine fails here; the message says so and names ``--skip-secrets``, which
+checks everything else.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_secrets:
         problems = config.check_secrets()
         if problems:
-            print(f"{args.file}: {len(problems)} problem(s):", file=sys.stderr)
+            print(
+                f"{args.file}: the file is valid, but {len(problems)} secret(s) it references cannot be read on "
+                f"this machine (`pipeline config check {args.file} --skip-secrets` checks the file alone):",
+                file=sys.stderr,
+            )
             for p in problems:
                 print(f"  - {p}", file=sys.stderr)
             return 1
