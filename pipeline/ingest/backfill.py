@@ -16,7 +16,7 @@ from pipeline.core.config import load_config
 from pipeline.core.envelope import parse_time
 from pipeline.core.settings import ServiceSettings, SettingsError
 from pipeline.ingest.pollers import CallHistoryPoller, cloudtalk_poller_client
-from pipeline.kafka.clients import durable_producer
+from pipeline.kafka.clients import connect_backoff_from_env, durable_producer, start_when_reachable, started
 from pipeline.kafka.cursors import CursorStore
 from pipeline.kafka.service import start_logging
 from pipeline.kafka.topics import Topics
@@ -48,10 +48,18 @@ def run_backfill(args: argparse.Namespace) -> int:
     config = load_config(args.config or settings.config_path)
     topics = Topics(settings.kafka.topic_prefix)
 
+    backoff_max_s = connect_backoff_from_env()
+
     async def main() -> dict[str, int]:
+        # a broker that cannot be reached yet is waited for (one log line, capped backoff); Ctrl-C ends it
+        producer = await start_when_reachable(
+            lambda: started(durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-backfill")),
+            bootstrap=settings.kafka.bootstrap,
+            what="backfill",
+            backoff_max_s=backoff_max_s,
+        )
+        assert producer is not None  # no stop event: the wait ends only when the broker answers
         async with aiohttp.ClientSession() as session:
-            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-backfill")
-            await producer.start()
             try:
                 poller = CallHistoryPoller(
                     cloudtalk_poller_client(session, config),

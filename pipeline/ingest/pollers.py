@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from pipeline.clients.cloudtalk import CloudTalkClient
 from pipeline.clients.http import RateWindow, RetryPolicy
@@ -37,7 +38,13 @@ from pipeline.core.schemas import SchemaError
 from pipeline.core.settings import ServiceSettings, env_int
 from pipeline.ingest.cloudtalk import cloudtalk_envelope
 from pipeline.ingest.kustomer import kustomer_envelope
-from pipeline.kafka.clients import durable_producer
+from pipeline.kafka.clients import (
+    connect_backoff_from_env,
+    durable_producer,
+    start_when_reachable,
+    started,
+    stop_quietly,
+)
 from pipeline.kafka.cursors import CursorStore
 from pipeline.kafka.service import install_stop_handlers, start_logging
 from pipeline.kafka.topics import Topics
@@ -157,6 +164,8 @@ def _utc(dt: datetime) -> datetime:
 
 
 class Poller(Protocol):
+    producer: AIOKafkaProducer
+
     async def poll_once(self) -> dict[str, Any]:
         """One pass: publish what is new since the cursor, then move the cursor."""
 
@@ -439,10 +448,15 @@ def run_poll(args: argparse.Namespace) -> int:
     }
     interval = intervals[args.source]
 
+    backoff_max_s = connect_backoff_from_env()
+
     async def main() -> None:
-        last_ok = {"at": time.monotonic() if args.source != "calls" else 0.0}
+        last_ok = {"at": 0.0}
+        connected = {"broker": False}
 
         async def ready() -> tuple[bool, dict[str, Any]]:
+            if not connected["broker"]:
+                return False, {"broker": "unreachable"}
             age = time.monotonic() - last_ok["at"]
             return age < interval * 3 + 60, {"last_poll_age_s": round(age, 1)}
 
@@ -450,9 +464,30 @@ def run_poll(args: argparse.Namespace) -> int:
         await health.start()
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
+
+        async def connect() -> AIOKafkaProducer | None:
+            """A started producer; a broker that cannot be reached is waited for (not ready
+            meanwhile); None when a stop came first."""
+            connected["broker"] = False
+            producer = await start_when_reachable(
+                lambda: started(
+                    durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-poll-{args.source}")
+                ),
+                bootstrap=settings.kafka.bootstrap,
+                what=f"poll {args.source}",
+                stopping=stop,
+                backoff_max_s=backoff_max_s,
+            )
+            connected["broker"] = producer is not None
+            return producer
+
+        producer = await connect()
+        if producer is None:
+            await health.stop()
+            return
+        if args.source != "calls":  # a first pass (an initial import) may take long: ready from here
+            last_ok["at"] = time.monotonic()
         async with aiohttp.ClientSession() as session:
-            producer = durable_producer(settings.kafka.bootstrap, f"{settings.kafka.client_id}-poll-{args.source}")
-            await producer.start()
             pollers: list[Poller]
             if args.source == "calls":
                 pollers = [
@@ -500,6 +535,18 @@ def run_poll(args: argparse.Namespace) -> int:
                         try:
                             poll.result()
                             last_ok["at"] = time.monotonic()
+                        except KafkaError as exc:
+                            log.error("poll_failed", source=args.source, error=f"{type(exc).__name__}: {exc}")
+                            # After a broker outage an idempotent producer can stay unusable (its
+                            # sequence numbers no longer match the broker's: OutOfOrderSequenceNumber
+                            # on every send): a fresh one, once the broker answers again.
+                            await stop_quietly(producer)
+                            fresh = await connect()
+                            if fresh is None:
+                                break
+                            producer = fresh
+                            for p in pollers:
+                                p.producer = producer
                         except Exception as exc:  # noqa: BLE001 - the next poll tries again
                             log.error("poll_failed", source=args.source, error=f"{type(exc).__name__}: {exc}")
                     if args.once or stop.is_set():
@@ -509,7 +556,7 @@ def run_poll(args: argparse.Namespace) -> int:
                     except TimeoutError:
                         pass
             finally:
-                await producer.stop()
+                await stop_quietly(producer)
                 await health.stop()
 
     asyncio.run(main())

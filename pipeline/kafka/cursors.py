@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from pipeline.kafka.clients import started
 from pipeline.kafka.reading import read_to_end, stop_consumer
 
 
@@ -25,7 +26,7 @@ class CursorStore:
             isolation_level="read_committed",
             auto_offset_reset="earliest",
         )
-        await consumer.start()
+        await started(consumer)  # one that cannot reach the broker is closed again, not leaked
         latest = None
         try:
             tp = TopicPartition(self.topic, 0)

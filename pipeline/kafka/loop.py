@@ -36,6 +36,11 @@ starts a lane per partition — its first producer id request fences any zombie 
 its open transaction — then re-reads the committed offset and seeks there, because aiokafka
 may have fetched it before the zombie's transaction was settled.
 
+Start: a broker that cannot be reached yet is waited for (:func:`pipeline.kafka.clients.start_when_reachable`:
+capped backoff, one line when it is unreachable and one when it is back, a stop ends the wait).
+While the broker is away later, the consumer retries by itself, a failed transaction takes abort
+path B, and a producer left in a fatal state is replaced once the broker answers again.
+
 Shutdown (SIGTERM): the batch in flight finishes (its transaction commits or aborts), then the
 consumer leaves the group and the producers close.
 """
@@ -55,6 +60,8 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from pipeline.core.observability import get_logger, metrics
+from pipeline.kafka.clients import CONNECT_BACKOFF_MAX_S, start_when_reachable, started, stop_quietly
+from pipeline.kafka.reading import stop_consumer
 from pipeline.kafka.records import BatchResult, OutRecord, Transform, dead_letter
 
 log = get_logger(__name__)
@@ -215,9 +222,30 @@ class TransactionalLoop:
         self.stats = {"in": 0, "out": 0, "rejected": 0, "committed": 0, "aborted": 0}
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, connect_backoff_max_s: float = CONNECT_BACKOFF_MAX_S) -> bool:
+        """Join the group; False when :meth:`request_stop` came before the broker could be reached.
+
+        A broker that cannot be reached yet is waited for (capped exponential backoff, one log line
+        when it is unreachable and one when it is back); :meth:`ready` says not ready meanwhile.
+        """
         s = self.settings
-        self._consumer = AIOKafkaConsumer(
+        consumer = await start_when_reachable(
+            lambda: started(self._new_consumer()),
+            bootstrap=s.bootstrap,
+            what=f"consumer group {s.group_id}",
+            stopping=self._stopping,
+            backoff_max_s=connect_backoff_max_s,
+        )
+        if consumer is None:
+            return False
+        self._consumer = consumer
+        consumer.subscribe(list(s.input_topics), listener=_Listener(self))
+        log.info("loop_started", stage=self.stage.name, group=s.group_id, topics=list(s.input_topics))
+        return True
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self.settings
+        return AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap,
             group_id=s.group_id,
             client_id=f"{s.client_id}-{s.group_id}",
@@ -232,9 +260,6 @@ class TransactionalLoop:
             fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes,
         )
-        await self._consumer.start()
-        self._consumer.subscribe(list(s.input_topics), listener=_Listener(self))
-        log.info("loop_started", stage=self.stage.name, group=s.group_id, topics=list(s.input_topics))
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -283,7 +308,8 @@ class TransactionalLoop:
             self.lanes.clear()
         # Not under the lock: leaving may wait for a rebalance whose callbacks take the lock.
         if self._consumer is not None:
-            await self._consumer.stop()
+            # with the broker away aiokafka lets a fetch task's CancelledError out of stop()
+            await stop_consumer(self._consumer)
             self._consumer = None
         log.info("loop_stopped", stage=self.stage.name, **self.stats)
 
@@ -430,11 +456,20 @@ class TransactionalLoop:
             max_batch_size=s.producer_batch_bytes,
             max_request_size=max(s.producer_batch_bytes, 1024 * 1024),
         )
-        await producer.start()
-        # The first producer-id request fences an older producer with this id and settles its
-        # open transaction; an empty begin/abort waits for it without a broker-side transaction.
-        await producer.begin_transaction()
-        await producer.abort_transaction()
+
+        async def fence() -> None:
+            await producer.start()
+            # The first producer-id request fences an older producer with this id and settles its
+            # open transaction; an empty begin/abort waits for it without a broker-side transaction.
+            await producer.begin_transaction()
+            await producer.abort_transaction()
+
+        try:
+            # bounded: with the broker gone the producer-id request would be retried for ever
+            await asyncio.wait_for(fence(), s.transaction_timeout_ms / 1000)
+        except BaseException:
+            await stop_quietly(producer)
+            raise
         return Lane(tp, producer, tid)
 
     async def _close_lane(self, lane: Lane) -> None:
@@ -448,10 +483,61 @@ class TransactionalLoop:
             log.warning("producer_stop_failed", error=str(exc))
 
     async def _restart_lane(self, lane: Lane) -> None:
+        """Replace a producer in a fatal state. While the broker is away this waits for it (capped
+        backoff, one line when the first attempt fails, one when it worked); a stop ends the wait
+        and leaves the lane closed."""
         await self._close_lane(lane)
-        fresh = await self._open_lane(lane.tp)
-        fresh.next_offset = lane.next_offset
-        self.lanes[lane.tp] = fresh
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                fresh = await self._open_lane(lane.tp)
+            except Exception as exc:  # noqa: BLE001 - retried until the broker is back or a stop
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "lane_restart_failed",
+                        stage=self.stage.name,
+                        transactional_id=lane.transactional_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                delay = min(self.settings.retry_backoff_max_s, 0.5 * 2 ** min(failures, 10))
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.8, 1.0))
+                except TimeoutError:
+                    pass
+                continue
+            fresh.next_offset = lane.next_offset
+            self.lanes[lane.tp] = fresh
+            if failures:
+                log.info(
+                    "lane_restarted", stage=self.stage.name, transactional_id=lane.transactional_id, failures=failures
+                )
+            return
+
+    async def _prepare_partitions(self, consumer: AIOKafkaConsumer, new: list[TopicPartition]) -> None:
+        """Lanes, positions and the stage's state for newly assigned partitions. Repeatable: a lane
+        opened by an earlier try is kept."""
+        missing = [tp for tp in new if tp not in self.lanes or self.lanes[tp].closed]
+        opened = await asyncio.gather(*(self._open_lane(tp) for tp in missing), return_exceptions=True)
+        failed: BaseException | None = None
+        for tp, lane in zip(missing, opened, strict=True):
+            if isinstance(lane, BaseException):
+                failed = failed or lane
+            else:
+                self.lanes[tp] = lane
+        if failed is not None:
+            raise failed
+        # positions from a fresh offset fetch, now that zombies are fenced
+        if new:
+            committed = await asyncio.gather(*(consumer.committed(tp) for tp in new))
+            for tp, offset in zip(new, committed, strict=True):
+                if offset is None:
+                    await consumer.seek_to_beginning(tp)
+                    self.lanes[tp].next_offset = await consumer.position(tp)
+                else:
+                    consumer.seek(tp, offset)
+                    self.lanes[tp].next_offset = offset
+        await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
 
     # -- rebalance callbacks (called by the consumer's coordinator task) -------------------------
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -476,29 +562,13 @@ class TransactionalLoop:
             if self._closing or consumer is None:
                 return
             new = [tp for tp in assigned if tp not in self.lanes or self.lanes[tp].closed]
-            lanes = await asyncio.gather(*(self._open_lane(tp) for tp in new))
-            for lane in lanes:
-                self.lanes[lane.tp] = lane
-            # positions from a fresh offset fetch, now that zombies are fenced
-            if new and consumer is not None:
-                committed = await asyncio.gather(*(consumer.committed(tp) for tp in new))
-                for tp, offset in zip(new, committed, strict=True):
-                    if offset is None:
-                        await consumer.seek_to_beginning(tp)
-                        self.lanes[tp].next_offset = await consumer.position(tp)
-                    else:
-                        consumer.seek(tp, offset)
-                        self.lanes[tp].next_offset = offset
-            for tp in list(self._fenced):
-                if tp in assigned:
-                    consumer.resume(tp)  # type: ignore[union-attr]
-                self._fenced.discard(tp)
-            # The stage's own preparation (a sink loads its ledger) must succeed before any record
-            # of these partitions is handled; aiokafka would only log an exception raised here.
+            # Lanes, positions and the stage's own preparation (a sink loads its ledger) must all
+            # succeed before any record of these partitions is handled; aiokafka would only log an
+            # exception raised here, and the partitions' records would go by unhandled.
             attempts = self.settings.assign_attempts
             for attempt in range(1, attempts + 1):
                 try:
-                    await self.stage.on_assigned({tp: self.lanes[tp] for tp in new})
+                    await self._prepare_partitions(consumer, new)
                     break
                 except Exception as exc:  # noqa: BLE001
                     log.error(
@@ -510,11 +580,17 @@ class TransactionalLoop:
                     if attempt == attempts:
                         # never handle records without the stage's state: stop, exit non-zero
                         for tp in new:
-                            await self._close_lane(self.lanes.pop(tp))
+                            lane = self.lanes.pop(tp, None)
+                            if lane is not None:
+                                await self._close_lane(lane)
                         self.fatal = exc
                         self.request_stop()
                         return
                     await asyncio.sleep(min(10.0, 0.5 * 2**attempt))
+            for tp in list(self._fenced):
+                if tp in assigned:
+                    consumer.resume(tp)
+                self._fenced.discard(tp)
             self._joined = True  # ready: assigned, lanes open, positions set
             self._m_assigned.set(len(self.lanes))
             log.info(
