@@ -153,6 +153,7 @@ async def run(bootstrap: str, args: argparse.Namespace) -> None:
             "PIPELINE_CONFIG": str(config),
             "BENCH_SECRET": SECRET,
             "LOG_LEVEL": "WARNING",
+            "INGEST_RATE_PER_S": "0",  # the benchmark measures throughput, not the rate limit
         },
     )
     ports = {"baseline": free_port(), "ingest": free_port()}

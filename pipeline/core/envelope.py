@@ -39,21 +39,39 @@ def parse_time(value: str) -> datetime:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def exact_id(value: object, field: str) -> int:
+    """A numeric id exactly as given: a JSON integer or a string of ASCII digits, 0 to 2^63-1.
+    Anything else raises :class:`SchemaError` naming ``field`` — a float in particular, because
+    two different large ids can be the same float and would then share one event id."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        number = int(value)
+    else:
+        raise SchemaError(f"{field}: must be an integer id, got {type(value).__name__} (rule: type)", field, "type")
+    if not 0 <= number <= INT64_MAX:
+        raise SchemaError(f"{field}: must be between 0 and 2^63-1 (rule: int64)", field, "int64")
+    return number
+
+
 def call_event_id(call_id: int | str) -> str:
-    return f"cloudtalk:call:{int(call_id)}"
+    return f"cloudtalk:call:{exact_id(call_id, 'call_id')}"
 
 
 def sms_event_id(sms_id: int | str) -> str:
-    return f"cloudtalk:sms:{int(sms_id)}"
+    return f"cloudtalk:sms:{exact_id(sms_id, 'sms_id')}"
 
 
 def contact_event_id(contact_id: int | str, modified_at: str | None, deleted: bool = False) -> str:
     version = "deleted" if deleted else (modified_at or "unknown")
-    return f"cloudtalk:contact:{int(contact_id)}:{version}"
+    return f"cloudtalk:contact:{exact_id(contact_id, 'contact_id')}:{version}"
 
 
 def customer_event_id(customer_id: str, rev: int | None, updated_at: str | None) -> str:
-    version = str(rev) if rev is not None else (updated_at or "unknown")
+    version = str(exact_id(rev, "rev")) if rev is not None else (updated_at or "unknown")
     return f"kustomer:customer:{customer_id}:{version}"
 
 

@@ -5,13 +5,15 @@
 ``POST /ingest/cloudtalk/{integration}/contact``     body: canonical contact body (created/updated/deleted)
 
 CloudTalk signs nothing, so each integration's workflow sends a shared secret in the static
-header ``X-Pipeline-Secret``; it is compared in constant time. The same builder makes the
+header ``X-Pipeline-Secret``; its raw bytes are compared in constant time before the body is
+read. An unknown integration gets the same 401 as a wrong secret. The same builder makes the
 envelope for webhooks, pollers and backfills, so every path gives one event the same id.
 """
 
 from __future__ import annotations
 
 import hmac
+import secrets
 from typing import Any
 
 from aiohttp import web
@@ -20,14 +22,16 @@ from pipeline.core.envelope import (
     Envelope,
     call_event_id,
     contact_event_id,
+    exact_id,
     sms_event_id,
     utc_now_iso,
 )
 from pipeline.core.schemas import SchemaError, validate
-from pipeline.ingest.base import IngestApp, problem
+from pipeline.ingest.base import BadRequest, IngestApp, header_bytes, json_object, parse_json, shown
 from pipeline.kafka.topics import Topics
 
 SECRET_HEADER = "X-Pipeline-Secret"
+UNKNOWN_SECRET = secrets.token_hex(32).encode()  # what an unknown integration's secret is compared with
 
 # endpoint kind -> (topics attribute, events it accepts)
 KINDS: dict[str, tuple[str, frozenset[str]]] = {
@@ -54,12 +58,14 @@ def cloudtalk_envelope(payload: dict[str, Any], integration: str, via: str) -> E
             f"payload.event: {event!r} is not one of {sorted(PAYLOAD_SCHEMA)} (rule: enum)", "payload.event", "enum"
         )
     validate(schema, payload, prefix="payload")
+    # ids exactly as sent (a float id is refused: two large ids can be the same float)
     if event == "call.ended":
-        eid, occurred = call_event_id(payload["call_id"]), payload["ended_at"]
+        eid, occurred = call_event_id(exact_id(payload["call_id"], "payload.call_id")), payload["ended_at"]
     elif event.startswith("sms."):
-        eid, occurred = sms_event_id(payload["sms_id"]), payload["created_at"]
+        eid, occurred = sms_event_id(exact_id(payload["sms_id"], "payload.sms_id")), payload["created_at"]
     else:
-        eid = contact_event_id(payload["contact_id"], payload.get("modified_at"), deleted=event == "contact.deleted")
+        contact_id = exact_id(payload["contact_id"], "payload.contact_id")
+        eid = contact_event_id(contact_id, payload.get("modified_at"), deleted=event == "contact.deleted")
         occurred = payload["modified_at"]
     return Envelope(
         id=eid,
@@ -76,31 +82,28 @@ def cloudtalk_envelope(payload: dict[str, Any], integration: str, via: str) -> E
 def add_routes(app: web.Application, ingest: IngestApp, topics: Topics) -> None:
     async def handle(request: web.Request) -> web.Response:
         name, kind = request.match_info["integration"], request.match_info["kind"]
-        endpoint = f"cloudtalk/{kind}"
         if kind not in KINDS:
-            ingest.count("cloudtalk/unknown", 404)
-            return problem(404, f"unknown endpoint {kind!r}; use one of {sorted(KINDS)}")
-        if ingest.config.get(name) is None:
-            ingest.count(endpoint, 404)
-            return problem(404, f"unknown integration {name!r}")
-        given = request.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), ingest.secrets[name].encode()):
-            ingest.count(endpoint, 401)
-            return problem(401, f"missing or wrong {SECRET_HEADER}")
-        _raw, body = await ingest.read_json(request, endpoint)
-        if not isinstance(body, dict):
-            ingest.count(endpoint, 400)
-            return problem(400, "payload: must be a JSON object (rule: type)", field="payload", rule="type")
+            raise BadRequest(404, f"unknown endpoint; use one of {sorted(KINDS)}")
+        endpoint = f"cloudtalk/{kind}"
+        # 1. authenticate on the header's raw bytes; an unknown integration is compared against a
+        # random secret and gets the very same 401 as a wrong secret
+        secret = ingest.secrets.get(name) if ingest.config.get(name) is not None else None
+        given = header_bytes(request, SECRET_HEADER) or b""
+        if not (hmac.compare_digest(given, secret.encode() if secret else UNKNOWN_SECRET) and secret):
+            raise BadRequest(401, f"missing or wrong {SECRET_HEADER}")
+        # 2. limits, 3. parse
+        ingest.check_rate(name)
+        body = json_object(parse_json(await ingest.read_body(request), ingest.limits.max_depth))
         topic_attr, events = KINDS[kind]
-        if body.get("event") not in events:
-            ingest.count(endpoint, 400)
-            return problem(
+        event = body.get("event")
+        if not isinstance(event, str) or event not in events:
+            raise BadRequest(
                 400,
-                f"payload.event: {body.get('event')!r} is not accepted here; expected one of "
-                f"{sorted(events)} (rule: enum)",
-                field="payload.event",
-                rule="enum",
+                f"payload.event: {shown(event)} is not accepted here; expected one of {sorted(events)} (rule: enum)",
+                "payload.event",
+                "enum",
             )
+        # 4. envelope and schema, 5. publish
         return await ingest.accept(
             endpoint, getattr(topics, topic_attr), lambda: cloudtalk_envelope(body, name, "webhook")
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import hmac
@@ -9,9 +10,11 @@ import hmac
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import TopicPartition
 
 from devkit.net import free_port
 from pipeline.ingest.app import Publisher, build_app
+from pipeline.ingest.base import BrokerUnavailable
 from pipeline.kafka.topics import Topics
 from tests.conftest import KafkaIO
 from tests.unit.test_call_sms_rules import SMS, config, integration
@@ -31,8 +34,6 @@ async def ingest(kafka_bootstrap: str, topics: Topics):
     for _ in range(100):
         if publisher.connected:
             break
-        import asyncio
-
         await asyncio.sleep(0.1)
     app = build_app(cfg, publisher, topics.prefix, {"support": SECRET, "sales": "other"}, {"support": TOKEN})
     client = TestClient(TestServer(app))
@@ -69,7 +70,7 @@ async def test_sms_goes_to_its_own_topic(ingest, kafka: KafkaIO, topics: Topics)
 @pytest.mark.parametrize(
     ("path", "headers", "body", "status", "says"),
     [
-        ("/ingest/cloudtalk/nobody/call-ended", {"X-Pipeline-Secret": SECRET}, CALL, 404, "unknown integration"),
+        ("/ingest/cloudtalk/nobody/call-ended", {"X-Pipeline-Secret": SECRET}, CALL, 401, "X-Pipeline-Secret"),
         ("/ingest/cloudtalk/support/call-ended", {}, CALL, 401, "X-Pipeline-Secret"),
         ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": "other"}, CALL, 401, "X-Pipeline-Secret"),
         ("/ingest/cloudtalk/support/call-ended", {"X-Pipeline-Secret": SECRET}, b"{not json", 400, "not valid JSON"),
@@ -151,7 +152,10 @@ async def test_kustomer_webhook_signature_is_checked(ingest, kafka: KafkaIO, top
     assert len(records) == 1
     assert orjson.loads(records[0].value)["id"] == "kustomer:customer:65f1c0a2e4b0a1b2c3d4e5f6:8"
     no_token = await post(ingest, "/ingest/kustomer/sales", raw, {"X-Kustomer-Webhook-Signature": good})
-    assert no_token.status == 404
+    unknown = await post(ingest, "/ingest/kustomer/nobody", raw, {"X-Kustomer-Webhook-Signature": good})
+    # no token and an unknown integration look exactly like a wrong signature
+    assert no_token.status == unknown.status == bad.status == 401
+    assert await no_token.read() == await unknown.read() == await bad.read()
 
 
 async def test_broker_unavailable_answers_503_with_retry_after(topics: Topics):
@@ -167,3 +171,33 @@ async def test_broker_unavailable_answers_503_with_retry_after(topics: Topics):
         ready = await client.get("/readyz")
         assert ready.status == 503
     await publisher.stop()
+
+
+async def test_a_producer_with_a_sequence_gap_is_replaced_and_publishing_goes_on(kafka_bootstrap, kafka: KafkaIO):
+    """The state a broker restart can leave the idempotent producer in — a batch lost after it got
+    its sequence number — made on purpose: the broker answers OutOfOrderSequenceNumber to every
+    later batch of that producer, so ingest must replace it rather than fail forever."""
+    topic = await kafka.create_topic(f"gap-{free_port()}", partitions=1)
+    publisher = Publisher(kafka_bootstrap, "test-gap", ack_timeout_s=5.0, retry_after_s=1, reconnect_backoff_s=0.2)
+    await publisher.start()
+    try:
+        for _ in range(100):
+            if publisher.ready:
+                break
+            await asyncio.sleep(0.1)
+        await publisher.publish(topic, b"k1", b"v1", [])
+        first = publisher.producer
+        first._txn_manager.increment_sequence_number(TopicPartition(topic, 0), 3)  # noqa: SLF001 - 3 records "lost"
+        with pytest.raises(BrokerUnavailable, match="OutOfOrderSequenceNumber"):
+            await publisher.publish(topic, b"k2", b"v2", [])
+        assert not publisher.ready
+        for _ in range(100):
+            if publisher.ready:
+                break
+            await asyncio.sleep(0.1)
+        assert publisher.ready and publisher.producer is not first and publisher.rebuilds == 1
+        await publisher.publish(topic, b"k2", b"v2", [])
+        records = await kafka.read_all(topic, expect=2, timeout=10)
+        assert [r.key for r in records] == [b"k1", b"k2"]
+    finally:
+        await publisher.stop()
