@@ -9,10 +9,24 @@ Every response is classified into one :class:`Outcome`:
 * ``RETRY``        408, 5xx, timeouts, connection errors → capped exponential backoff with jitter
 * ``REJECT``       any other 4xx                         → the target will never accept it: dead letter
 
+What a failed create means (the target offers no idempotency keys): a 429 and the statuses in
+``RetryPolicy.unprocessed_statuses`` (503: the target says it did not handle the request) are
+known non-effects and the create is simply sent again; any other 5xx, a timeout or a connection
+lost after sending leaves the outcome unknown (:class:`AmbiguousOutcomeError`), and
+:func:`create_or_find` looks the object up before creating it again.
+
 Requests are paced from the target's rate-limit headers, which describe an org- or company-wide
 window shared by every replica: above the low-water mark requests go out at once; below it the
 remaining budget is spread over the time left in the window; at the reserve the executor waits
 for the reset.
+
+Isolation: each account's :class:`RateWindow` also holds the account — until the reset a 429
+announced, or for a growing backoff once several requests in a row failed transiently (an
+outage) — so the account's other requests wait instead of spending the target's answers. Every
+wait (pacing, a hold, a 429, backoff, a per-customer limit, the settle time of an ambiguous
+create) goes through :func:`pause`: inside a :func:`wait_budget` (a sink's batch) a wait that
+would outlast the budget raises :class:`DeferredError` instead of sleeping — nothing is in flight
+then — and a wait that fits gives the caller's concurrency slot to others while it sleeps.
 """
 
 from __future__ import annotations
@@ -23,9 +37,11 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -39,7 +55,7 @@ from tenacity import (
 )
 
 from pipeline.core.observability import get_logger, metrics
-from pipeline.core.settings import env_float, env_int
+from pipeline.core.settings import SettingsError, env_float, env_int
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -106,6 +122,85 @@ class AmbiguousOutcomeError(ApiError):
         self.sent_at = sent_at  # time.monotonic() when the request left
 
 
+class DeferredError(Exception):
+    """Waiting for the target would outlast the caller's :func:`wait_budget`, so the request was
+    not sent (again): nothing of it is in flight — it was never sent, or its answer said it did
+    not happen (429, an unprocessed 503). ``until`` (Unix seconds) is the earliest time worth
+    trying again; ``reason`` says what is waited for: ``rate_limited`` (the account's window, a
+    429), ``resource_limited`` (a narrower limit the target announced, e.g. one customer's),
+    ``customer_limit`` (the local per-customer limiter), ``held`` (the account is held: a 429 or
+    an outage), ``pacing``, ``backoff`` (a transient failure), ``settle`` (an ambiguous create).
+
+    ``unsettled``: a create whose outcome is unknown was not resolved yet, so the effect must be
+    looked up before it is created again. ``steps``: the command's progress, set by the effects
+    that know it (the ids written so far)."""
+
+    def __init__(self, reason: str, until: float, *, unsettled: bool = False) -> None:
+        super().__init__(f"{reason}: deferred for {max(0.0, until - time.time()):.1f}s")
+        self.reason, self.until, self.unsettled = reason, until, unsettled
+        self.steps: dict[str, Any] | None = None
+
+
+class Slot(Protocol):
+    """A concurrency slot a waiting task gives back while it sleeps (a sink lane's)."""
+
+    def release(self) -> None: ...
+
+    async def acquire(self) -> None: ...
+
+
+@dataclass(slots=True)
+class WaitBudget:
+    deadline: float  # time.monotonic(): no wait may end later than this
+    slot: Slot | None = None
+
+
+_BUDGET: ContextVar[WaitBudget | None] = ContextVar("pipeline_wait_budget", default=None)
+
+
+@contextmanager
+def wait_budget(deadline: float, slot: Slot | None = None) -> Iterator[WaitBudget]:
+    """Within this block (this task and the tasks it starts) every :func:`pause` that would end
+    after ``deadline`` (``time.monotonic()``) raises :class:`DeferredError`, and one that fits
+    releases ``slot`` while it sleeps."""
+    budget = WaitBudget(deadline, slot)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def deferral(seconds: float, reason: str) -> DeferredError | None:
+    """The :class:`DeferredError` a wait of ``seconds`` would raise now, or None when it fits."""
+    budget = _BUDGET.get()
+    if budget is not None and seconds > 0 and time.monotonic() + seconds > budget.deadline:
+        return DeferredError(reason, time.time() + seconds)
+    return None
+
+
+async def _sleep(seconds: float) -> None:
+    budget = _BUDGET.get()
+    slot = budget.slot if budget is not None else None
+    if slot is None:
+        await asyncio.sleep(seconds)
+        return
+    slot.release()
+    await asyncio.sleep(seconds)  # a cancellation leaves the slot released; its holder knows
+    await slot.acquire()
+
+
+async def pause(seconds: float, reason: str) -> None:
+    """Wait ``seconds`` for a target — or raise :class:`DeferredError` when that would outlast the
+    current :func:`wait_budget`. Every wait of this module goes through here."""
+    if seconds <= 0:
+        return
+    exc = deferral(seconds, reason)
+    if exc is not None:
+        raise exc
+    await _sleep(seconds)
+
+
 class _Transient(Exception):
     def __init__(self, status: int | None, message: str, sent: bool = True, sent_at: float = 0.0) -> None:
         super().__init__(message)
@@ -114,14 +209,21 @@ class _Transient(Exception):
 
 @dataclass(frozen=True, slots=True)
 class RateLimitHeaders:
-    """Header names a target uses for its window; ``reset`` is a Unix timestamp in seconds."""
+    """Header names a target uses for its window; ``reset`` is a Unix timestamp in seconds.
+
+    ``resource_limits``: the target also limits single resources (Kustomer: conversation and note
+    creates per customer), so a 429 that leaves the account's window with requests to spare
+    (``remaining`` > 0) limits that resource only and does not hold the account."""
 
     limit: str
     remaining: str
     reset: str
+    resource_limits: bool = False
 
 
-KUSTOMER_RATE_HEADERS = RateLimitHeaders("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+KUSTOMER_RATE_HEADERS = RateLimitHeaders(
+    "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", resource_limits=True
+)
 CLOUDTALK_RATE_HEADERS = RateLimitHeaders(
     "X-CloudTalkAPI-Limit", "X-CloudTalkAPI-Remaining", "X-CloudTalkAPI-ResetTime"
 )
@@ -129,22 +231,29 @@ CLOUDTALK_RATE_HEADERS = RateLimitHeaders(
 
 @dataclass
 class RateWindow:
-    """Pacing state for one account's window, fed by response headers.
+    """Pacing and health of one account (a Kustomer org, the CloudTalk company), fed by responses.
 
     ``reserve`` requests are left for other clients of the same account (pollers, other
     replicas); ``low_water`` is the fraction of the limit below which requests are spread out.
     ``fallback_per_minute`` paces requests when the target sends no headers.
+
+    The account is *held* until ``hold_until`` (Unix seconds): the reset a 429 announced, or —
+    once ``outage_after`` requests in a row failed transiently (5xx, timeouts, no connection) — a
+    backoff that grows with every further failure; any other answer ends the run of failures.
+    The window lives as long as the client, so a hold outlasts the batch that saw it.
     """
 
     reserve: int = 0
     low_water: float = 0.1
     fallback_per_minute: int | None = None
     max_wait_s: float = 65.0
+    outage_after: int = 3
     limit: int | None = None
     remaining: int | None = None
     reset_at: float | None = None
+    hold_until: float = 0.0
+    failures: int = 0
     _last_sent: float = 0.0
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def update(self, headers: Mapping[str, str], names: RateLimitHeaders) -> None:
         try:
@@ -163,9 +272,43 @@ class RateWindow:
             return 1.0
         return min(max(self.reset_at - now, 0.05), self.max_wait_s)
 
+    def hold(self, until: float) -> None:
+        """No request to this account before ``until`` (Unix seconds)."""
+        self.hold_until = max(self.hold_until, until)
+
+    def note_answer(self) -> None:
+        """The account answered (anything but 408/5xx/429): a run of failures is over."""
+        self.failures = 0
+
+    def note_failure(self, initial_s: float, max_s: float, now: float | None = None) -> None:
+        """A transient failure (408/5xx, timeout, no connection). From the ``outage_after``-th in a
+        row on, the account is held for a backoff that doubles each time (full jitter's upper half,
+        capped at ``max_s``)."""
+        self.failures += 1
+        if self.failures >= self.outage_after:
+            now = time.time() if now is None else now
+            step = min(self.failures - self.outage_after, 16)
+            self.hold(now + min(max_s, max(initial_s, 0.05) * 2**step) * random.uniform(0.5, 1.0))
+
+    def ready_at(self, now: float | None = None) -> float:
+        """When the next request may go at the earliest (Unix seconds), or 0 when it may go now:
+        the account is held, or only the reserve is left until the window resets."""
+        now = time.time() if now is None else now
+        at = self.hold_until if self.hold_until > now else 0.0
+        if (
+            self.remaining is not None
+            and self.reset_at is not None
+            and self.reset_at > now
+            and self.remaining - self.reserve <= 0
+        ):
+            at = max(at, now + self.seconds_to_reset(now))
+        return at
+
     def delay_before_next(self, now: float | None = None) -> float:
         """How long to wait before the next request (0 = send now)."""
         now = time.time() if now is None else now
+        if self.hold_until > now:
+            return self.hold_until - now + random.uniform(0.0, 0.05)
         if self.remaining is None or self.limit is None or self.reset_at is None or now >= self.reset_at:
             if self.fallback_per_minute:
                 gap = 60.0 / self.fallback_per_minute
@@ -180,13 +323,21 @@ class RateWindow:
         return max(0.0, self._last_sent + gap - now)
 
     async def acquire(self) -> None:
-        async with self._lock:
-            delay = self.delay_before_next()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._last_sent = time.time()
-            if self.remaining is not None:
-                self.remaining -= 1  # optimistic; the response header corrects it
+        """Take the next send time of this window (and wait for it): concurrent callers get
+        successive times. Raises :class:`DeferredError` — having taken nothing — when the wait
+        would outlast the caller's budget."""
+        now = time.time()
+        delay = self.delay_before_next(now)
+        if delay > 0:
+            reason = "held" if self.hold_until > now else "pacing"
+            exc = deferral(delay, reason)
+            if exc is not None:
+                raise exc
+        self._last_sent = now + delay  # no await since the delay was computed: the time is ours
+        if self.remaining is not None:
+            self.remaining -= 1  # optimistic; the response header corrects it
+        if delay > 0:
+            await _sleep(delay)
 
 
 class KeyedLimiter:
@@ -206,8 +357,10 @@ class KeyedLimiter:
         return hits[0] + self.window_s - now
 
     async def acquire(self, key: str) -> None:
+        """Wait for a free place in ``key``'s window (:func:`pause`: may raise
+        :class:`DeferredError`, reason ``customer_limit``) and take it."""
         while (d := self.delay(key)) > 0:
-            await asyncio.sleep(d)
+            await pause(d, "customer_limit")
         self._hits[key].append(time.monotonic())
         if len(self._hits) > 10_000:  # forget idle keys
             cutoff = time.monotonic() - self.window_s
@@ -217,13 +370,17 @@ class KeyedLimiter:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Backoff for RETRY outcomes: full jitter, capped; the deadline bounds one request."""
+    """Backoff for RETRY outcomes: full jitter, capped; the deadline bounds one request.
+
+    ``unprocessed_statuses``: answers that say the target did not handle the request (503), so a
+    create that got one is sent again like a read; any other 5xx leaves a create ambiguous."""
 
     initial_s: float = 0.2
     max_backoff_s: float = 10.0
     max_attempts: int = 12
     deadline_s: float = 120.0
     timeout_s: float = 10.0
+    unprocessed_statuses: frozenset[int] = frozenset({503})
 
 
 class HttpExecutor:
@@ -271,21 +428,25 @@ class HttpExecutor:
         idempotent: bool = True,
     ) -> ApiResponse:
         """``idempotent=False`` (creates): a failure after the request was sent raises
-        :class:`AmbiguousOutcomeError` instead of being retried; failures before it was sent (no
-        connection) and 429s are retried as usual."""
+        :class:`AmbiguousOutcomeError` instead of being retried — unless the target answered a
+        status of ``policy.unprocessed_statuses``; failures before it was sent (no connection) and
+        429s are retried as usual. Inside a :func:`wait_budget` any wait that would outlast it
+        raises :class:`DeferredError` (nothing in flight)."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Transient),
             wait=wait_random_exponential(multiplier=self.policy.initial_s, max=self.policy.max_backoff_s),
             stop=stop_after_attempt(self.policy.max_attempts) | stop_after_delay(self.policy.deadline_s),
             before_sleep=self._before_sleep,
+            sleep=self._backoff,
         )
+        unprocessed = self.policy.unprocessed_statuses
         try:
             async for attempt in retrying:
                 with attempt:
                     try:
                         return await self._until_not_rate_limited(method, url, op, json, params, accept)
                     except _Transient as exc:
-                        if not idempotent and exc.sent:
+                        if not idempotent and exc.sent and exc.status not in unprocessed:
                             raise AmbiguousOutcomeError(self.target, op, exc.status, str(exc), exc.sent_at) from None
                         raise
         except RetryError as exc:
@@ -299,6 +460,14 @@ class HttpExecutor:
         exc = state.outcome.exception() if state.outcome else None
         log.warning("http_retry", target=self.target, attempt=state.attempt_number, error=str(exc))
 
+    async def _backoff(self, seconds: float) -> None:
+        """The wait before a retry: the backoff, or the account's hold when that is longer."""
+        held = self.window.hold_until - time.time()
+        if held > seconds:
+            await pause(held, "held")
+        else:
+            await pause(seconds, "backoff")
+
     async def _until_not_rate_limited(
         self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None, accept: tuple[int, ...]
     ) -> ApiResponse:
@@ -310,8 +479,14 @@ class HttpExecutor:
                 self.rate_limited += 1
                 self._retry_rate.inc()
                 wait = self.window.seconds_to_reset() + random.uniform(0.0, 0.1)
-                log.info("rate_limited", target=self.target, op=op, wait_s=round(wait, 2))
-                await asyncio.sleep(wait)
+                remaining = self.window.remaining
+                if self.rate_headers.resource_limits and remaining is not None and remaining > 0:
+                    reason = "resource_limited"  # a narrower limit (one customer's): the account is fine
+                else:
+                    reason = "rate_limited"
+                    self.window.hold(time.time() + wait)
+                log.info("rate_limited", target=self.target, op=op, wait_s=round(wait, 2), scope=reason)
+                await pause(wait, reason)
                 continue
             if outcome is Outcome.SUCCESS or response.status in accept:
                 return response
@@ -344,6 +519,10 @@ class HttpExecutor:
                 self.requests_sent += 1
                 status_label = str(resp.status)
                 self.window.update(resp.headers, self.rate_headers)
+                if classify(resp.status) is Outcome.RETRY:
+                    self.window.note_failure(self.policy.initial_s, self.policy.max_backoff_s)
+                elif resp.status != 429:
+                    self.window.note_answer()
                 if self.window.remaining is not None:
                     self._remaining_gauge.set(self.window.remaining)
                 text = raw.decode("utf-8", "replace")
@@ -353,8 +532,10 @@ class HttpExecutor:
                     parsed = None
                 return ApiResponse(resp.status, resp.headers, parsed, text, sent_at)
         except aiohttp.ClientConnectorError as exc:  # never reached the target
+            self.window.note_failure(self.policy.initial_s, self.policy.max_backoff_s)
             raise _Transient(None, f"{type(exc).__name__}: {exc}", False) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
+            self.window.note_failure(self.policy.initial_s, self.policy.max_backoff_s)
             raise _Transient(None, f"{type(exc).__name__}: {exc}", True, sent_at) from exc
         finally:
             metrics().http_seconds.labels(self.target, op, status_label).observe(time.perf_counter() - started)
@@ -428,30 +609,51 @@ async def create_or_find(
     the request was sent, ``find`` it by its deterministic key, and create again only when it is
     absent. Returns ``(resource, found)``. A request the target keeps working on for longer than
     ``settle_s`` is the one case this cannot see.
+
+    A :class:`DeferredError` (a wait that outlasts the caller's budget) after an ambiguous attempt
+    is marked ``unsettled``: whoever resumes must look the object up before creating it.
     """
     started = time.monotonic()
     delay = 0.5
-    while True:
-        try:
-            return await create(), False
-        except AmbiguousOutcomeError as exc:
-            wait = exc.sent_at + settle_s - time.monotonic()
-            log.warning(
-                "create_outcome_unknown",
-                target=exc.target,
-                op=exc.op,
-                error=str(exc),
-                settle_s=round(max(wait, 0.0), 1),
-            )
-            if wait > 0:
-                await asyncio.sleep(wait)
-            found = await find()
-            if found is not None:
-                return found, True
-            if time.monotonic() - started > deadline_s:
-                raise RetryExhaustedError(exc.target, exc.op, exc.status, "create kept failing") from None
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 10.0)
+    ambiguous = False
+    try:
+        while True:
+            try:
+                return await create(), False
+            except AmbiguousOutcomeError as exc:
+                ambiguous = True
+                wait = exc.sent_at + settle_s - time.monotonic()
+                log.warning(
+                    "create_outcome_unknown",
+                    target=exc.target,
+                    op=exc.op,
+                    error=str(exc),
+                    settle_s=round(max(wait, 0.0), 1),
+                )
+                await pause(wait, "settle")
+                found = await find()
+                if found is not None:
+                    return found, True
+                if time.monotonic() - started > deadline_s:
+                    raise RetryExhaustedError(exc.target, exc.op, exc.status, "create kept failing") from None
+                await pause(delay * random.uniform(0.5, 1.0), "backoff")
+                delay = min(delay * 2, 10.0)
+    except DeferredError as exc:
+        exc.unsettled = exc.unsettled or ambiguous
+        raise
+
+
+def statuses_from_env(env: Mapping[str, str], name: str, default: str) -> frozenset[int]:
+    """A comma-separated list of HTTP statuses; set but empty: none."""
+    raw = env.get(name)
+    raw = default if raw is None else raw
+    try:
+        statuses = frozenset(int(part) for part in raw.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise SettingsError(f"{name}: expected HTTP statuses separated by commas, got {raw!r}") from None
+    if any(not 500 <= s <= 599 for s in statuses):
+        raise SettingsError(f"{name}: only 5xx statuses can be declared unprocessed, got {raw!r}")
+    return statuses
 
 
 def retry_policy_from_env() -> RetryPolicy:
@@ -462,6 +664,7 @@ def retry_policy_from_env() -> RetryPolicy:
         max_attempts=env_int(env, "SINK_RETRY_MAX_ATTEMPTS", 12, minimum=1),
         deadline_s=env_float(env, "SINK_RETRY_DEADLINE_S", 120.0, minimum=0.1),
         timeout_s=env_float(env, "SINK_HTTP_TIMEOUT_S", 10.0, minimum=0.1),
+        unprocessed_statuses=statuses_from_env(env, "SINK_UNPROCESSED_STATUSES", "503"),
     )
 
 

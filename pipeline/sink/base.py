@@ -18,48 +18,69 @@ The effects reach their targets through the Protocols of :mod:`pipeline.sink.por
 and makes intents durable through an :class:`~pipeline.sink.ports.IntentLog` (the lane).
 
 Protocol for one batch of one command partition (:meth:`SinkStage.handle`; the whole of it is
-step 1 of the loop's commit protocol, :mod:`pipeline.kafka.loop`):
+step 1 of the loop's commit protocol, :mod:`pipeline.kafka.loop`). The batch has a time budget
+(``budget_s``): no wait on a target may end later than that, so one slow or throttled account
+never holds the batch — nor, through the loop, the other partitions — for longer.
 
 1. ``decode`` — parse and schema-check each command. A bad one becomes a rejection
-   (``SchemaError``, a dead letter); it never stops the batch.
-2. ``plan`` — skip commands the ledger knows as done (redeliveries, replays, backfills) or failed
-   (unless replayed from the dead-letter topic: header ``dlq.replayed``), and duplicates inside
-   the batch. A command found ``started`` (its instance died mid-command) is planned with that
-   entry as ``prior``: it will be reconciled. No I/O.
-3. ``record_intents`` — commit ``started`` ledger entries for the planned commands that are not
-   started yet, in a transaction of their own on the lane's producer, *before* any effect — so a
-   crash later is always detectable — then make them visible in the local ledger.
+   (``SchemaError``, a dead letter); it never stops the batch. Wake-up records
+   (:mod:`pipeline.sink.wake`) are skipped.
+2. ``plan`` — first the partition's *pending* commands (parked earlier, :meth:`SinkLedger.pending`)
+   that are due, then the batch: skip commands the ledger knows as done (redeliveries, replays,
+   backfills), failed (unless replayed from the dead-letter topic: header ``dlq.replayed``) or
+   pending, and duplicates inside the batch. A command found ``started`` (its instance died
+   mid-command) is planned with that entry as ``prior``: it will be reconciled. A command that
+   cannot start now — its target account is held (:meth:`Effects.ready_at`: a 429's reset, an
+   outage), or it was parked until later — or whose lane waits behind such a command, is
+   *parked* at once: nothing is sent, no intent is written, and nothing waits for it (a waiting
+   batch would hold the loop's other partitions too). So is a command found ``started`` whose
+   settle time ends after the budget. No I/O.
+3. ``record_intents`` — commit ``started`` ledger entries for the planned commands that will run
+   and are not started yet, in a transaction of their own on the lane's producer, *before* any
+   effect — so a crash later is always detectable — then make them visible in the local ledger.
    Abort path A (the loop's): the publish fails → its transaction is aborted, ``handle`` raises,
    the loop seeks back to the batch start and retries; no effect has happened yet. (A commit
    whose outcome is unknown only means the same intents are written again.)
-4. ``settle`` — commands found ``started`` wait until ``settle_s`` after the newest such intent,
-   so a request the dead instance still had in flight at the target has landed before anything
-   is looked up.
+4. ``settle`` — in its lane, a command found ``started`` waits until ``settle_s`` after its
+   intent, so a request the dead instance still had in flight has landed before anything is
+   looked up. The lane gives its concurrency slot to others meanwhile.
 5. ``perform_effects`` — :meth:`Effects.perform` per command: in order within a lane (the record
-   key: one customer number, one integration), lanes concurrently (at most ``concurrency``); each
-   sees the ledger index plus what earlier commands of the batch added. A ``RejectedError`` (the
-   target refused for good) is that command's result; any other exception leaves the command
-   *unfinished* (the target kept failing past the retry deadline) and stops its lane: later
-   commands of the same key wait for it.
+   key: one customer number, one integration), lanes concurrently (at most ``concurrency``
+   performing at a time; a lane that waits holds no slot); each sees the ledger index plus what
+   earlier commands of the batch added. A ``RejectedError`` (the target refused for good) is that
+   command's result. A ``DeferredError`` (a wait on the target would outlast the budget: nothing
+   in flight) parks the command with its progress, and the rest of its lane behind it. Any other
+   exception leaves the command *unfinished* (the target kept failing past the retry deadline)
+   and stops its lane: later commands of the same key wait for it.
    No exception of ``perform`` leaves ``handle``; only a cancellation does (the task is cancelled):
    nothing is produced with the offsets, and as the intents are durable, whatever ran is
    reconciled when the batch is handled again (here, or by the partition's next owner).
 6. ``record_outcomes`` — done → a ``done`` entry, an audit record (``done``/``skipped``) and the
    index records; rejected → a ``failed`` entry, a ``TargetRejected`` dead letter and an audit
-   record ``dead_lettered``; unfinished → nothing: its entry stays ``started``.
+   record ``dead_lettered``; parked → a ``parked`` entry carrying the command, its record's key
+   and headers, ``not_before``, its progress, and whether it must be reconciled; unfinished →
+   nothing: its entry stays ``started``.
 7. ``report`` (Connect's ``preCommit``) — hand it all to the loop as one
    :class:`~pipeline.kafka.records.BatchResult`: outputs and dead letters are committed with the
-   offsets in one transaction. The offsets stop at the first unfinished command
-   (``commit_upto``); done and rejected work after it commits now (the ledger skips it when the
-   rest is fetched again); schema rejections at or after it are left to that refetch, so nothing
-   is dead-lettered twice.
+   offsets in one transaction. Parked commands live in the ledger now, so the offsets move past
+   them; they stop only at the first unfinished command of the batch (``commit_upto``); done,
+   rejected and parked work after it commits now (the ledger skips it when the rest is fetched
+   again); schema rejections at or after it are left to that refetch, so nothing is
+   dead-lettered twice.
    Abort paths B and C (the loop's): the transaction aborts, or the producer was fenced →
    ``after_commit`` is not called; the ledger still says ``started`` for every command that ran,
    so the retry (here, or at the partition's next owner, which loads the ledger) reconciles them.
 
-``after_commit`` then makes the committed entries and index updates visible in the local ledger.
-On assignment the ledger partitions are loaded (``on_assigned``), on revocation dropped
-(``on_revoked``).
+``after_commit`` then makes the committed entries and index updates visible in the local ledger,
+and asks the :class:`~pipeline.sink.wake.Waker` to wake the partition when its earliest pending
+command is due (the loop only calls ``handle`` with records). On assignment the ledger
+partitions are loaded (``on_assigned``), on revocation dropped (``on_revoked``).
+
+Exactly once: a command is parked only when nothing of it is in flight — nothing was sent, or the
+target's answer says it did not happen (429; a 503, ``RetryPolicy.unprocessed_statuses``) — so a
+parked command resumes from its ``steps`` without looking anything up; after an ambiguous create
+(``DeferredError.unsettled``) or a crash it is parked with ``reconcile`` and looks its effects up
+first, as a ``started`` command does.
 """
 
 from __future__ import annotations
@@ -75,15 +96,26 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.clients.http import RejectedError
+from pipeline.clients.http import DeferredError, RejectedError, pause, wait_budget
 from pipeline.core.decisions import decision
 from pipeline.core.envelope import parse_time, utc_now_iso
 from pipeline.core.observability import get_logger, metrics
 from pipeline.core.schemas import SchemaError, validate
 from pipeline.kafka.loop import Lane
 from pipeline.kafka.records import BatchResult, OutRecord, Rejection, audit_record, header
-from pipeline.sink.ledger import DONE, FAILED, STARTED, LedgerEntry
+from pipeline.sink.ledger import (
+    DONE,
+    FAILED,
+    PARKED,
+    STARTED,
+    LedgerEntry,
+    must_reconcile,
+    record_key,
+    record_of,
+    source_of,
+)
 from pipeline.sink.ports import IntentLog, SinkLedger
+from pipeline.sink.wake import WAKE_HEADER, Waker
 
 log = get_logger(__name__)
 
@@ -114,11 +146,18 @@ class Effects(Protocol):
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done: ...
 
     # ``prior``: the command's ledger entry from before this batch (``started``: reconcile;
-    # ``failed``: a replay from the dead-letter topic), None for a new command.
+    # ``failed``: a replay from the dead-letter topic; ``parked``: resume from its steps, and
+    # reconcile when it says so — ``must_reconcile(prior)``), None for a new command.
     # ``index``: the partition's ledger index as of this command (committed entries plus the
     # updates of the commands before it in this batch). ``Done.index`` adds to it.
-    # Raise ``RejectedError`` when the target refuses the command for good (dead letter); any
-    # other exception leaves the command unfinished (retried from the ledger).
+    # Raise ``RejectedError`` when the target refuses the command for good (dead letter); let a
+    # ``DeferredError`` through (with the progress in its ``steps``) when the target makes it wait
+    # past the batch's budget (parked); any other exception leaves the command unfinished
+    # (retried from the ledger).
+
+    def ready_at(self, command: dict[str, Any]) -> float:
+        """When the command's target account takes requests again (Unix seconds; 0 = now)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -130,17 +169,34 @@ class Decoded:
 
 
 @dataclass(slots=True)
+class Parked:
+    """A command that waits for its target, with nothing in flight: performed again once
+    ``not_before`` (Unix seconds) has passed, from ``steps``; ``reconcile``: look the effects up
+    first."""
+
+    not_before: float
+    reason: str
+    steps: dict[str, Any]
+    reconcile: bool
+
+
+@dataclass(slots=True)
 class Planned:
-    """A command step 2 decided to perform. ``prior`` is its ledger entry from before this batch
-    (never this batch's intent); ``attempt`` counts replays (a reconcile is the same attempt)."""
+    """A command step 2 decided to perform (or to park at once: ``park``). ``prior`` is its ledger
+    entry from before this batch (never this batch's intent); ``attempt`` counts replays (a
+    reconcile is the same attempt); ``start_at`` (Unix seconds, 0 = now) is when it may start;
+    ``pending``: the ledger holds the command (parked before), not a record of this batch."""
 
     record: ConsumerRecord
     command: dict[str, Any]
     prior: LedgerEntry | None
     attempt: int
+    start_at: float = 0.0
+    pending: bool = False
+    park: Parked | None = None
 
 
-Result = Done | Exception  # of one planned command: done, RejectedError, or unfinished
+Result = Done | Parked | Exception  # of one planned command: done, parked, RejectedError, or unfinished
 
 
 @dataclass(slots=True)
@@ -159,15 +215,17 @@ class SinkSteps(Protocol):
 
     def decode(self, records: Sequence[ConsumerRecord]) -> tuple[list[Decoded], list[Rejection]]: ...
 
-    def plan(self, partition: int, decoded: Sequence[Decoded]) -> list[Planned]: ...
+    def plan(self, partition: int, decoded: Sequence[Decoded], deadline: float | None = None) -> list[Planned]: ...
 
     async def record_intents(
         self, intents: IntentLog, partition: int, planned: Sequence[Planned]
     ) -> list[LedgerEntry]: ...
 
-    async def settle(self, partition: int, planned: Sequence[Planned]) -> float: ...
+    async def settle(self, planned: Planned) -> float: ...
 
-    async def perform_effects(self, partition: int, planned: Sequence[Planned]) -> dict[int, Result]: ...
+    async def perform_effects(
+        self, partition: int, planned: Sequence[Planned], deadline: float | None = None
+    ) -> dict[int, Result]: ...
 
     def record_outcomes(
         self, partition: int, planned: Sequence[Planned], results: Mapping[int, Result]
@@ -188,6 +246,22 @@ def _epoch(iso: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+class _Slot:
+    """A lane's place among the ``concurrency`` performing lanes; given back while it waits."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore, self.held = semaphore, False
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._semaphore.release()
+
+
 class SinkStage:
     """A :class:`~pipeline.kafka.loop.Stage` that performs commands through :class:`Effects`,
     exactly once, with the ledger's bookkeeping (see the module docstring)."""
@@ -200,21 +274,40 @@ class SinkStage:
         audit_topic: str,
         concurrency: int = 16,
         settle_s: float = 20.0,
+        budget_s: float = 0.5,
+        waker: Waker | None = None,
     ) -> None:
         self.name, self.effects, self.ledger, self.audit_topic = name, effects, ledger, audit_topic
         self.concurrency = concurrency
         self.settle_s = settle_s
-        self.stats = {"done": 0, "skipped_duplicate": 0, "failed": 0, "unfinished": 0, "reconciled": 0}
+        self.budget_s = budget_s
+        self.waker = waker
+        self.stats = {
+            "done": 0,
+            "skipped_duplicate": 0,
+            "failed": 0,
+            "unfinished": 0,
+            "reconciled": 0,
+            "parked": 0,
+        }
         m = metrics()
         self._commands = m.commands
         self._e2e = m.end_to_end_seconds
+        self._lanes: dict[int, TopicPartition] = {}
 
     # -- partitions --------------------------------------------------------------------------
     async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None:
         await self.ledger.load(sorted(tp.partition for tp in lanes))
+        for tp in lanes:
+            self._lanes[tp.partition] = tp
+            self._wake(tp.partition)
 
     async def on_revoked(self, partitions: set[TopicPartition]) -> None:
         self.ledger.drop({tp.partition for tp in partitions})
+        for tp in partitions:
+            self._lanes.pop(tp.partition, None)
+        if self.waker is not None:
+            self.waker.forget(partitions)
 
     def after_commit(self, lane: Lane, result: BatchResult) -> None:
         """The batch's transaction committed: its ledger entries and index updates are durable."""
@@ -222,16 +315,41 @@ class SinkStage:
             entries, index_updates = result.context
             self.ledger.apply(lane.tp.partition, entries)
             self.ledger.apply_index(lane.tp.partition, index_updates)
+        self._lanes.setdefault(lane.tp.partition, lane.tp)
+        self._wake(lane.tp.partition)
+
+    def _wake(self, partition: int) -> None:
+        """Ask the waker to hand this partition to the stage again when its earliest pending
+        command is due."""
+        tp = self._lanes.get(partition)
+        if self.waker is None or tp is None:
+            return
+        due = self.next_due(partition)
+        if due is not None:
+            self.waker.schedule(tp, due)
+
+    def next_due(self, partition: int) -> float | None:
+        """When the partition's next pending command can start (Unix seconds), or None when none
+        is pending: the earliest start of a lane's first pending command (the later ones of a lane
+        wait for it)."""
+        heads: dict[str | None, float] = {}
+        now = time.time()
+        for entry in self.ledger.pending(partition):
+            key = (entry.source or {}).get("key")
+            if key not in heads:
+                heads[key] = max(self._start_at(entry.command or {}, entry, now)[0], now)
+        return min(heads.values()) if heads else None
 
     # -- one batch ---------------------------------------------------------------------------
     async def handle(self, lane: Lane, records: list[ConsumerRecord]) -> BatchResult:
         """One batch of one command partition: the steps of the module docstring, in order."""
         partition = lane.tp.partition
+        self._lanes.setdefault(partition, lane.tp)
+        deadline = time.monotonic() + self.budget_s
         decoded, rejections = self.decode(records)  # 1
-        planned = self.plan(partition, decoded)  # 2
+        planned = self.plan(partition, decoded, deadline)  # 2
         await self.record_intents(lane, partition, planned)  # 3 (abort path A)
-        await self.settle(partition, planned)  # 4
-        results = await self.perform_effects(partition, planned)  # 5
+        results = await self.perform_effects(partition, planned, deadline)  # 4 and 5
         outcomes = self.record_outcomes(partition, planned, results)  # 6
         return self.report(rejections, outcomes)  # 7
 
@@ -239,11 +357,14 @@ class SinkStage:
         """Step 1: parse each record's JSON and check it against the schema of its command type.
 
         Returns the commands in record order, and a ``SchemaError`` rejection for each record
-        that is not JSON, has a type these effects do not perform, or fails its schema.
+        that is not JSON, has a type these effects do not perform, or fails its schema. Wake-up
+        records carry no command and are skipped.
         """
         decoded: list[Decoded] = []
         rejections: list[Rejection] = []
         for record in records:
+            if header(record, WAKE_HEADER) is not None:
+                continue
             try:
                 command = orjson.loads(record.value or b"")
                 ctype: Any = command.get("type") if isinstance(command, dict) else None
@@ -257,16 +378,49 @@ class SinkStage:
             decoded.append(Decoded(record, command))
         return decoded, rejections
 
-    def plan(self, partition: int, decoded: Sequence[Decoded]) -> list[Planned]:
+    def _start_at(self, command: dict[str, Any], prior: LedgerEntry | None, now: float) -> tuple[float, bool]:
+        """When a command may start (Unix seconds; 0 = now) — its account's hold, a parked
+        command's ``not_before``, a ``started`` one's settle time — and whether only the settle
+        time stands in the way (a wait a batch may take; the others are never waited for)."""
+        held = self.effects.ready_at(command) if command else 0.0
+        if prior is not None and prior.state == PARKED:
+            held = max(held, prior.not_before or 0.0)
+        settled = _epoch(prior.at) + self.settle_s if prior is not None and prior.state == STARTED else 0.0
+        start = max(held, settled)
+        return (start, held <= now) if start > now else (0.0, True)
+
+    def plan(self, partition: int, decoded: Sequence[Decoded], deadline: float | None = None) -> list[Planned]:
         """Step 2: the commands to perform, each with its ledger entry from before this batch.
 
-        Skipped: a second occurrence of a command id in the batch; a command the ledger knows as
-        ``done``; one it knows as ``failed`` unless the record carries ``dlq.replayed`` (a replay
-        from the dead-letter topic: attempt + 1). A ``started`` one is planned with that entry
-        (reconciled, same attempt).
+        First the partition's pending (parked) commands that are due, in record order; then the
+        batch. Skipped: a second occurrence of a command id in the batch; a command the ledger
+        knows as ``done`` or pending; one it knows as ``failed`` unless the record carries
+        ``dlq.replayed`` (a replay from the dead-letter topic: attempt + 1). A ``started`` one is
+        planned with that entry (reconciled, same attempt).
+
+        A command that cannot start now (:meth:`_start_at`: its account is held, or it was parked
+        until later) — or whose lane waits behind such a command — is planned with ``park`` set:
+        it will not run in this batch, and nothing waits for it. Only a reconcile's settle time is
+        waited for in the batch (step 4), when it ends before ``deadline`` (``time.monotonic()``;
+        default: the budget from now).
         """
+        now = time.time()
+        horizon = now + (self.budget_s if deadline is None else deadline - time.monotonic())
         planned: list[Planned] = []
         seen: set[str] = set()
+        blocked: dict[bytes | None, float] = {}  # lanes waiting behind a command that is not due
+
+        def waits(start: float, settling_only: bool) -> bool:
+            return start > (horizon if settling_only else now)
+
+        for entry in self.ledger.pending(partition):
+            seen.add(entry.command_id)
+            key = record_key(entry)
+            start, settling_only = self._start_at(entry.command or {}, entry, now)
+            if key in blocked or waits(start, settling_only):
+                blocked[key] = max(blocked.get(key, 0.0), start)
+                continue
+            planned.append(Planned(record_of(entry), entry.command or {}, entry, entry.attempt, start, pending=True))
         for d in decoded:
             record, command = d.record, d.command
             cid = command["command_id"]
@@ -281,55 +435,80 @@ class SinkStage:
                 self.stats["skipped_duplicate"] += 1
                 self._commands.labels(self.effects.target, command["type"], "duplicate").inc()
                 continue
-            attempt = prior.attempt + (0 if prior.state == STARTED else 1) if prior else 1
-            planned.append(Planned(record, command, prior, attempt))
+            attempt = prior.attempt + (0 if prior.state in (STARTED, PARKED) else 1) if prior else 1
+            start, settling_only = self._start_at(command, prior, now)
+            p = Planned(record, command, prior, attempt, start)
+            if record.key in blocked or waits(start, settling_only):
+                not_before = max(start, blocked.get(record.key, 0.0))
+                blocked[record.key] = not_before
+                reason = "lane" if not waits(start, settling_only) else ("settle" if settling_only else "held")
+                p.park = self._parked(p, reason, not_before)
+            planned.append(p)
         return planned
 
+    def _parked(
+        self, p: Planned, reason: str, not_before: float, steps: dict[str, Any] | None = None, unsettled: bool = False
+    ) -> Parked:
+        prior_steps = dict(p.prior.steps) if p.prior else {}
+        return Parked(not_before, reason, prior_steps if steps is None else steps, unsettled or must_reconcile(p.prior))
+
     async def record_intents(self, intents: IntentLog, partition: int, planned: Sequence[Planned]) -> list[LedgerEntry]:
-        """Step 3: make a ``started`` entry durable for every planned command not started yet.
+        """Step 3: make a ``started`` entry durable for every planned command that will run and is
+        not started yet.
 
         One transaction of their own on the lane's producer (``intents.publish``), committed before
         any effect; then applied to the local ledger. Commands already ``started`` keep their
-        entry. Raises when the publish fails (abort path A: nothing has been performed).
+        entry; a pending command's intent keeps the command (the ledger still owns it). Raises
+        when the publish fails (abort path A: nothing has been performed).
         """
         entries = [
             LedgerEntry(
-                p.command["command_id"], STARTED, attempt=p.attempt, steps=dict(p.prior.steps) if p.prior else {}
+                p.command["command_id"],
+                STARTED,
+                attempt=p.attempt,
+                steps=dict(p.prior.steps) if p.prior else {},
+                command=p.command if p.pending else None,
+                source=source_of(p.record) if p.pending else None,
             )
             for p in planned
-            if p.prior is None or p.prior.state != STARTED
+            if p.park is None and (p.prior is None or p.prior.state != STARTED)
         ]
         if entries:
             await intents.publish([self.ledger.record(partition, e) for e in entries])
             self.ledger.apply(partition, entries)
         return entries
 
-    async def settle(self, partition: int, planned: Sequence[Planned]) -> float:
-        """Step 4: before reconciling commands found ``started``, wait until ``settle_s`` after the
-        newest of their intents: a request the dead instance had in flight has landed by then.
+    async def settle(self, planned: Planned) -> float:
+        """Step 4, in the command's lane: a command found ``started`` waits until ``settle_s``
+        after its intent (its ``start_at``), so a request the dead instance had in flight has
+        landed before anything is looked up. The lane gives its slot to others meanwhile; a wait
+        past the batch's budget raises :class:`~pipeline.clients.http.DeferredError` (step 2
+        parks what it can foresee).
 
-        Returns the seconds waited (0 when nothing is reconciled or the intents are old enough).
+        Returns the seconds waited.
         """
-        crashed = [p.prior for p in planned if p.prior is not None and p.prior.state == STARTED]
-        if not crashed:
-            return 0.0
-        newest = max(_epoch(e.at) for e in crashed)
-        wait = newest + self.settle_s - time.time()
+        wait = planned.start_at - time.time()
         if wait <= 0:
             return 0.0
-        log.info("reconcile_settle", partition=partition, commands=len(crashed), wait_s=round(wait, 1))
-        await asyncio.sleep(wait)
+        log.info("reconcile_settle", command_id=planned.command["command_id"], wait_s=round(wait, 1))
+        await pause(wait, "settle")
         return wait
 
-    async def perform_effects(self, partition: int, planned: Sequence[Planned]) -> dict[int, Result]:
-        """Step 5: ``effects.perform`` for each planned command; results by position in ``planned``.
+    async def perform_effects(
+        self, partition: int, planned: Sequence[Planned], deadline: float | None = None
+    ) -> dict[int, Result]:
+        """Steps 4 and 5: settle and ``effects.perform`` each planned command; results by position in
+        ``planned``.
 
         Commands with the same record key form a lane and run in order; lanes run concurrently,
-        at most ``concurrency`` at a time. Each command sees the partition's index plus the
-        ``Done.index`` of the commands that finished before it. A ``RejectedError`` is recorded
-        and the lane goes on; any other exception is recorded and stops the lane (the commands
+        at most ``concurrency`` performing at a time (a lane that waits gives its slot up). Each
+        command sees the partition's index plus the ``Done.index`` of the commands that finished
+        before it. A ``RejectedError`` is recorded and the lane goes on. A ``DeferredError`` (no
+        wait may end after ``deadline``, ``time.monotonic()``) parks the command and every later
+        command of its lane. Any other exception is recorded and stops the lane (the commands
         after it get no result: unfinished too).
         """
+        deadline = time.monotonic() + self.budget_s if deadline is None else deadline
         results: dict[int, Result] = {}
         overlay: dict[str, Any] = {}
         index_view = ChainMap(overlay, self.ledger.index(partition))
@@ -339,23 +518,41 @@ class SinkStage:
         slots = asyncio.Semaphore(self.concurrency)
 
         async def run_lane(indexes: list[int]) -> None:
-            async with slots:
-                for i in indexes:
-                    p = planned[i]
-                    try:
-                        # prior: the entry from before this batch (not this batch's intent)
-                        done = results[i] = await self.effects.perform(p.command, p.prior, index_view)
-                        overlay.update(done.index)
-                    except RejectedError as exc:
-                        results[i] = exc
-                    except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
-                        results[i] = exc
-                        log.warning(
-                            "command_unfinished",
-                            command_id=p.command["command_id"],
-                            error=f"{type(exc).__name__}: {exc}",
-                        )
-                        return  # later commands of this lane wait for it
+            slot = _Slot(slots)
+            await slot.acquire()
+            try:
+                with wait_budget(deadline, slot):
+                    await perform_lane(indexes)
+            finally:
+                slot.release()
+
+        async def perform_lane(indexes: list[int]) -> None:
+            waiting: Parked | None = None  # the lane waits behind this
+            for i in indexes:
+                p = planned[i]
+                if p.park is not None:
+                    results[i] = waiting = p.park
+                    continue
+                if waiting is not None:
+                    results[i] = self._parked(p, "lane", waiting.not_before)
+                    continue
+                try:
+                    await self.settle(p)  # 4
+                    # prior: the entry from before this batch (not this batch's intent)
+                    done = results[i] = await self.effects.perform(p.command, p.prior, index_view)
+                    overlay.update(done.index)
+                except RejectedError as exc:
+                    results[i] = exc
+                except DeferredError as exc:
+                    results[i] = waiting = self._parked(p, exc.reason, exc.until, exc.steps, exc.unsettled)
+                except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
+                    results[i] = exc
+                    log.warning(
+                        "command_unfinished",
+                        command_id=p.command["command_id"],
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    return  # later commands of this lane wait for it
 
         await asyncio.gather(*(run_lane(ix) for ix in lanes.values()))
         return results
@@ -367,7 +564,10 @@ class SinkStage:
           ledger entry; its index updates are collected and written after all entries;
         * ``RejectedError`` → audit record ``dead_lettered``, ``failed`` ledger entry (the prior
           steps kept), and a ``TargetRejected`` rejection (the loop dead-letters it);
-        * anything else, or no result → unfinished: no record; its offset may stop the batch.
+        * :class:`Parked` → ``parked`` ledger entry with the command and its record's key and
+          headers (the offsets move past it);
+        * anything else, or no result → unfinished: no record; a command of this batch stops the
+          offsets there, a pending one stays pending (``started``: reconciled when due).
         """
         out = Outcomes()
         now = time.time()
@@ -410,9 +610,30 @@ class SinkStage:
                 out.outputs.append(
                     audit(decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid))
                 )
+            elif isinstance(result, Parked):
+                entry = LedgerEntry(
+                    cid,
+                    PARKED,
+                    attempt=p.attempt,
+                    steps=result.steps,
+                    outcome=result.reason,
+                    command=p.command,
+                    source=source_of(p.record),
+                    not_before=round(result.not_before, 3),
+                    reconcile=result.reconcile,
+                )
+                self.stats["parked"] += 1
+                self._commands.labels(self.effects.target, ctype, "parked").inc()
+                log.info(
+                    "command_parked",
+                    command_id=cid,
+                    reason=result.reason,
+                    wait_s=round(max(0.0, result.not_before - now), 1),
+                    reconcile=result.reconcile,
+                )
             else:
                 self.stats["unfinished"] += 1
-                if out.first_unfinished is None or p.record.offset < out.first_unfinished:
+                if not p.pending and (out.first_unfinished is None or p.record.offset < out.first_unfinished):
                     out.first_unfinished = p.record.offset
                 continue
             out.entries.append(entry)

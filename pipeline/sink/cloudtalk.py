@@ -28,7 +28,7 @@ from typing import Any, cast
 import aiohttp
 
 from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
-from pipeline.clients.http import RateWindow, RejectedError, RetryPolicy, create_or_find
+from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find
 from pipeline.clients.kustomer import kustomer_clients
 from pipeline.core.config import PipelineConfig
 from pipeline.core.phones import normalize_e164
@@ -65,6 +65,11 @@ class CloudTalkEffects:
         self._agents: dict[str, int] | None = None
         self._agents_at = 0.0
         self._countries: dict[str, int] | None = None
+
+    def ready_at(self, command: dict[str, Any]) -> float:
+        """When the CloudTalk company's window takes requests again (Unix seconds; 0 = now). A
+        Kustomer org that is held makes only the commands that need it wait (when they ask)."""
+        return self.ct.executor.window.ready_at() if isinstance(self.ct, ApiClient) else 0.0
 
     # -- lookups (cached) ------------------------------------------------------------------------
     async def own_user(self, integration: str) -> str | None:

@@ -11,8 +11,15 @@
    found rather than created, its notes are searched for the marker first.
 
 Creates of conversations and notes are paced to Kustomer's 120 per minute per customer. A create
-whose outcome is unknown (timeout, lost connection, 5xx) is never repeated blindly: after a settle
-time the resource is looked up by the same key, and created again only when it is absent.
+whose outcome is unknown (timeout, lost connection, a 5xx other than 503) is never repeated
+blindly: after a settle time the resource is looked up by the same key, and created again only
+when it is absent. A 429 or a 503 says the create did not happen: it is simply sent again.
+
+When Kustomer makes a command wait longer than the sink's batch budget (the org's window is
+spent, the org is out of service, the customer's limit is reached) the command is parked with the
+ids written so far (``DeferredError.steps``) and resumes from there; the org's
+:class:`~pipeline.clients.http.RateWindow` holds the org meanwhile (:meth:`KustomerEffects.ready_at`),
+so commands of other orgs — and of other customers — go on.
 """
 
 from __future__ import annotations
@@ -20,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.clients.http import KeyedLimiter, RejectedError, create_or_find
+from pipeline.clients.http import ApiClient, DeferredError, KeyedLimiter, RejectedError, create_or_find
 from pipeline.clients.kustomer import ConflictError
 from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
-from pipeline.sink.ledger import LedgerEntry
+from pipeline.sink.ledger import LedgerEntry, must_reconcile
 from pipeline.sink.ports import KustomerApi
 
 
@@ -54,16 +61,29 @@ class KustomerEffects:
             )
         return client
 
+    def ready_at(self, command: dict[str, Any]) -> float:
+        """When the command's Kustomer org takes requests again (Unix seconds; 0 = now)."""
+        client = self.clients.get(command.get("integration", ""))
+        return client.executor.window.ready_at() if isinstance(client, ApiClient) else 0.0
+
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
         if command["type"] == "kustomer.log_conversation":
-            return await self.log_conversation(command, prior)
+            steps: dict[str, Any] = dict(prior.steps) if prior else {}
+            try:
+                return await self.log_conversation(command, prior, steps)
+            except DeferredError as exc:
+                exc.steps = steps  # parked with what was written so far
+                raise
         return await export_customer(self.client(command), command, prior, index, self.settle_s)
 
     # -- calls and SMS -------------------------------------------------------------------------
-    async def log_conversation(self, command: dict[str, Any], prior: LedgerEntry | None) -> Done:
+    async def log_conversation(
+        self, command: dict[str, Any], prior: LedgerEntry | None, steps: dict[str, Any] | None = None
+    ) -> Done:
+        """``steps`` (the prior's by default) is filled in as effects are written."""
         client = self.client(command)
-        steps: dict[str, Any] = dict(prior.steps) if prior else {}
-        reconcile = prior is not None
+        steps = (dict(prior.steps) if prior else {}) if steps is None else steps
+        reconcile = must_reconcile(prior)
         outcome = "created"
         integration = command["integration"]
 
@@ -99,6 +119,9 @@ class KustomerEffects:
         # 2. conversation
         conv = command["conversation"]
         conversation_id = steps.get("conversation_id")
+        # a conversation known from the steps may have its note already when the command must be
+        # reconciled (it was started again, or parked after a note create with an unknown outcome)
+        look_for_note = bool(conversation_id) and reconcile
         found_existing = False
         if not conversation_id and reconcile:
             conversation_id = await self._find_conversation(client, customer_id, conv["externalId"])
@@ -126,9 +149,9 @@ class KustomerEffects:
         # 3. note
         note = command["note"]
         note_id = steps.get("note_id")
-        if not note_id and found_existing:
+        if not note_id and (found_existing or look_for_note):
             note_id = await self._find_note(client, conversation_id, note["marker"])
-        if found_existing:
+        if found_existing or note_id:
             outcome = "reconciled"
         if not note_id:
             await self.note_limit.acquire(f"{integration}|{customer_id}")

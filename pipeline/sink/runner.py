@@ -3,6 +3,11 @@
 Each consumes its command topic in a consumer group (replicas share partitions), keeps its
 ledger partitions, and performs the effects through the typed API clients. Requests to one
 Kustomer org share one rate window (integrations on the same org share its budget).
+
+The two sinks are separate processes: CloudTalk's company-wide budget and the Kustomer orgs'
+budgets never hold each other's commands. Inside a sink, a batch waits on a target for at most
+``SINK_BATCH_BUDGET_S``; what would wait longer is parked (see :mod:`pipeline.sink.base`) and a
+:class:`~pipeline.sink.wake.Waker` brings its partition back when it is due.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import aiohttp
 from pipeline.clients.http import retry_policy_from_env, settle_from_env
 from pipeline.clients.kustomer import kustomer_clients
 from pipeline.core.config import PipelineConfig, load_config
-from pipeline.core.settings import ServiceSettings, env_int
+from pipeline.core.settings import ServiceSettings, env_float, env_int
 from pipeline.kafka.loop import LoopSettings, TransactionalLoop
 from pipeline.kafka.service import run_loop_service, start_logging
 from pipeline.kafka.topics import Topics
@@ -25,6 +30,12 @@ from pipeline.sink.base import SinkStage
 from pipeline.sink.cloudtalk import build_cloudtalk_effects
 from pipeline.sink.kustomer import KustomerEffects
 from pipeline.sink.ledger import Ledger
+from pipeline.sink.wake import Waker
+
+
+def batch_budget_from_env() -> float:
+    """``SINK_BATCH_BUDGET_S``: the longest a batch waits on a target before parking what waits."""
+    return env_float(os.environ, "SINK_BATCH_BUDGET_S", 0.5, minimum=0.0)
 
 
 async def build_kustomer_stage(
@@ -43,6 +54,8 @@ async def build_kustomer_stage(
         topics.audit,
         concurrency=env_int(os.environ, "SINK_CONCURRENCY", 16, minimum=1),
         settle_s=settle_s,
+        budget_s=batch_budget_from_env(),
+        waker=Waker(settings.kafka.bootstrap, f"{settings.kafka.client_id}-sink-kustomer"),
     )
 
 
@@ -58,6 +71,8 @@ async def build_cloudtalk_stage(
         topics.audit,
         concurrency=1,
         settle_s=settle_s,
+        budget_s=batch_budget_from_env(),
+        waker=Waker(settings.kafka.bootstrap, f"{settings.kafka.client_id}-sink-cloudtalk"),
     )
 
 
@@ -84,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         session = aiohttp.ClientSession()
+        stage: SinkStage | None = None
         try:
             stage = await build(session, config, settings, topics)
             loop = TransactionalLoop(
@@ -103,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             )
             await run_loop_service(f"sink-{args.target}", loop, settings)
         finally:
+            if stage is not None and stage.waker is not None:
+                await stage.waker.close()
             await session.close()
 
     asyncio.run(main())

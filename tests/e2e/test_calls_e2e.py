@@ -46,7 +46,10 @@ async def test_duplicate_webhooks_and_a_replay_from_offset_zero_leave_one_conver
     await wait_for(lambda: len(flow.ksim.conversations) >= 5, 60, "5 conversations")
     await idle(flow, ("process-calls", "process-sms", "sink-kustomer"))
     raw = await read_topic(flow.bootstrap, flow.topics.raw_calls)
-    assert len(raw) == 7, "each duplicated webhook was stored twice"
+    ids = [r.key for r in raw]
+    assert len(set(ids)) == 4 and 4 <= len(raw) <= 7, (
+        "a copy is stored at most once more (ingest waits for a copy in flight)"
+    )
     sms_ext = next(
         c["attributes"]["externalId"]
         for c in flow.ksim.conversations.values()
@@ -112,10 +115,17 @@ async def test_sink_killed_between_conversation_and_commit_reconciles_to_one(flo
     assert len(flow.ksim.notes) == 0 and len(flow.ksim.conversations) == 1
     flow.stack.start("sink-kustomer")
     await wait_for(lambda: len(flow.ksim.notes) == 1, 60, "the note after the restart")
+
+    async def sink_outcomes() -> list[str]:
+        audit = [orjson.loads(r.value) for r in await read_topic(flow.bootstrap, flow.topics.audit)]
+        return [d["rule"] for a in audit if a["stage"] == "sink-kustomer" for d in a["decisions"]]
+
+    # the restarted sink parks the command until the settle time after its intent (its offsets
+    # move on, so the lag says nothing about it), then reconciles it
+    await wait_for(sink_outcomes, 60, "the restarted sink's outcome")
     await idle(flow)
     flow.assert_exactly_once([ext(call)])
-    audit = [orjson.loads(r.value) for r in await read_topic(flow.bootstrap, flow.topics.audit)]
-    outcomes = [d["rule"] for a in audit if a["stage"] == "sink-kustomer" for d in a["decisions"]]
+    outcomes = await sink_outcomes()
     assert outcomes == ["reconciled"], outcomes
     lookups = [e for e in flow.ksim.log.entries if e.method == "GET" and e.path.endswith("/conversations")]
     assert lookups, "the restarted sink looked the conversation up before writing"
