@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from bench.common import kafka, percentile_ms  # noqa: E402
 from devkit.net import free_port
 from devkit.stack import Stack  # noqa: E402
+from pipeline.kafka.clients import new_consumer, new_producer  # noqa: E402
 from pipeline.kafka.lag import group_lag  # noqa: E402
 from pipeline.kafka.topics import Topics, TopicSpec, ensure_topics  # noqa: E402
 
@@ -75,14 +75,14 @@ def describe(name: str, lat: list[float]) -> str:
 async def kafka_hop(bootstrap: str, rate: float, seconds: float) -> list[float]:
     topic = f"bench-hop-{uuid.uuid4().hex[:6]}"
     await ensure_topics(bootstrap, [TopicSpec(topic, 6, {}, "latency baseline")])
-    consumer = AIOKafkaConsumer(
+    consumer = new_consumer(
         topic,
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
         auto_offset_reset="earliest",
         group_id=None,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    producer = new_producer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
     await consumer.start()
     await producer.start()
     out: list[float] = []

@@ -25,16 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+from aiokafka.admin import NewTopic  # noqa: E402
 
 from bench.common import kafka  # noqa: E402
+from pipeline.kafka.clients import new_admin, new_consumer, new_producer  # noqa: E402
 from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
 from pipeline.ops.copy import copy_transform  # noqa: E402
 
 
 async def create(bootstrap: str, name: str, partitions: int) -> str:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = new_admin(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, partitions, 1)])
@@ -44,7 +44,7 @@ async def create(bootstrap: str, name: str, partitions: int) -> str:
 
 
 async def produce_input(bootstrap: str, topic: str, n: int, size: int) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024)
+    producer = new_producer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024)
     await producer.start()
     pad = b"x" * max(0, size - 12)
     try:
@@ -58,7 +58,7 @@ async def produce_input(bootstrap: str, topic: str, n: int, size: int) -> None:
 
 async def count(bootstrap: str, topic: str, expect: int) -> int:
     """Records readable read_committed (end offsets would also count transaction markers)."""
-    c = AIOKafkaConsumer(
+    c = new_consumer(
         topic,
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
@@ -80,7 +80,7 @@ async def count(bootstrap: str, topic: str, expect: int) -> int:
 
 async def baseline_copy(bootstrap: str, src: str, dst: str, n: int, batch: int) -> float:
     group = f"base-{uuid.uuid4().hex[:8]}"
-    consumer = AIOKafkaConsumer(
+    consumer = new_consumer(
         src,
         bootstrap_servers=bootstrap,
         group_id=group,
@@ -91,7 +91,7 @@ async def baseline_copy(bootstrap: str, src: str, dst: str, n: int, batch: int) 
         fetch_max_bytes=16 * 1024 * 1024,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
-    producer = AIOKafkaProducer(
+    producer = new_producer(
         bootstrap_servers=bootstrap,
         transactional_id=group,
         enable_idempotence=True,

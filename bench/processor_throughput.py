@@ -27,12 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiokafka import AIOKafkaProducer  # noqa: E402
 
 from bench.common import kafka  # noqa: E402
 from bench.loop_throughput import baseline_copy, create  # noqa: E402
 from pipeline.core.config import parse_config  # noqa: E402
 from pipeline.core.envelope import Envelope, call_event_id  # noqa: E402
+from pipeline.kafka.clients import new_producer  # noqa: E402
 from pipeline.kafka.loop import LoopSettings, TransactionalLoop, TransformStage  # noqa: E402
 from pipeline.kafka.topics import Topics, ensure_topics  # noqa: E402
 from pipeline.process.runner import FLOWS, decisions_transform  # noqa: E402
@@ -106,7 +106,7 @@ def call_envelope(i: int, rng: random.Random) -> Envelope:
 
 async def produce_events(bootstrap: str, topic: str, n: int) -> None:
     rng = random.Random(7)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024)
+    producer = new_producer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024)
     await producer.start()
     try:
         futures = []

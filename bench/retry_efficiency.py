@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
-from aiokafka import AIOKafkaProducer  # noqa: E402
 
 from bench.common import kafka  # noqa: E402
 from devkit.net import free_port  # noqa: E402
 from devkit.stack import Stack  # noqa: E402
+from pipeline.kafka.clients import new_producer  # noqa: E402
 from pipeline.kafka.lag import group_lag  # noqa: E402
 from pipeline.kafka.topics import Topics, ensure_topics  # noqa: E402
 
@@ -163,7 +163,7 @@ async def run(bootstrap: str, scenario: Scenario, args: argparse.Namespace) -> R
                     f"{k}/_sim/faults", data=orjson.dumps({**fault, "probability": scenario.fault_rate})
                 ) as r:
                     assert r.status < 300, await r.text()
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+            producer = new_producer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
             await producer.start()
             try:
                 for i in range(args.calls):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from devkit.localkafka import LocalKafka, LocalKafkaError, ensure_jars
 
@@ -18,14 +19,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", help="data, logs and PID file (env LOCAL_KAFKA_DIR, default .run/kafka)")
     p.add_argument("--port", type=int, help="client port (env LOCAL_KAFKA_PORT, default 9092)")
     p.add_argument("--controller-port", type=int, help="KRaft controller port (default port+1)")
+    p.add_argument(
+        "--sasl-ssl-port",
+        type=int,
+        help="also a SASL_SSL listener (TLS, SCRAM-SHA-512) on this port, for trying the Kafka security settings "
+        "(env LOCAL_KAFKA_SASL_SSL_PORT; needs a fresh state directory)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    broker = LocalKafka.from_env(args.state_dir, args.port, args.controller_port)
+    broker = LocalKafka.from_env(args.state_dir, args.port, args.controller_port, args.sasl_ssl_port)
     try:
         if args.action == "up":
             print(broker.up())
+            if broker.sasl_ssl_port is not None:
+                print("local-kafka: a client of the SASL_SSL listener needs:", file=sys.stderr)
+                for name, value in broker.client_env().items():
+                    print(f"  {name}={value}", file=sys.stderr)
         elif args.action == "down":
             broker.down()
         elif args.action == "fetch":

@@ -11,7 +11,13 @@
    either starts the same broker again: same ports, same data.
 
 Ports: 9092 for clients and the next one for the KRaft controller, unless ``LOCAL_KAFKA_PORT`` /
-``LOCAL_KAFKA_CONTROLLER_PORT`` (or ``--port``) say otherwise. When a default port is taken by
+``LOCAL_KAFKA_CONTROLLER_PORT`` (or ``--port``) say otherwise. ``LOCAL_KAFKA_SASL_SSL_PORT`` (or
+``--sasl-ssl-port``; ``LocalKafka.ephemeral(..., sasl_ssl=True)`` in tests) adds a listener as a
+secured cluster has one: TLS with a certificate for 127.0.0.1/localhost signed by a CA made here
+(``tls/ca.pem``), SCRAM-SHA-512 login of the user ``pipeline`` whose password is generated into
+``secrets/`` and created at format time (``kafka-storage format --add-scram``).
+:meth:`LocalKafka.client_env` is what a client needs to use it. The controller and the other
+brokers' traffic stay PLAINTEXT on their own ports. When a default port is taken by
 another process, ``up`` picks a free one and says which; a port chosen explicitly that is taken
 stops it with one line naming the port and the variable. A running broker is found where its
 ``server.properties`` says it listens, whatever the environment says now.
@@ -27,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,15 +50,24 @@ from pathlib import Path
 from devkit.errors import DevkitError
 from devkit.net import choose_port, free_port
 from devkit.stack import pid_alive, shown, stop_pids
+from devkit.tls import make_ca, make_server_cert
+from pipeline.core.settings import KafkaSecurity, SettingsError
 
 KAFKA_VERSION = "4.1.1"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POM = REPO_ROOT / "deploy" / "local-kafka" / "pom.xml"
+SCRAM_USER = "pipeline"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SCRAM_ITERATIONS = 4096
 
 
 class LocalKafkaError(DevkitError):
     pass
+
+
+class BrokerRefused(LocalKafkaError):
+    """The broker answers but refuses the connection settings (login, certificate)."""
 
 
 def cache_dir() -> Path:
@@ -108,10 +125,15 @@ class LocalKafka:
     heap: str = "512m"
     port_given: bool = False  # the ports were chosen (argument or environment), not defaults
     controller_port_given: bool = False
+    sasl_ssl_port: int | None = None  # also a SASL_SSL listener (TLS + SCRAM-SHA-512) on this port
 
     @classmethod
     def from_env(
-        cls, state_dir: str | None = None, port: int | None = None, controller_port: int | None = None
+        cls,
+        state_dir: str | None = None,
+        port: int | None = None,
+        controller_port: int | None = None,
+        sasl_ssl_port: int | None = None,
     ) -> LocalKafka:
         sd = Path(state_dir or os.environ.get("LOCAL_KAFKA_DIR") or ".run/kafka").resolve()
         p = port or _env_port("LOCAL_KAFKA_PORT") or 9092
@@ -123,17 +145,20 @@ class LocalKafka:
             heap=os.environ.get("LOCAL_KAFKA_HEAP", "512m"),
             port_given=bool(port or _env_port("LOCAL_KAFKA_PORT")),
             controller_port_given=bool(controller_port or _env_port("LOCAL_KAFKA_CONTROLLER_PORT")),
+            # 0: any free port
+            sasl_ssl_port=sasl_ssl_port if sasl_ssl_port is not None else _env_port("LOCAL_KAFKA_SASL_SSL_PORT"),
         )
 
     @classmethod
-    def ephemeral(cls, state_dir: Path) -> LocalKafka:
-        """A broker on free ports (test sessions)."""
+    def ephemeral(cls, state_dir: Path, sasl_ssl: bool = False) -> LocalKafka:
+        """A broker on free ports (test sessions); ``sasl_ssl`` adds the SASL_SSL listener."""
         return cls(
             state_dir=state_dir,
             port=free_port(),
             controller_port=free_port(),
             port_given=True,
             controller_port_given=True,
+            sasl_ssl_port=free_port() if sasl_ssl else None,
         )
 
     # -- paths ---------------------------------------------------------------------------------
@@ -161,6 +186,84 @@ class LocalKafka:
     def properties_file(self) -> Path:
         return self.state_dir / "server.properties"
 
+    # -- the SASL_SSL listener ------------------------------------------------------------------
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        if self.sasl_ssl_port is None:
+            raise LocalKafkaError("this broker has no SASL_SSL listener (LOCAL_KAFKA_SASL_SSL_PORT)")
+        return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the broker's certificate: what a client trusts (KAFKA_SSL_CA_FILE)."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+    @property
+    def sasl_username_file(self) -> Path:
+        return self.secrets_dir / "kafka-sasl-username"
+
+    @property
+    def sasl_password_file(self) -> Path:
+        return self.secrets_dir / "kafka-sasl-password"
+
+    def client_env(self) -> dict[str, str]:
+        """The settings of a pipeline client of the SASL_SSL listener (README "Kafka security")."""
+        return {
+            "KAFKA_BOOTSTRAP": self.sasl_ssl_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": SCRAM_MECHANISM,
+            "KAFKA_SASL_USERNAME_FILE": str(self.sasl_username_file),
+            "KAFKA_SASL_PASSWORD_FILE": str(self.sasl_password_file),
+            "KAFKA_SSL_CA_FILE": str(self.ca_file),
+        }
+
+    def _secret(self, path: Path, make: Callable[[], str]) -> str:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(make() + "\n")
+        return path.read_text().strip()
+
+    def _sasl_ssl_properties(self) -> dict[str, str]:
+        """The listener's TLS material (made once) and its settings."""
+        password = self._secret(self.tls_dir / "keystore-password", lambda: secrets.token_hex(16))
+        ca = make_ca(self.tls_dir)
+        server = make_server_cert(self.tls_dir, ca, password)
+        prefix = "listener.name.sasl_ssl."
+        return {
+            "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"{prefix}{SCRAM_MECHANISM.lower()}.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            f"{prefix}ssl.keystore.type": "PKCS12",
+            f"{prefix}ssl.keystore.location": str(server.keystore),
+            f"{prefix}ssl.keystore.password": password,
+            f"{prefix}ssl.key.password": password,
+            f"{prefix}ssl.client.auth": "none",
+        }
+
+    def _scram_credential(self) -> str:
+        """``--add-scram`` for the user: salted, so the password is never on a command line."""
+        self._secret(self.sasl_username_file, lambda: SCRAM_USER)
+        password = self._secret(self.sasl_password_file, lambda: secrets.token_hex(16))
+        salt = secrets.token_bytes(16)
+        salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, SCRAM_ITERATIONS)
+        salt_b64, salted_b64 = base64.b64encode(salt).decode(), base64.b64encode(salted).decode()
+        return (
+            f"{SCRAM_MECHANISM}=[name={SCRAM_USER},iterations={SCRAM_ITERATIONS},"
+            f'salt="{salt_b64}",saltedpassword="{salted_b64}"]'
+        )
+
     # -- state ---------------------------------------------------------------------------------
     def pid(self) -> int | None:
         try:
@@ -185,6 +288,8 @@ class LocalKafka:
                     self.port = port
                 elif name == "CONTROLLER":
                     self.controller_port = port
+                elif name == "SASL_SSL":
+                    self.sasl_ssl_port = port
 
     def _choose_ports(self, say: Callable[[str], None]) -> None:
         """Free ports for a broker about to start: a taken default is replaced (and said), a taken
@@ -198,6 +303,14 @@ class LocalKafka:
             say,
             given=self.controller_port if self.controller_port_given else None,
         )
+        if self.sasl_ssl_port is not None:
+            self.sasl_ssl_port = choose_port(
+                "LOCAL_KAFKA_SASL_SSL_PORT",
+                self.sasl_ssl_port,
+                f"{what}'s SASL_SSL listener",
+                say,
+                given=self.sasl_ssl_port,
+            )
 
     def port_open(self) -> bool:
         with socket.socket() as s:
@@ -208,14 +321,21 @@ class LocalKafka:
     def _write_config(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        advertised = f"PLAINTEXT://127.0.0.1:{self.port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        if self.sasl_ssl_port is not None:
+            listeners += f",SASL_SSL://127.0.0.1:{self.sasl_ssl_port}"
+            advertised += f",SASL_SSL://127.0.0.1:{self.sasl_ssl_port}"
+            protocols += ",SASL_SSL:SASL_SSL"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             # One node: internal topics must accept a replication factor of 1, or groups and
@@ -235,7 +355,11 @@ class LocalKafka:
             "transaction.max.timeout.ms": "900000",
             "group.max.session.timeout.ms": "600000",
         }
+        if self.sasl_ssl_port is not None:
+            props.update(self._sasl_ssl_properties())
         self.properties_file.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        if self.sasl_ssl_port is not None:
+            self.properties_file.chmod(0o600)  # it holds the keystore's password
         (self.state_dir / "log4j2.properties").write_text(
             "status = warn\n"
             "appender.file.type = File\n"
@@ -253,7 +377,13 @@ class LocalKafka:
         return ["java", *(jvm or []), "-cp", f"{lib_dir()}/*", main, *args]
 
     def _format(self) -> None:
+        scram_marker = self.data_dir / ".scram-user"
         if (self.data_dir / "meta.properties").exists():
+            if self.sasl_ssl_port is not None and not scram_marker.exists():
+                raise LocalKafkaError(
+                    f"{self.data_dir} was formatted without the SASL_SSL listener's user (it is created at format "
+                    "time); use a fresh state directory (LOCAL_KAFKA_DIR) for a broker with LOCAL_KAFKA_SASL_SSL_PORT"
+                )
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cluster_id = "-"
@@ -266,11 +396,14 @@ class LocalKafka:
             cluster_id,
             "-c",
             str(self.properties_file),
+            *(["--add-scram", self._scram_credential()] if self.sasl_ssl_port is not None else []),
             jvm=["-Xmx256m", f"-Dlog4j2.configurationFile={self.state_dir / 'log4j2.properties'}"],
         )
         result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode != 0:
             raise LocalKafkaError(f"formatting KRaft storage failed:\n{result.stdout[-2000:]}")
+        if self.sasl_ssl_port is not None:
+            scram_marker.write_text(f"{SCRAM_USER} {SCRAM_MECHANISM}\n")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def up(self, timeout_s: float = 90.0, quiet: bool = False, say: Callable[[str], None] | None = None) -> str:
@@ -280,7 +413,7 @@ class LocalKafka:
         pid = self.pid()
         if pid is not None:
             self._adopt_recorded_ports()
-            asyncio.run(wait_for_metadata(self.bootstrap, timeout_s))
+            asyncio.run(wait_for_metadata(self.bootstrap, timeout_s, security=PLAINTEXT))
             if not quiet:
                 print(f"local-kafka: already running (pid {pid}) at {self.bootstrap}", file=sys.stderr)
             return self.bootstrap
@@ -313,10 +446,14 @@ class LocalKafka:
         out.close()
         self.pid_file.write_text(f"{proc.pid}\n")
         try:
-            asyncio.run(wait_for_metadata(self.bootstrap, timeout_s, proc=proc))
-        except Exception:
+            asyncio.run(wait_for_metadata(self.bootstrap, timeout_s, proc=proc, security=PLAINTEXT))
+            if self.sasl_ssl_port is not None:  # TLS and the user's login work before anyone relies on them
+                asyncio.run(
+                    wait_for_metadata(self.sasl_ssl_bootstrap, 30.0, proc=proc, security=self.client_security())
+                )
+        except Exception as exc:
             self.down(quiet=True)
-            raise LocalKafkaError(f"broker did not come up; see {self.log_file}") from None
+            raise LocalKafkaError(f"broker did not come up ({exc}); see {self.log_file}") from None
         if not quiet:
             print(f"local-kafka: up (pid {proc.pid}) at {self.bootstrap}; log {self.log_file}", file=sys.stderr)
         return self.bootstrap
@@ -357,13 +494,20 @@ class LocalKafka:
         pid = self.pid()
         if pid is not None:
             self._adopt_recorded_ports()
-        return {
+        status: dict[str, object] = {
             "running": pid is not None,
             "pid": pid,
             "bootstrap": self.bootstrap,
             "state_dir": str(self.state_dir),
             "log": str(self.log_file),
         }
+        if self.sasl_ssl_port is not None:
+            status["sasl_ssl"] = self.client_env()
+        return status
+
+    def client_security(self) -> KafkaSecurity:
+        """:meth:`client_env` read as the pipeline reads it."""
+        return KafkaSecurity.from_env(self.client_env())
 
 
 def _env_port(var: str) -> int | None:
@@ -398,6 +542,8 @@ def broker_for_run(say: Callable[[str], None], timeout_s: float = 120.0) -> RunB
     if given:
         try:
             asyncio.run(wait_for_metadata(given, 20.0))
+        except BrokerRefused as exc:
+            raise LocalKafkaError(f"KAFKA_BOOTSTRAP={given}: {exc}") from None
         except LocalKafkaError:
             raise LocalKafkaError(
                 f"KAFKA_BOOTSTRAP={given}: no Kafka broker answers there; start it, or unset KAFKA_BOOTSTRAP "
@@ -410,9 +556,24 @@ def broker_for_run(say: Callable[[str], None], timeout_s: float = 120.0) -> RunB
     return RunBroker(bootstrap, broker, started)
 
 
-async def wait_for_metadata(bootstrap: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll until the broker answers a real metadata request (the port alone opens too early)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+PLAINTEXT = KafkaSecurity()  # the local broker's own listener, whatever the environment says
+
+
+async def wait_for_metadata(
+    bootstrap: str,
+    timeout_s: float = 60.0,
+    proc: subprocess.Popen | None = None,
+    security: KafkaSecurity | None = None,
+) -> None:
+    """Poll until the broker answers a real metadata request (the port alone opens too early).
+    ``security``: the connection settings (default: the pipeline's, from the environment); a
+    broker that refuses them (login, certificate) ends the wait at once."""
+    from pipeline.kafka.clients import new_admin
+
+    try:
+        security = KafkaSecurity.from_env() if security is None else security
+    except SettingsError as exc:
+        raise BrokerRefused(str(exc)) from None
 
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
@@ -425,12 +586,14 @@ async def wait_for_metadata(bootstrap: str, timeout_s: float = 60.0, proc: subpr
             if s.connect_ex((host or "127.0.0.1", int(port))) != 0:
                 await asyncio.sleep(0.3)
                 continue
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = new_admin(bootstrap_servers=bootstrap, request_timeout_ms=3000, security=security)
         try:
             await admin.start()
             cluster = await admin.describe_cluster()
             if cluster.get("brokers"):
                 return
+        except SettingsError as exc:  # KafkaSecurityError: waiting will not help
+            raise BrokerRefused(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last = exc
         finally:

@@ -4,7 +4,8 @@
   (pipeline.localkafka) on free ports in a temporary directory and stops it at the end.
 * ``topics``: a :class:`~pipeline.topics.Topics` with a prefix unique to the test; every
   catalogue topic exists on the broker.
-* ``kafka``: small async helpers to produce records and read topics back ``read_committed``.
+* ``kafka``: small async helpers to produce records and read topics back ``read_committed``
+  (clients from :mod:`pipeline.kafka.clients`, so ``KAFKA_SECURITY_PROTOCOL`` & co. apply).
 No Kafka mocks anywhere: every test that needs Kafka talks to the real broker.
 """
 
@@ -18,10 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
 
 from devkit.localkafka import LocalKafka
+from pipeline.core.settings import KafkaSecurity
+from pipeline.kafka.clients import new_admin, new_consumer, new_producer
 from pipeline.kafka.topics import Topics, ensure_topics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +61,11 @@ async def topics(kafka_bootstrap: str, topic_prefix: str) -> Topics:
 class KafkaIO:
     """Produce and read back; reads are ``read_committed`` unless asked otherwise."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, bootstrap: str, security: KafkaSecurity | None = None) -> None:
+        self.bootstrap, self.security = bootstrap, security  # security None: from the environment
 
     async def create_topic(self, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = new_admin(bootstrap_servers=self.bootstrap, security=self.security)
         await admin.start()
         try:
             await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config or {})])
@@ -76,8 +79,9 @@ class KafkaIO:
         records: Iterable[tuple[bytes | None, bytes | None]],
         headers: list[tuple[str, bytes]] | None = None,
     ) -> int:
-        producer = AIOKafkaProducer(
+        producer = new_producer(
             bootstrap_servers=self.bootstrap,
+            security=self.security,
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
@@ -96,7 +100,9 @@ class KafkaIO:
         return n
 
     async def end_offsets(self, topic: str) -> dict[int, int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, isolation_level="read_committed")
+        consumer = new_consumer(
+            bootstrap_servers=self.bootstrap, security=self.security, isolation_level="read_committed"
+        )
         await consumer.start()
         try:
             parts = consumer.partitions_for_topic(topic) or set()
@@ -120,9 +126,10 @@ class KafkaIO:
     ) -> list:
         """Every record from the beginning. With ``expect``, waits until that many arrived (or
         the timeout); without, reads until the topic is idle for ``idle`` seconds."""
-        consumer = AIOKafkaConsumer(
+        consumer = new_consumer(
             topic,
             bootstrap_servers=self.bootstrap,
+            security=self.security,
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,

@@ -15,6 +15,7 @@ contact's *first* number / e-mail only (use :meth:`CloudTalkClient.get_contact` 
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypedDict, TypeVar
@@ -303,11 +304,13 @@ class CloudTalkClient(ApiClient):
         window: RateWindow | None = None,
         policy: RetryPolicy | None = None,
     ) -> CloudTalkClient:
-        """Build the executor: Basic auth, ``Accept: application/json``, account = key id."""
+        """Build the executor: Basic auth, ``Accept: application/json``. The metrics' ``account``
+        label is the API host (one CloudTalk company per pipeline): never the key id, which is a
+        credential."""
         executor = HttpExecutor(
             session,
             TARGET,
-            key_id,
+            urllib.parse.urlsplit(base_url).netloc or TARGET,
             CLOUDTALK_RATE_HEADERS,
             window=window,
             policy=policy,

@@ -72,13 +72,15 @@ class KustomerClient(ApiClient):
         *,
         window: RateWindow | None = None,
         policy: RetryPolicy | None = None,
+        account: str | None = None,
     ) -> KustomerClient:
-        """Bearer auth, ``Accept: application/json``; the account label is the API host."""
+        """Bearer auth, ``Accept: application/json``; the metrics' ``account`` label is ``account``
+        (the sinks give the integration's name), else the API host — never the key."""
         host = urllib.parse.urlsplit(base_url).netloc or base_url
         executor = HttpExecutor(
             session,
             TARGET,
-            host,
+            account or host,
             KUSTOMER_RATE_HEADERS,
             window=window,
             policy=policy,
@@ -263,6 +265,6 @@ def kustomer_clients(
         k = integ.kustomer
         window = windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
         clients[integ.name] = KustomerClient.from_credentials(
-            session, k.base_url, k.api_key.value(), window=window, policy=policy
+            session, k.base_url, k.api_key.value(), window=window, policy=policy, account=integ.name
         )
     return clients

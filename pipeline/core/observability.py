@@ -81,6 +81,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -508,11 +510,21 @@ _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 class Metrics:
     """Every metric the product exports. One instance per process (see :func:`metrics`).
 
-    Hot paths pre-bind label children (``.labels(...)`` once, then ``.inc()``).
+    Hot paths pre-bind label children (``.labels(...)`` once, then ``.inc()``). Label values are
+    names (stages, targets, integrations, rules), never a secret or an API key id.
+
+    The registry also carries the process's own metrics (``process_*``: CPU seconds, resident and
+    virtual memory, open and maximum file descriptors, start time — read from ``/proc`` on Linux)
+    and ``python_info``, so every service serves them on ``/metrics`` next to its own.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        for collector in (ProcessCollector, PlatformCollector):
+            try:
+                collector(registry=r)
+            except ValueError:  # a registry that has them already (prometheus_client's default one)
+                pass
         # ingest
         self.events_in = Counter(
             "pipeline_events_in_total",
@@ -589,7 +601,7 @@ class Metrics:
         )
         self.consumer_lag = Gauge(
             "pipeline_consumer_lag",
-            "High watermark minus position, per partition",
+            "Records of an owned partition not yet processed: last stable offset minus the consumer's position",
             ["group", "topic", "partition"],
             registry=r,
         )

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.observability import add_health_routes, get_logger
-from pipeline.core.settings import ServiceSettings, env_float, env_int, env_str
+from pipeline.core.settings import ServiceSettings, SettingsError, env_float, env_int, env_port, env_str
 from pipeline.ingest import cloudtalk, kustomer
 from pipeline.ingest.base import BadRequest, IngestApp, IngestLimits, Publisher, RateLimited, problem, refusal
 from pipeline.kafka.service import install_stop_handlers, start_logging
@@ -297,7 +297,9 @@ def run(args: argparse.Namespace) -> int:
     secrets = {i.name: i.cloudtalk_webhook_secret.value() for i in config.integrations}
     tokens = {i.name: i.kustomer.webhook_token.value() for i in config.integrations if i.kustomer.webhook_token}
     host = args.host or env_str(os.environ, "INGEST_HOST", "127.0.0.1")
-    port = args.port if args.port is not None else env_int(os.environ, "INGEST_PORT", 8080, minimum=0)
+    port = args.port if args.port is not None else env_port(os.environ, "INGEST_PORT", 8080)
+    if not 0 <= port <= 65535:
+        raise SettingsError(f"--port: must be 0 to 65535, got {port}")
     limits = fit_connections_to_file_limit(IngestLimits.from_env())
     publisher = Publisher(
         settings.kafka.bootstrap,
@@ -309,11 +311,13 @@ def run(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        await publisher.start()
         guard = ConnectionGuard(limits)
         app = build_app(config, publisher, settings.kafka.topic_prefix, secrets, tokens, limits, guard)
         server = IngestServer(app, limits, guard)
+        # the port first: one that is taken stops the service before anything connects to Kafka
+        # (until the producer is connected, webhooks get 503 + Retry-After)
         await server.start(host, port)
+        await publisher.start()
         log.info(
             "ingest_listening",
             host=host,
@@ -323,11 +327,18 @@ def run(args: argparse.Namespace) -> int:
         )
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(publisher.failed.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
         # stop taking requests, let the ones in flight finish, then flush the producer
         await server.stop()
         await publisher.stop()
         log.info("ingest_stopped")
 
     asyncio.run(main())
+    if publisher.fatal is not None:  # the broker refused the connection settings: one line, not a traceback
+        if isinstance(publisher.fatal, SettingsError):
+            raise publisher.fatal
+        raise SystemExit(f"ingest: stopped: {type(publisher.fatal).__name__}: {publisher.fatal}")
     return 0

@@ -286,6 +286,10 @@ class Publisher:
         self.pending = 0  # records sent and not yet acknowledged or failed
         self.rebuilds = 0
         self.last_ack = 0.0
+        # an error that is not an outage (the broker refused the login or the certificate): the
+        # service stops with it instead of answering 503 for ever
+        self.fatal: Exception | None = None
+        self.failed = asyncio.Event()
         self._progress = time.monotonic()  # last acknowledgement, or when records started waiting
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -306,13 +310,19 @@ class Publisher:
             task.add_done_callback(self._retiring.discard)
 
     async def _connect(self) -> None:
-        producer = await start_when_reachable(
-            lambda: started(self.factory()),
-            bootstrap=self.bootstrap,
-            what="ingest producer",
-            stopping=self._stopping,
-            backoff_max_s=self.reconnect_backoff_s,
-        )
+        try:
+            producer = await start_when_reachable(
+                lambda: started(self.factory()),
+                bootstrap=self.bootstrap,
+                what="ingest producer",
+                stopping=self._stopping,
+                backoff_max_s=self.reconnect_backoff_s,
+            )
+        except Exception as exc:  # noqa: BLE001 - not an outage (start_when_reachable waits those out)
+            self.fatal, self.problem = exc, f"{type(exc).__name__}: {exc}"
+            log.error("broker_refused", bootstrap=self.bootstrap, error=self.problem)
+            self.failed.set()
+            return
         if producer is None:  # asked to stop first
             return
         self.producer, self.healthy, self.problem = producer, True, ""

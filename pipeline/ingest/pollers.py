@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -34,6 +33,7 @@ from pipeline.clients.kustomer import kustomer_clients
 from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.envelope import Envelope, parse_time
 from pipeline.core.observability import HealthServer, get_logger, metrics
+from pipeline.core.progress import Progress
 from pipeline.core.schemas import SchemaError
 from pipeline.core.settings import ServiceSettings, env_int
 from pipeline.ingest.cloudtalk import cloudtalk_envelope
@@ -201,6 +201,11 @@ class CallHistoryPoller:
         """Every finished call started in [date_from, date_to] into the raw calls topic, except
         the call ids in ``skip``; ``published`` collects (call id, started_at) of what was sent."""
         counts = {"pages": 0, "calls": 0, "published": 0, "active": 0, "invalid": 0, "seen_before": 0}
+        shown = (
+            Progress(f"{via} calls", unit="pages", items_unit="calls published", rate_unit="calls")
+            if progress
+            else None
+        )
         async for page in self.client.iter_calls(
             date_from=_utc(date_from).replace(tzinfo=None), date_to=_utc(date_to).replace(tzinfo=None)
         ):
@@ -235,12 +240,13 @@ class CallHistoryPoller:
                     published.append((body["call_id"], body["started_at"]))
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
-            if progress:
-                print(
-                    f"  page {counts['pages']}/{page.get('pageCount', '?')}: {counts['published']} calls published",
-                    file=sys.stderr,
-                    flush=True,
+            if shown is not None:
+                pages = page.get("pageCount")
+                shown.update(
+                    counts["pages"], total=pages if isinstance(pages, int) else None, items=counts["published"]
                 )
+        if shown is not None:
+            shown.close()
         return counts
 
     async def poll_once(self, now: datetime | None = None) -> dict[str, Any]:

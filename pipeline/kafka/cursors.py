@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
-from pipeline.kafka.clients import started
+from pipeline.kafka.clients import committed_reader, started
 from pipeline.kafka.reading import read_to_end, stop_consumer
 
 
@@ -19,13 +19,7 @@ class CursorStore:
         self.bootstrap, self.topic = bootstrap, topic
 
     async def read(self, name: str) -> dict[str, Any] | None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            auto_offset_reset="earliest",
-        )
+        consumer = committed_reader(self.bootstrap, auto_offset_reset="earliest")
         await started(consumer)  # one that cannot reach the broker is closed again, not leaked
         latest = None
         try:

@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from pipeline.kafka.clients import committed_reader, new_admin
 from pipeline.kafka.reading import partitions_of, read_to_end, stop_consumer
 
 
@@ -36,7 +36,7 @@ async def _data_records(
 
 async def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = None) -> dict[TopicPartition, int]:
     """Data records after ``group``'s committed offsets, per partition it has offsets for."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = new_admin(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         for attempt in range(40):  # a fresh broker elects the group coordinator on first use
@@ -53,9 +53,7 @@ async def group_lag(bootstrap: str, group: str, topics: Iterable[str] | None = N
     tps = {tp: meta.offset for tp, meta in committed.items() if wanted is None or tp.topic in wanted}
     if not tps and not wanted:
         return {}
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
-    )
+    consumer = committed_reader(bootstrap)
     await consumer.start()
     lag: dict[TopicPartition, int] = {}
     try:

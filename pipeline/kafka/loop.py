@@ -50,7 +50,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,7 +60,14 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from pipeline.core.observability import get_logger, metrics
-from pipeline.kafka.clients import CONNECT_BACKOFF_MAX_S, start_when_reachable, started, stop_quietly
+from pipeline.kafka.clients import (
+    CONNECT_BACKOFF_MAX_S,
+    new_consumer,
+    start_when_reachable,
+    started,
+    stop_quietly,
+    transactional_producer,
+)
 from pipeline.kafka.reading import stop_consumer
 from pipeline.kafka.records import BatchResult, OutRecord, Transform, dead_letter
 
@@ -245,7 +252,7 @@ class TransactionalLoop:
 
     def _new_consumer(self) -> AIOKafkaConsumer:
         s = self.settings
-        return AIOKafkaConsumer(
+        return new_consumer(
             bootstrap_servers=s.bootstrap,
             group_id=s.group_id,
             client_id=f"{s.client_id}-{s.group_id}",
@@ -305,6 +312,7 @@ class TransactionalLoop:
                 await self.stage.on_revoked(set(self.lanes))
             for lane in list(self.lanes.values()):
                 await self._close_lane(lane)
+            self._forget_lag(self.lanes)
             self.lanes.clear()
         # Not under the lock: leaving may wait for a rebalance whose callbacks take the lock.
         if self._consumer is not None:
@@ -323,14 +331,31 @@ class TransactionalLoop:
         }
 
     def total_lag(self) -> int:
-        if self._consumer is None:
-            return 0
-        total = 0
-        for tp, lane in self.lanes.items():
-            end = self._consumer.last_stable_offset(tp)
-            if end is not None and lane.next_offset is not None:
-                total += max(0, end - lane.next_offset)
-        return total
+        return sum(n for n in (self._lag(tp, lane) for tp, lane in list(self.lanes.items())) if n is not None)
+
+    def _lag(self, tp: TopicPartition, lane: Lane) -> int | None:
+        """Records of ``tp`` not processed yet: last stable offset − the consumer's position.
+
+        Not ``lso − committed offset``: a topic written by transactions ends with a commit marker
+        after its last record, so a caught-up member would show 1 for every partition. The
+        position moves over markers (and aborted records) as the consumer reads them, so it is
+        ``lso`` exactly when everything is processed. While a member is behind, markers in the
+        part not read yet still count (one per upstream transaction): an upper bound, which
+        ``pipeline lag`` replaces by a count of the records themselves.
+        """
+        consumer = self._consumer
+        if consumer is None or lane.next_offset is None:
+            return None
+        try:
+            end = consumer.last_stable_offset(tp)
+            state = consumer._subscription.subscription.assignment.state_value(tp)  # noqa: SLF001 - sync position
+        except (AssertionError, AttributeError):  # no longer assigned (a rebalance under way)
+            return None
+        if end is None or end < 0:
+            return None
+        position = state.position if state is not None and state.has_valid_position else None
+        # records below the committed offset are done, whatever the consumer fetched
+        return max(0, end - max(lane.next_offset, position or 0))
 
     # -- one batch -----------------------------------------------------------------------------
     async def _process_batch(self, lane: Lane, records: list[ConsumerRecord]) -> None:
@@ -445,12 +470,10 @@ class TransactionalLoop:
     async def _open_lane(self, tp: TopicPartition) -> Lane:
         s = self.settings
         tid = self._transactional_id(tp)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap,
+        producer = transactional_producer(
+            s.bootstrap,
+            tid,
             client_id=f"{s.client_id}-{tid}",
-            transactional_id=tid,
-            enable_idempotence=True,
-            acks="all",
             transaction_timeout_ms=s.transaction_timeout_ms,
             linger_ms=s.producer_linger_ms,
             max_batch_size=s.producer_batch_bytes,
@@ -551,6 +574,7 @@ class TransactionalLoop:
                 finally:
                     for tp in gone:
                         await self._close_lane(self.lanes.pop(tp))
+                    self._forget_lag(gone)
             log.info(
                 "partitions_revoked", stage=self.stage.name, partitions=sorted(f"{t.topic}:{t.partition}" for t in gone)
             )
@@ -583,6 +607,7 @@ class TransactionalLoop:
                             lane = self.lanes.pop(tp, None)
                             if lane is not None:
                                 await self._close_lane(lane)
+                        self._forget_lag(new)
                         self.fatal = exc
                         self.request_stop()
                         return
@@ -598,14 +623,17 @@ class TransactionalLoop:
             )
 
     def _update_lag(self) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
         gauge = metrics().consumer_lag
-        for tp, lane in self.lanes.items():
-            end = consumer.last_stable_offset(tp)
-            if end is not None and lane.next_offset is not None:
-                gauge.labels(self.settings.group_id, tp.topic, str(tp.partition)).set(max(0, end - lane.next_offset))
+        for tp, lane in list(self.lanes.items()):
+            lag = self._lag(tp, lane)
+            if lag is not None:
+                gauge.labels(self.settings.group_id, tp.topic, str(tp.partition)).set(lag)
+
+    def _forget_lag(self, tps: Iterable[TopicPartition]) -> None:
+        """Partitions this member no longer owns have no lag series here (their new owner sets it)."""
+        gauge = metrics().consumer_lag
+        for tp in tps:
+            gauge.remove(self.settings.group_id, tp.topic, str(tp.partition))
 
 
 class _Listener(ConsumerRebalanceListener):

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from pipeline.kafka.clients import committed_reader
+
 
 async def read_to_end(
     consumer: AIOKafkaConsumer,
@@ -63,9 +65,7 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 async def read_topic(bootstrap: str, topic: str) -> list[ConsumerRecord]:
     """Every committed record of ``topic`` from the beginning up to its end now."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
-    )
+    consumer = committed_reader(bootstrap)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(await partitions_of(consumer, topic))]

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from pipeline.kafka.clients import new_admin
+
 DAY_MS = 24 * 3600 * 1000
 
 
@@ -129,7 +131,7 @@ async def ensure_topics(
 ) -> EnsureReport:
     """Create missing topics; report existing ones whose partitions or configs differ."""
     report = EnsureReport()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    admin = new_admin(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     await admin.start()
     try:
         existing = {
@@ -209,7 +211,7 @@ async def _describe_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dic
 
 
 async def delete_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = new_admin(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         await admin.delete_topics(names)

@@ -6,9 +6,16 @@
   backfill — and the sinks' ledgers make them a no-op for everything already written.
 * ``replay deadletter`` sends dead letters back to the topic they came from, with their original
   key, value and headers and a ``dlq.replayed`` header (a sink retries a command it marked
-  failed only then). A cursor in ``poller.cursors`` remembers how far the last replay went, so a
-  second run does not resend; ``--all`` starts from the beginning. Filters: ``--stage``,
-  ``--error-class``, ``--source-topic``; ``--dry-run`` only lists.
+  failed only then). A cursor in ``poller.cursors`` remembers how far the last replay without
+  filters went, so a second run does not resend; ``--all`` starts from the beginning. Filters:
+  ``--stage``, ``--reason`` (``--error-class``), ``--topic`` (``--source-topic``), ``--since``,
+  ``--until`` — a filtered replay leaves the cursor where it was, so what it left out is still
+  sent by the next run without filters (a replay is harmless twice: the ledgers skip what is
+  done). ``--dry-run`` only lists. On a terminal it asks before sending; elsewhere it needs
+  ``--yes``.
+
+Both show progress with rate and ETA on stderr (a line rewritten in place on a terminal, a plain
+line every 10 s otherwise); the result is one line on stdout.
 """
 
 from __future__ import annotations
@@ -16,18 +23,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections import Counter
 from datetime import datetime
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from pipeline.core.envelope import parse_time
+from pipeline.core.progress import Progress
 from pipeline.core.settings import KafkaSettings, SettingsError
-from pipeline.kafka.clients import durable_producer
+from pipeline.kafka.clients import committed_reader, durable_producer
 from pipeline.kafka.cursors import CursorStore
-from pipeline.kafka.reading import read_to_end
+from pipeline.kafka.reading import partitions_of, read_to_end, stop_consumer
 from pipeline.kafka.records import REPLAYED_HEADER
 from pipeline.kafka.topics import Topics
+from pipeline.ops.deadletters import REPLAY_CURSOR, add_filters, window_of
+from pipeline.ops.inspect import FETCH_WAIT_MS, DeadLetter
 
 RAW = {"calls": "raw_calls", "sms": "raw_sms", "contacts": "raw_contacts", "customers": "raw_customers"}
 
@@ -42,11 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     raw.add_argument("--dry-run", action="store_true")
     raw.set_defaults(func=run_raw)
     dl = what.add_parser("deadletter", help="send dead letters back to their source topic")
-    dl.add_argument("--stage", help="only dead letters of this stage (dlq.stage)")
-    dl.add_argument("--error-class", help="only this error class (dlq.error.class)")
-    dl.add_argument("--source-topic", help="only dead letters from this topic")
+    add_filters(dl)
     dl.add_argument("--all", action="store_true", help="from the beginning, not from the last replay")
-    dl.add_argument("--dry-run", action="store_true")
+    dl.add_argument("--dry-run", action="store_true", help="list what would be sent, send nothing")
+    dl.add_argument("--yes", "-y", action="store_true", help="do not ask (needed when not on a terminal)")
     dl.set_defaults(func=run_deadletter)
 
 
@@ -61,9 +72,7 @@ def run_raw(args: argparse.Namespace) -> int:
     topic = getattr(Topics(kafka.topic_prefix), RAW[args.topic])
 
     async def main() -> int:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
-        )
+        consumer = committed_reader(kafka.bootstrap, fetch_max_wait_ms=FETCH_WAIT_MS)
         producer = durable_producer(kafka.bootstrap, f"{kafka.client_id}-replay")
         await consumer.start()
         await producer.start()
@@ -84,6 +93,10 @@ def run_raw(args: argparse.Namespace) -> int:
                 else:
                     consumer.seek(tp, starts[tp].offset)
             futures = []
+            first = {tp: (starts[tp].offset if starts[tp] else ends[tp]) for tp in tps}
+            reached = dict(first)
+            span = sum(max(0, limits[tp] - first[tp]) for tp in tps)
+            progress = Progress(f"replay {topic}", unit="offsets", items_unit="events")
             async for r in read_to_end(consumer, tps, limits):
                 env = orjson.loads(r.value)
                 env["via"] = "replay"
@@ -92,9 +105,15 @@ def run_raw(args: argparse.Namespace) -> int:
                     futures.append(
                         await producer.send(topic, key=r.key, value=orjson.dumps(env), headers=list(r.headers or ()))
                     )
-                if n % 1000 == 0:
-                    print(f"  {n} events …", file=sys.stderr, flush=True)
+                    if len(futures) >= 10_000:
+                        await asyncio.gather(*futures)
+                        futures.clear()
+                reached[TopicPartition(r.topic, r.partition)] = r.offset + 1
+                progress.update(sum(reached[tp] - first[tp] for tp in tps), total=span, items=n)
             await asyncio.gather(*futures)
+            if n:
+                progress.update(span, total=span, items=n)
+                progress.close()
         finally:
             await producer.stop()
             await consumer.stop()
@@ -110,54 +129,95 @@ def run_raw(args: argparse.Namespace) -> int:
 def run_deadletter(args: argparse.Namespace) -> int:
     kafka = KafkaSettings.from_env()
     topics = Topics(kafka.topic_prefix)
+    since, until = window_of(args)
+    filtered = bool(args.stage or args.reason or args.topic or since or until)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    if not (args.dry_run or args.yes or interactive):
+        print(
+            "pipeline replay deadletter: not on a terminal, so it cannot ask: add --yes to send, --dry-run to list",
+            file=sys.stderr,
+        )
+        return 2
 
     async def main() -> int:
         cursors = CursorStore(kafka.bootstrap, topics.cursors)
-        cursor = None if args.all else await cursors.read("replay.deadletter")
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
-        )
-        producer = durable_producer(kafka.bootstrap, f"{kafka.client_id}-replay")
+        cursor = None if args.all else await cursors.read(REPLAY_CURSOR)
+        consumer = committed_reader(kafka.bootstrap, fetch_max_wait_ms=FETCH_WAIT_MS)
         await consumer.start()
-        await producer.start()
-        sent, skipped = 0, 0
-        counts: dict[str, int] = {}
+        chosen: list[tuple[ConsumerRecord, DeadLetter]] = []
+        skipped = 0
         try:
             tp = TopicPartition(topics.deadletter, 0)
+            if not await partitions_of(consumer, topics.deadletter):
+                raise SettingsError(f"{topics.deadletter}: the topic does not exist (`pipeline topics ensure`)")
             consumer.assign([tp])
             start = int((cursor or {}).get("next_offset", 0))
             consumer.seek(tp, start)
             end = (await consumer.end_offsets([tp]))[tp]
-            futures = []
             async for r in read_to_end(consumer, [tp], {tp: end}):
-                h = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in r.headers or ()}
-                if (
-                    (args.stage and h.get("dlq.stage") != args.stage)
-                    or (args.error_class and h.get("dlq.error.class") != args.error_class)
-                    or (args.source_topic and h.get("dlq.source.topic") != args.source_topic)
-                ):
+                d = DeadLetter.from_record(r)
+                failed = _time_or_none(d.failed_at)
+                in_window = (since is None or (failed is not None and failed >= since)) and (
+                    until is None or (failed is not None and failed < until)
+                )
+                if not (d.matches(args.stage, args.reason, args.topic, topics.prefix) and in_window):
                     skipped += 1
                     continue
-                source = h.get("dlq.source.topic")
-                if not source:
+                if d.source_topic == "?":
                     skipped += 1
                     continue
-                counts[source] = counts.get(source, 0) + 1
-                sent += 1
-                if not args.dry_run:
-                    headers = [(k, v) for k, v in r.headers or () if not k.startswith("dlq.")]
-                    headers.append((REPLAYED_HEADER, str(r.offset).encode()))
-                    futures.append(await producer.send(source, key=r.key, value=r.value, headers=headers))
+                chosen.append((r, d))
+        finally:
+            await stop_consumer(consumer)
+        counts = Counter(d.source_topic for _, d in chosen)
+        where = ", ".join(f"{t} ({n})" for t, n in sorted(counts.items())) or "nothing"
+        since_text = f" after offset {start}" if start else ""
+        if args.dry_run or not chosen:
+            for _, d in chosen:
+                print(
+                    f"  {d.offset}  {d.stage}  {d.error_class}  {d.source_topic}[{d.source_partition}]"
+                    f"@{d.source_offset}  {d.event_id or d.key or ''}"
+                )
+            verb = "would send" if args.dry_run else "sent"
+            print(f"{verb} {len(chosen)} dead letter(s) back{since_text} ({where}); {skipped} left out by filters")
+            return 0
+        if not args.yes:
+            print(
+                f"send {len(chosen)} dead letter(s){since_text} back to {where}? [y/N] ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+            answer = (await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)).strip().lower()
+            if answer not in ("y", "yes"):
+                print("nothing sent")
+                return 1
+        producer = durable_producer(kafka.bootstrap, f"{kafka.client_id}-replay")
+        await producer.start()
+        progress = Progress("replay deadletter", unit="dead letters")
+        try:
+            futures = []
+            for i, (r, d) in enumerate(chosen, 1):
+                headers = [(k, v) for k, v in r.headers or () if not k.startswith("dlq.")]
+                headers.append((REPLAYED_HEADER, str(r.offset).encode()))
+                futures.append(await producer.send(d.source_topic, key=r.key, value=r.value, headers=headers))
+                progress.update(i, total=len(chosen))
             await asyncio.gather(*futures)
-            if not args.dry_run:
+            progress.close()
+            if not filtered:
                 await cursors.write(
-                    producer, "replay.deadletter", {"next_offset": end, "at": datetime.now().astimezone().isoformat()}
+                    producer, REPLAY_CURSOR, {"next_offset": end, "at": datetime.now().astimezone().isoformat()}
                 )
         finally:
             await producer.stop()
-            await consumer.stop()
-        verb = "would send" if args.dry_run else "sent"
-        print(f"{verb} {sent} dead letter(s) back ({counts or 'none'}); {skipped} left out by filters")
+        print(f"sent {len(chosen)} dead letter(s) back{since_text} ({where}); {skipped} left out by filters")
         return 0
 
     return asyncio.run(main())
+
+
+def _time_or_none(value: str) -> datetime | None:
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None

@@ -148,7 +148,7 @@ integrations:
         env=env,
     )
     assert rc == 0, err
-    assert "page 1/1: 4 calls published" in err
+    assert "backfill calls: 100% 1/1 pages · 4 calls published" in err, err
     assert orjson.loads(out.strip().splitlines()[-1])["published"] == 4
     records = await kafka.read_all(topics.raw_calls, expect=4, timeout=10)
     assert {orjson.loads(r.value)["via"] for r in records} == {"backfill"}

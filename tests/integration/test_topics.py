@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
+from pipeline.kafka.clients import new_admin
 from pipeline.kafka.topics import CATALOGUE, Topics, ensure_topics
 from tests.conftest import REPO, KafkaIO, pipeline_env
 
@@ -26,7 +26,7 @@ def _ensure_cli(bootstrap: str, prefix: str) -> subprocess.CompletedProcess:
 
 
 async def _describe(bootstrap: str, names: list[str]) -> dict[str, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = new_admin(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
