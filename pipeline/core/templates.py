@@ -1,6 +1,7 @@
 """Note templates: a list of lines with ``{placeholders}``; the markers that identify the source
-event, the default templates (one per flow), the placeholders each flow knows, and the check of a
-custom template (used by the integrations file's validation). Rendering lives with the processors.
+event, the default templates (one per flow), the placeholders each flow knows, which of them are
+free text (the only values cut when a note is too long), and the check of a custom template (used
+by the integrations file's validation). Rendering lives with the processors.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ SMS_FIELDS = frozenset(
         "contact_id",
     }
 )
+
+# Free text: what people wrote. When a note is over Kustomer's limit only these values are cut
+# (pipeline/process/notes.py); every other placeholder is a fact of the call or SMS and is kept.
+# "summary" is reserved for a call summary placeholder.
+FREE_TEXT = frozenset({"notes", "text", "summary"})
 
 _FORMATTER = string.Formatter()
 

@@ -17,6 +17,7 @@ that externalId.
 
 from __future__ import annotations
 
+from pipeline.core import limits
 from pipeline.core.config import Integration, PipelineConfig
 from pipeline.core.decisions import RULE_INACTIVE, Command, Decision, Dropped
 from pipeline.core.envelope import Envelope, command_id
@@ -74,7 +75,7 @@ def decide(env: Envelope, integration: Integration) -> Decision:
             "contact_id": contact_id,
             "version": payload["modified_at"],
             "customer": {
-                "name": (payload.get("name") or "").strip() or None,
+                "name": limits.clip((payload.get("name") or "").strip() or None, limits.KUSTOMER_CUSTOMER_NAME),
                 "externalId": contact_id,
                 "phones": [{"type": "work", "phone": p} for p in phones],
                 "emails": [{"type": "work", "email": e} for e in emails],

@@ -13,6 +13,8 @@ phones (``phones`` only, E.164), e-mails (``emails`` only), company, first websi
 work address (line 1 + line 2, city, zip, state, country), the "Created by" user (the sink turns
 it into a favorite agent by e-mail), the customer link, the integration's contact tag. Values of
 ``sharedEmails``, ``sharedPhones``, ``whatsapps`` and ``sharedWhatsapps`` are never copied.
+Text over a CloudTalk field's limit is cut and ends in ``…``; a website or an e-mail address over
+its limit is left out instead (a cut one would be broken).
 All commands of one integration share one lane (CloudTalk allows 60 requests a minute per
 company), which makes merging by phone or name safe.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.core import limits
 from pipeline.core.config import Integration, PipelineConfig
 from pipeline.core.decisions import RULE_INACTIVE, Command, Decision, Dropped, Reject
 from pipeline.core.envelope import Envelope, command_id
@@ -31,7 +34,7 @@ RULE_NO_PHONE = "no_phone"
 RULE_NO_VALID_PHONE = "no_valid_phone"
 RULE_SHARED_OR_WHATSAPP = "shared_or_whatsapp"
 
-LIMITS = {"name": 150, "company": 100, "website": 100, "address": 255, "city": 255, "zip": 15, "state": 255}
+LIMITS = limits.CLOUDTALK_CONTACT_FIELDS
 
 
 def _clip(value: Any, field: str) -> str | None:
@@ -41,9 +44,9 @@ def _clip(value: Any, field: str) -> str | None:
     if not text:
         return None
     limit = LIMITS[field]
-    if len(text) <= limit:
+    if limits.fits(text, limit):
         return text
-    return None if field == "website" else text[:limit]  # a cut URL is a broken link
+    return None if field == "website" else limits.clip(text, limit)  # a cut URL is a broken link
 
 
 def _rel_id(data: dict[str, Any], name: str) -> str | None:
@@ -99,7 +102,7 @@ def contact_emails(attrs: dict[str, Any]) -> list[str]:
     seen: set[str] = set()
     for e in attrs.get("emails") or []:
         value = (e.get("email") or "").strip() if isinstance(e, dict) else ""
-        if value and "@" in value and value.lower() not in seen:
+        if value and "@" in value and limits.fits(value, limits.CLOUDTALK_EMAIL) and value.lower() not in seen:
             seen.add(value.lower())
             out.append(value)
     return out
@@ -136,7 +139,7 @@ def decide(env: Envelope, integration: Integration) -> Decision:
         **address_fields(work_location(attrs)),
         "created_by_ref": _rel_id(data, "createdBy"),
         "external_url": {
-            "name": settings.external_url_name[:30],
+            "name": limits.clip(settings.external_url_name, limits.CLOUDTALK_LINK_NAME),
             "url": integration.kustomer.customer_link(customer_id),
         },
         "tag": integration.contact_tag,

@@ -2,39 +2,118 @@
 
 A template is a list of lines with ``{placeholders}``; a line is left out when any placeholder
 in it has no value, so empty items never show. The first line of every note is the marker
-(``CloudTalk call 1002409191`` / ``CloudTalk SMS 88231977``) that identifies the source event; a
-custom template without it gets it prepended.
+(``CloudTalk call 1002409191`` / ``CloudTalk SMS 88231977``) that identifies the source event (the
+Kustomer sink finds a note by it): a custom template without it gets it prepended, one with it
+elsewhere gets it moved to the top.
+
+A note fits Kustomer's limit (10,240 characters) by cutting free text only — agent notes, SMS
+text (:data:`~pipeline.core.templates.FREE_TEXT`) — so every fact of the call (direction, numbers,
+agent, duration, status, rating, tags, recording link) stays. Several free-text values share the
+room fairly: short ones stay whole, the long ones get equal parts, each ending in
+``… [cut: 12,345 characters]``. Only when the facts alone are too long (a custom template of
+many long lines) is the body cut at its end, the marker line still first.
 
 :func:`log_conversation` builds the command both flows send to the Kustomer sink.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+from pipeline.core import limits
 from pipeline.core.decisions import Command
 from pipeline.core.envelope import Envelope, command_id, parse_time
-from pipeline.core.templates import placeholders
+from pipeline.core.templates import FREE_TEXT, placeholders
+
+NOTE_LIMIT = limits.KUSTOMER_NOTE_BODY  # Kustomer's note body limit, in characters
+
+Lines = Sequence[tuple[str, tuple[str, ...]]]
 
 
 @lru_cache(maxsize=256)
 def _compiled(template: tuple[str, ...], marker: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Each line with the placeholders it needs, parsed once per template."""
-    lines = list(template)
-    if marker not in lines:
-        lines.insert(0, marker)
+    """Each line with the placeholders it needs, parsed once per template; the marker first."""
+    lines = [line for line in template if line != marker]
+    lines.insert(0, marker)
     return tuple((line, tuple(placeholders(line))) for line in lines)
 
 
-def render(template: Sequence[str], values: Mapping[str, Any], marker: str) -> str:
-    out = []
-    for line, names in _compiled(tuple(template), marker):
-        if any(values.get(n) in (None, "", []) for n in names):
+def _join(lines: Lines, values: Mapping[str, Any]) -> str:
+    return "\n".join(line.format_map(values) if names else line for line, names in lines)
+
+
+def fair_shares(lengths: Mapping[str, int], uses: Mapping[str, int], budget: int) -> dict[str, int]:
+    """The room each free-text value gets when together they may take ``budget`` (a value used
+    ``uses[name]`` times costs that many times its length): values shorter than an equal share
+    keep their length, the rest share what is left equally (pure)."""
+    shares: dict[str, int] = {}
+    left, count = budget, sum(uses[n] for n in lengths)
+    order = sorted(lengths, key=lambda n: lengths[n])
+    for i, name in enumerate(order):
+        share = max(0, left) // count
+        if lengths[name] <= share:
+            shares[name] = lengths[name]
+            left -= lengths[name] * uses[name]
+            count -= uses[name]
             continue
-        out.append(line.format_map(values) if names else line)
-    return "\n".join(out)
+        rest = order[i:]
+        shares.update(dict.fromkeys(rest, share))
+        spare = left - share * count  # what integer division left over goes to the longest values
+        for other in reversed(rest):
+            if uses[other] <= spare:
+                shares[other] += 1
+                spare -= uses[other]
+        break
+    return shares
+
+
+def _fit_free_text(lines: Lines, values: Mapping[str, Any], limit: int) -> str | None:
+    """The body with only free-text values cut so that it fits ``limit``; None when the other
+    lines alone leave no room for them."""
+    free = {n: str(values[n]) for _, names in lines for n in names if n in FREE_TEXT}
+    if not free:
+        return None
+    uses = Counter(n for _, names in lines for n in names if n in free)
+    fixed = limits.text_length(_join(lines, {**values, **dict.fromkeys(free, "")}))
+    budget = limit - fixed
+    for _ in range(3):  # a format spec ({notes!r}, {text:>80}) can change lengths: measure, retry
+        shares = fair_shares({n: limits.text_length(v) for n, v in free.items()}, uses, budget)
+        fitted = {n: limits.cut(v, shares[n]) for n, v in free.items()}
+        if any(v is None for v in fitted.values()):
+            return None
+        body = _join(lines, {**values, **fitted})
+        over = limits.text_length(body) - limit
+        if over <= 0:
+            return body
+        budget -= over
+    return None
+
+
+def fit_at_end(body: str, limit: int) -> str:
+    """The last resort: ``body`` cut at its end, with the cut mark (the marker line, first and
+    short, stays)."""
+    return limits.cut(body, limit) or limits.prefix(body, limit)
+
+
+def render(template: Sequence[str], values: Mapping[str, Any], marker: str, limit: int = NOTE_LIMIT) -> str:
+    """The note body of ``template`` with ``values``, at most ``limit`` long (see the module)."""
+    lines = [
+        (line, names)
+        for line, names in _compiled(tuple(template), marker)
+        if not any(values.get(n) in (None, "", []) for n in names)  # a line without a value is left out
+    ]
+    body = _join(lines, values)
+    if limits.fits(body, limit):
+        return body
+    fitted = _fit_free_text(lines, values, limit)
+    if fitted is not None:
+        return fitted
+    # the facts alone are too long: free text reduced to its mark, then the body cut at its end
+    marks = {n: limits.cut_mark(len(str(values[n]))) for _, names in lines for n in names if n in FREE_TEXT}
+    return fit_at_end(_join(lines, {**values, **marks}), limit)
 
 
 def human_time(value: str | None) -> str | None:
@@ -58,9 +137,6 @@ def seconds_between(start: str | None, end: str | None) -> int | None:
         return None
 
 
-NOTE_LIMIT = 10_240  # Kustomer's note body limit, in characters
-
-
 def log_conversation(
     integration: str,
     env: Envelope,
@@ -72,8 +148,9 @@ def log_conversation(
     marker: str,
 ) -> Command:
     """A ``kustomer.log_conversation`` command: find or create the customer of ``external``, a
-    new conversation, and the note (``marker`` is its first line). Keyed by integration and
-    number, so the events of one number share a lane at the sink."""
+    new conversation, and the note (``marker`` is its first line; :func:`render` made ``body``
+    fit). Keyed by integration and number, so the events of one number share a lane at the sink.
+    Names are fitted to Kustomer's limits."""
     cid = command_id(integration, env.id)
     return Command(
         integration,
@@ -86,8 +163,15 @@ def log_conversation(
             "event_id": env.id,
             "occurred_at": env.occurred_at,
             "flow": flow,
-            "customer": {"phone": external, "name": customer_name, "create": True},
-            "conversation": dict(conversation),
-            "note": {"body": body[:NOTE_LIMIT], "marker": marker},
+            "customer": {
+                "phone": external,
+                "name": limits.clip(customer_name, limits.KUSTOMER_CUSTOMER_NAME),
+                "create": True,
+            },
+            "conversation": {
+                **conversation,
+                "name": limits.clip(conversation["name"], limits.KUSTOMER_CONVERSATION_NAME),
+            },
+            "note": {"body": fit_at_end(body, NOTE_LIMIT), "marker": marker},
         },
     )

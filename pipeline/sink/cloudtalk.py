@@ -30,6 +30,7 @@ import aiohttp
 from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
 from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find
 from pipeline.clients.kustomer import kustomer_clients
+from pipeline.core import limits
 from pipeline.core.config import PipelineConfig
 from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
@@ -43,6 +44,12 @@ from pipeline.sink.merge import (
     name_key,
 )
 from pipeline.sink.ports import CloudTalkApi, KustomerLookups
+
+
+def is_exported(command: Mapping[str, Any]) -> bool:
+    """The customer was exported from a CloudTalk contact: the export writes the contact id, all
+    digits, as its ``externalId`` (the calls and SMS flows write none)."""
+    return str(command.get("external_id") or "").isdigit()
 
 
 class CloudTalkEffects:
@@ -128,7 +135,7 @@ class CloudTalkEffects:
         )
         return {
             "name": contact["name"],
-            "company": (company or None) and company[:100],
+            "company": limits.clip(company or None, limits.CLOUDTALK_CONTACT_FIELDS["company"]),
             "website": contact.get("website"),
             "address": contact.get("address"),
             "city": contact.get("city"),
@@ -210,7 +217,7 @@ class CloudTalkEffects:
         # a customer exported from a CloudTalk contact carries the contact id as its externalId:
         # that contact is updated, and stays a CloudTalk contact (no Kustomer link, no tag), so
         # its own later edits keep exporting
-        exported = (command.get("external_id") or "").isdigit()
+        exported = is_exported(command)
         if not target and exported:
             current = await self.ct.get_contact(command["external_id"])
             if current is not None:
