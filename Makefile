@@ -56,6 +56,18 @@ lock: install
 wheel-check: install
 	PYTHON=$(PY) .ci/wheel-check
 
+## The deployment files, without a cluster: kustomize build of deploy/k8s, every object against its
+## schema, promtool check and test of deploy/prometheus, the dashboard's PromQL (docs/operations.md).
+.PHONY: check-deploy
+check-deploy:
+	.ci/check-deploy
+
+## The production deploy in real containers (README "Deploy"), on a machine without Docker: podman,
+## images on Debian bases, the compose stack with the simulators, traffic, kills, down/up, replay.
+.PHONY: test-containers
+test-containers: install
+	PYTHON=$(PY) .ci/containers-test
+
 ## Run the demo: local broker, simulators, every service, a scripted day, a summary.
 demo: kafka-jars
 	$(PY) -m devkit demo $(DEMO_ARGS)

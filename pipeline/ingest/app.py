@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.config import ConfigError, PipelineConfig, load_config
 from pipeline.core.observability import add_health_routes, get_logger
 from pipeline.core.settings import ServiceSettings, SettingsError, env_float, env_int, env_port, env_str
 from pipeline.ingest import cloudtalk, kustomer
@@ -281,6 +281,27 @@ def fit_connections_to_file_limit(limits: IngestLimits) -> IngestLimits:
     return limits
 
 
+def kustomer_tokens(config: PipelineConfig) -> dict[str, str]:
+    """The Kustomer webhook signing token of each integration that has one readable now. An
+    integration without one still logs calls and SMS; its Kustomer endpoint answers 401 (the token
+    exists only after ``pipeline webhooks register``), and a start-up line says why."""
+    tokens: dict[str, str] = {}
+    for i in config.integrations:
+        try:
+            if i.kustomer.webhook_token is None:
+                raise ConfigError("secrets", [f"{i.name}: no kustomer.webhook_token in the integrations file"])
+            tokens[i.name] = i.kustomer.webhook_token.value()
+        except ConfigError as exc:
+            log.warning(
+                "kustomer_webhook_token_missing",
+                integration=i.name,
+                reason="; ".join(exc.problems),
+                answer=f"401 on /ingest/kustomer/{i.name} until `pipeline webhooks register` stored the token "
+                "and ingest restarted",
+            )
+    return tokens
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="run the webhook ingest service (CloudTalk and Kustomer endpoints)")
     p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
@@ -295,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config or settings.config_path)
     # secrets are read at start: a missing one stops the service with the field named
     secrets = {i.name: i.cloudtalk_webhook_secret.value() for i in config.integrations}
-    tokens = {i.name: i.kustomer.webhook_token.value() for i in config.integrations if i.kustomer.webhook_token}
+    tokens = kustomer_tokens(config)
     host = args.host or env_str(os.environ, "INGEST_HOST", "127.0.0.1")
     port = args.port if args.port is not None else env_port(os.environ, "INGEST_PORT", 8080)
     if not 0 <= port <= 65535:
