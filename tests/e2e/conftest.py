@@ -23,6 +23,8 @@ from devkit.net import free_port
 from devkit.sim.cloudtalk import CloudTalkSimSettings, running_cloudtalk_sim
 from devkit.sim.kustomer import ALL_ROLES, KustomerSimSettings, running_kustomer_sim
 from devkit.stack import Stack
+from pipeline.kafka.lag import group_lag
+from pipeline.kafka.reading import read_topic
 from pipeline.kafka.topics import Topics
 
 SUPPORT_LINE = "+442012345678"
@@ -273,3 +275,43 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
             print(f"\nstop times: {stack.stop_seconds}")
             crashed = {n: c for n, c in codes.items() if c not in (0, -9, -15, None)}
             assert not crashed, {n: stack.tail(n) for n in crashed}
+
+
+# Each service's consumer group reads one topic (the helpers below wait on their lag).
+GROUP_INPUTS = {
+    "process-calls": "raw_calls",
+    "process-sms": "raw_sms",
+    "process-contacts-import": "raw_customers",
+    "process-contacts-export": "raw_contacts",
+    "sink-kustomer": "kustomer_commands",
+    "sink-cloudtalk": "cloudtalk_commands",
+}
+
+
+async def quiet(flow: Flow, groups: tuple[str, ...], timeout: float = 90) -> None:
+    """Wait until ``groups`` have no lag and neither simulator has a webhook delivery pending.
+
+    A sink's parked commands are not lag (its offsets moved past them): wait for their effects first."""
+
+    async def idle() -> bool:
+        if any(d.status == "pending" for d in flow.ksim.deliveries):
+            return False
+        if any(d.status == "pending" for d in flow.csim.company.deliveries):
+            return False
+        for group in groups:
+            topic = getattr(flow.topics, GROUP_INPUTS[group])
+            if sum((await group_lag(flow.bootstrap, f"{flow.topics.prefix}{group}", [topic])).values()):
+                return False
+        return True
+
+    await wait_for(idle, timeout, f"{', '.join(groups)} to be idle")
+
+
+async def audit_rules(flow: Flow, stage: str) -> list[tuple[str, str]]:
+    """(decision, rule) of every audit record ``stage`` wrote."""
+    out = []
+    for r in await read_topic(flow.bootstrap, flow.topics.audit):
+        a = orjson.loads(r.value)
+        if a["stage"] == stage:
+            out += [(d["decision"], d.get("rule", "")) for d in a["decisions"]]
+    return out
