@@ -26,6 +26,7 @@ from devkit.stack import Stack
 from pipeline.kafka.lag import group_lag
 from pipeline.kafka.reading import read_topic
 from pipeline.kafka.topics import Topics
+from pipeline.ops.status import GROUPS
 
 SUPPORT_LINE = "+442012345678"
 OTHER_LINE = "+442079460000"
@@ -278,14 +279,7 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
 
 
 # Each service's consumer group reads one topic (the helpers below wait on their lag).
-GROUP_INPUTS = {
-    "process-calls": "raw_calls",
-    "process-sms": "raw_sms",
-    "process-contacts-import": "raw_customers",
-    "process-contacts-export": "raw_contacts",
-    "sink-kustomer": "kustomer_commands",
-    "sink-cloudtalk": "cloudtalk_commands",
-}
+GROUP_INPUTS = GROUPS
 
 
 async def quiet(flow: Flow, groups: tuple[str, ...], timeout: float = 90) -> None:
