@@ -19,7 +19,7 @@ cloudtalk: {base_url: "http://127.0.0.1:2/api", key_id: {env: T_CT_ID}, key_secr
 integrations:
   - name: support
     active: true
-    kustomer: {base_url: "http://127.0.0.1:1", api_key: {env: T_K_KEY}}
+    kustomer: {base_url: "http://127.0.0.1:1", api_key: {env: T_K_KEY}, webhook_token: {env: T_K_TOKEN}}
     cloudtalk_webhook_secret: {file: SECRET_FILE}
 """
 
@@ -45,7 +45,7 @@ def files(tmp_path: Path) -> dict[str, str]:
     invalid.write_text("cloudtalk: {}\nintegrations: [{name: 'A B'}]\n")
     missing_file = tmp_path / "gone.yaml"
     missing_file.write_text(CONFIG.replace("SECRET_FILE", str(tmp_path / "no-such-secret")))
-    secrets = {"T_CT_ID": "id", "T_CT_SECRET": "secret", "T_K_KEY": "key"}
+    secrets = {"T_CT_ID": "id", "T_CT_SECRET": "secret", "T_K_KEY": "key", "T_K_TOKEN": "token"}
     return {
         "good": str(good),
         "bad_yaml": str(bad_yaml),
