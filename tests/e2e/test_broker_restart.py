@@ -17,36 +17,19 @@ import asyncio
 import re
 import time
 from datetime import datetime
-from pathlib import Path
 
 import orjson
 import pytest
 
 from devkit.localkafka import LocalKafka
 from tests.e2e.conftest import Flow, wait_for
+from tests.e2e.own_broker import broker, kafka_bootstrap  # noqa: F401 - fixtures of this module
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 
 OUTAGE_S = 12.0  # each outage: broker stopped this long, plus the time it takes to start again
 RECOVERY_LIMIT_S = 30.0  # the first effect after the broker's return must come within this
 NUMBERS = [f"+4477009001{n:02d}" for n in range(12)]  # a few customers, several lanes
-
-
-@pytest.fixture
-def broker(tmp_path: Path):
-    """A broker of this test alone, on its own free ports (it will be stopped and started)."""
-    b = LocalKafka.ephemeral(tmp_path / "kafka")
-    b.up(quiet=True)
-    try:
-        yield b
-    finally:
-        b.down(quiet=True)
-
-
-@pytest.fixture
-def kafka_bootstrap(broker: LocalKafka) -> str:
-    """Overrides the session broker for this module: ``topics`` and ``flow`` use this one."""
-    return broker.bootstrap
 
 
 def delivered_202(flow: Flow) -> dict[int, int]:
@@ -83,7 +66,8 @@ def conversation_times(flow: Flow) -> dict[str, float]:
 
 @pytest.mark.services("ingest", "process-calls", "sink-kustomer", "poll-calls")
 async def test_two_broker_restarts_during_a_steady_stream_every_accepted_call_is_logged_once(
-    flow: Flow, broker: LocalKafka
+    flow: Flow,
+    broker: LocalKafka,  # noqa: F811 - the fixture imported from tests.e2e.own_broker
 ):
     # ride out an outage: the workflow delivery retries every second for a few minutes
     flow.csim.settings.delivery_attempts = 200

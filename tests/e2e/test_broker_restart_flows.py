@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from devkit.localkafka import LocalKafka
 from tests.e2e.conftest import Flow, audit_rules, quiet, wait_for
+from tests.e2e.own_broker import broker, kafka_bootstrap  # noqa: F401 - fixtures of this module
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 
@@ -42,23 +42,6 @@ SERVICES = (
 )
 
 
-@pytest.fixture
-def broker(tmp_path: Path):
-    """A broker of this test alone, on its own free ports (it will be killed and started)."""
-    b = LocalKafka.ephemeral(tmp_path / "kafka")
-    b.up(quiet=True)
-    try:
-        yield b
-    finally:
-        b.down(quiet=True)
-
-
-@pytest.fixture
-def kafka_bootstrap(broker: LocalKafka) -> str:
-    """Overrides the session broker for this module: ``topics`` and ``flow`` use this one."""
-    return broker.bootstrap
-
-
 def first_effect_after(sim: Any, at: float, prefix: str) -> float | None:
     times = [e.at for e in sim.log.entries if e.at > at and (e.effect or "").startswith(prefix)]
     return round(min(times) - at, 1) if times else None
@@ -66,7 +49,8 @@ def first_effect_after(sim: Any, at: float, prefix: str) -> float | None:
 
 @pytest.mark.services(*SERVICES)
 async def test_broker_killed_during_sms_and_contacts_both_ways_every_accepted_event_lands_once(
-    flow: Flow, broker: LocalKafka
+    flow: Flow,
+    broker: LocalKafka,  # noqa: F811 - the fixture imported from tests.e2e.own_broker
 ):
     flow.csim.settings.delivery_attempts, flow.csim.settings.delivery_max_delay_s = 300, 1.0
     flow.ksim.settings.webhook_attempts, flow.ksim.settings.webhook_max_delay_s = 300, 1.0

@@ -17,6 +17,7 @@ from pipeline.ingest.app import Publisher, build_app
 from pipeline.ingest.base import BrokerUnavailable
 from pipeline.kafka.topics import Topics
 from tests.conftest import KafkaIO
+from tests.unit.ingest_fakes import KUSTOMER_EVENT
 from tests.unit.test_call_sms_rules import SMS, config, integration
 from tests.unit.test_envelope_schemas import CALL
 
@@ -119,21 +120,7 @@ async def test_oversized_body_is_413_and_nothing_is_published(ingest, kafka: Kaf
 
 
 async def test_kustomer_webhook_signature_is_checked(ingest, kafka: KafkaIO, topics: Topics):
-    event = {
-        "id": "65f1d0c4e4b0a1b2c3d4e9aa",
-        "name": "kustomer.customer.update",
-        "createdAt": "2026-03-02T11:00:03.230Z",
-        "data": {
-            "type": "customer",
-            "id": "65f1c0a2e4b0a1b2c3d4e5f6",
-            "attributes": {
-                "name": "Jana",
-                "rev": 8,
-                "updatedAt": "2026-03-02T11:00:03.207Z",
-                "phones": [{"type": "mobile", "phone": "+421905123456"}],
-            },
-        },
-    }
+    event = KUSTOMER_EVENT
     raw = orjson.dumps(event)
     good = hmac.new(TOKEN.encode(), raw, hashlib.sha256).hexdigest()
     bad = await post(ingest, "/ingest/kustomer/support", raw, {"X-Kustomer-Webhook-Signature": "0" * 64})
