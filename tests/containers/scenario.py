@@ -21,7 +21,8 @@ window is this run's. Between the blocks it drives traffic and checks the effect
    note per conversation, one Kustomer customer per phone and per CloudTalk contact, one CloudTalk
    contact per Kustomer customer, every write counted in ``/_sim/requests``. No webhook delivery
    is left pending or failed.
-6. Prometheus scrapes every service (``/api/v1/targets``: all up).
+6. Prometheus scrapes every service (``/api/v1/targets``: all up) and evaluates the rules of
+   ``deploy/prometheus/rules.yml`` (``/api/v1/rules``: every group, no rule failing).
 7. ``deploy-operate`` (``pipeline lag``, ``pipeline replay raw`` of the calls, logs): the replay
    reaches the sink and writes nothing.
 8. ``deploy-down``, then ``deploy-up`` again. The volume kept the ledgers (sink metrics), the
@@ -654,6 +655,7 @@ class Scenario:
 
         self.step("Prometheus scrapes every service")
         self.figures["prometheus targets up"] = self.prometheus_targets()
+        self.figures["prometheus rules"] = self.prometheus_rules()
 
         self.step("README deploy-operate (lag, replay of the calls, logs): the replay writes nothing")
         before = {"k": len(effects(s.k)), "ct": len(effects(s.ct))}
@@ -707,8 +709,9 @@ class Scenario:
             shutil.rmtree(s.logs)
         (s.dir / "deploy").mkdir(parents=True)
         shutil.copy(REPO / "docker-compose.yml", s.dir)
-        for name in ("integrations.compose.yaml", "prometheus.yml"):
-            shutil.copy(REPO / "deploy" / name, s.dir / "deploy")
+        for name in ("integrations.compose.yaml", "prometheus.yml", "prometheus/rules.yml"):
+            (s.dir / "deploy" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / "deploy" / name, s.dir / "deploy" / name)
         for volume in ("kafka-data", "prometheus-data"):
             s.podman("volume", "rm", "-f", f"{PROJECT_NAME}_{volume}", check=False)
         say(f"    {s.dir}; host ports {s.ports}")
@@ -868,6 +871,30 @@ class Scenario:
 
         result = wait_until("every service scraped", all_up, 90, 3)
         say(f"    /api/v1/targets: {result} up")
+        return result
+
+    def prometheus_rules(self) -> str:
+        """The groups of deploy/prometheus/rules.yml are loaded and evaluated without errors."""
+        want = {
+            g["name"]: len(g["rules"])
+            for g in yaml.safe_load((REPO / "deploy/prometheus/rules.yml").read_text())["groups"]
+        }
+
+        def loaded() -> str:
+            groups = ok("GET", f"{self.stack.prometheus}/api/v1/rules")["data"]["groups"]
+            have = {g["name"]: len(g["rules"]) for g in groups}
+            if have != want:
+                raise Failed(f"rule groups {have}, want {want}")
+            failing = [r["name"] for g in groups for r in g["rules"] if r.get("health") == "err"]
+            if failing:
+                raise Failed(f"rules failing to evaluate: {failing}")
+            unevaluated = [g["name"] for g in groups if not g.get("lastEvaluation", "").startswith("20")]
+            if unevaluated:
+                raise Failed(f"groups not evaluated yet: {unevaluated}")
+            return f"{len(want)} groups, {sum(want.values())} rules"
+
+        result = wait_until("the rules loaded and evaluated", loaded, 90, 3)
+        say(f"    /api/v1/rules: {result}")
         return result
 
     def replay_window(self) -> str:

@@ -147,10 +147,14 @@ async def test_two_broker_restarts_during_a_steady_stream_every_accepted_call_is
     for o in outages:
         assert o["down_s"] >= 10, o
         assert o["first_effect_s"] <= RECOVERY_LIMIT_S, o
-    # the call-history poller rode out both outages too: a pass failed, it waited (one line per
-    # outage) and passes succeed again after the last return
-    assert len(log_events(flow, "poll-calls", "broker_unreachable")) == 2
-    assert len(log_events(flow, "poll-calls", "broker_reachable")) == 2
+    # the call-history poller rode out both outages too. Whether a pass fails depends on timing: a
+    # send in flight may simply wait for the broker and succeed. A pass that failed leads to one
+    # wait (one line) and one return (one line), never more than one per outage; passes succeed
+    # again after the last return.
+    unreachable = log_events(flow, "poll-calls", "broker_unreachable")
+    reachable = log_events(flow, "poll-calls", "broker_reachable")
+    assert len(unreachable) == len(reachable) <= 2, (unreachable, reachable)
+    assert all(u < r for u, r in zip(sorted(unreachable), sorted(reachable), strict=True))
     # (a pass comes every poll interval: wait for the first one after the return)
     await wait_for(
         lambda: any(t > last_back for t in log_events(flow, "poll-calls", "calls_polled")),
