@@ -19,6 +19,8 @@ from devkit.stack import Stack
 # CloudTalk workflow trigger -> the ingest endpoint it posts to (/ingest/cloudtalk/{integration}/…)
 WORKFLOW_ENDPOINTS = {
     "call.ended": "call-ended",
+    "call.modified": "call-modified",
+    "recording.uploaded": "recording-uploaded",
     "sms.received": "sms",
     "sms.sent": "sms",
     "contact.created": "contact",

@@ -4,7 +4,7 @@ Serves the API exactly as under ``https://my.cloudtalk.io/api`` (reference §3):
 URL is ``http://host:port/api``. HTTP Basic auth with an API key id + secret; each key pair
 selects a *company* with its own data and its own rate window.
 
-API routes (all answer the ``{"responseData": …}`` envelopes of §3.2)::
+API routes (all but ``/api/ai/…`` answer the ``{"responseData": …}`` envelopes of §3.2)::
 
     GET    /api/contacts/index.json           keyword, country_id, tag_id, industry, page, limit
     PUT    /api/contacts/add.json             201 {"status":201,"data":{"id":"<id>"}}
@@ -21,6 +21,10 @@ API routes (all answer the ``{"responseData": …}`` envelopes of §3.2)::
     GET    /api/calls/index.json              date_from, date_to, type, status, call_id, public_external,
                                               public_internal, contact_id, user_id, agent_extension,
                                               tag_id, page, limit
+    GET    /api/ai/calls/{callId}/summary         conversation intelligence (below): no envelope
+    GET    /api/ai/calls/{callId}/smart-notes
+    GET    /api/ai/calls/{callId}/transcription
+    GET    /api/ai/calls/{callId}/details-link
 
 Errors: 401 ``Unauthorized action`` (bad/missing credentials), 404 ``Not found.``, 406
 ``Invalid input data.`` with per-field ``data`` messages, 429 when the company's window is spent
@@ -49,7 +53,22 @@ Choices where the reference is silent (documented here, several are settings):
   ``omit`` | ``null``); the same applies to ``Agent`` for calls nobody answered.
 * ``answered`` = the call has ``answered_at`` (status given when the call is ended); ``missed``
   otherwise (§3.5 assumption).
-* ``recording_link``/``recording_url`` are ``null`` unless the call was recorded.
+* ``recording_link``/``recording_url`` are ``null`` unless the call was recorded. A call ended
+  with ``recorded: true`` shows ``https://my.cloudtalk.io/r/play/<id>`` in the history and
+  ``https://my.cloudtalk.io/pub/r/<base64 of id>/<token>.wav`` in ``call.ended``; once a recording
+  is uploaded (``/_sim/calls/{id}/recording``) both show the uploaded link.
+* A call's ``Ratings`` hold at most one agent rating (``type`` ``agent``).
+
+Conversation intelligence (``/api/ai/calls/{callId}/…``): authenticated, rate-limited and logged
+like every other API route (401/429/405 keep the ``responseData`` envelope), but answers carry no
+envelope. Data comes from ``POST /_sim/calls/{id}/insights``; until a value is set, and for a call
+the company does not have, the answer is 404 ``{"statusCode": 404, "message": "Not found",
+"error": "Not Found"}``. Response shapes [ASSUMPTION: field names unconfirmed]::
+
+    summary        {"summary": str}
+    smart-notes    {"smart_notes": [str…]}
+    transcription  {"transcription": str}
+    details-link   {"url": str}
 
 Inspection routes (no auth; ``?company=<key id>`` selects a company, default the first one)::
 
@@ -64,6 +83,16 @@ Inspection routes (no auth; ``?company=<key id>`` selects a company, default the
                              "wrapup_time", "is_voicemail", "recorded", "tags", "notes", "rating",
                              "started_at"?, "contact_id"?, "internal_number_name"?,
                              "deliver": true, "deliver_times": 1}
+    POST   /_sim/calls/{id}/modify     tags/notes/rating changed after wrap-up or in Call History:
+                             any of {"tags": [str…], "notes": [str…], "rating": 1..5|null,
+                             "deliver": true, "deliver_times": 1}; sent keys replace the stored
+                             ones (an unchanged note keeps its id)   → call.modified
+    POST   /_sim/calls/{id}/recording  {"recording_url"?: str (default the pub/r form above),
+                             "deliver": true, "deliver_times": 1}; the call becomes recorded with
+                             that link                               → recording.uploaded
+    POST   /_sim/calls/{id}/insights   any of {"summary": str, "smart_notes": [str…] | str,
+                             "transcription": str, "details_link": str}; null removes one (no
+                             workflow); answers {"call_id", "insights"}
     POST   /_sim/sms        {"direction", "internal_number", "external_number", "text",
                              "agent_id"?, "created_at"?, "deliver": true, "deliver_times": 1}
     POST   /_sim/contacts           an agent creates a contact (API add body)   → contact.created
@@ -77,11 +106,25 @@ Inspection routes (no auth; ``?company=<key id>`` selects a company, default the
     POST   /_sim/companies  {"key_id", "key_secret", "name"?}
 
 Workflow deliveries (§3.7): every active workflow whose trigger matches (``*`` matches all) gets
-the canonical body (§4.1, §4.2, and the contact bodies below) from a background task, with
+the canonical body (§4.1, §4.2, and the call and contact bodies below) from a background task, with
 ``Content-Type: application/json``, ``User-Agent: cloudtalk-workflow-automation``,
 ``Accept: application/json, text/plain, */*`` and the workflow's static headers. Non-2xx answers,
 timeouts and connection errors are retried with exponential backoff (at-least-once). The delivery
 log shows header *names* only: static headers usually carry secrets.
+
+Triggers: ``call.ended``, ``call.modified`` ("Call Modified"), ``recording.uploaded`` ("Recording
+Uploaded"), ``sms.received``, ``sms.sent``, ``contact.created``, ``contact.updated``,
+``contact.deleted``. The call endpoints under ``/_sim/calls/{id}/`` answer 404 ``{"error"}`` for an
+unknown call id; modify and recording answer 200 ``{"call_id", "record" (as the history shows it),
+"body" (the workflow body)}``.
+
+Call workflow bodies (numbers are JSON integers without ``+``, times ``YYYY-MM-DDTHH:MM:SS.000Z``)::
+
+    call.modified: {"event", "call_id", "call_uuid", "direction", "internal_number",
+        "external_number", "call_tags": [str…], "call_notes": [str…], "rating": int|null,
+        "modified_at"}                  (always the call's full current tags, notes and rating)
+    recording.uploaded: {"event", "call_id", "call_uuid", "internal_number", "external_number",
+        "recording_url", "uploaded_at"}
 
 Contact workflow bodies::
 
@@ -167,7 +210,17 @@ HELP = "CloudTalk REST API simulator (contacts, calls, reference data) with work
 DEFAULT_PORT = 8092
 API_PREFIX = "/api"
 
-TRIGGERS = ("call.ended", "sms.received", "sms.sent", "contact.created", "contact.updated", "contact.deleted")
+TRIGGERS = (
+    "call.ended",
+    "call.modified",
+    "recording.uploaded",
+    "sms.received",
+    "sms.sent",
+    "contact.created",
+    "contact.updated",
+    "contact.deleted",
+)
+INSIGHTS = ("summary", "smart_notes", "transcription", "details_link")  # conversation intelligence
 MERGE_RULES = ("none", "phone", "email", "phone_or_email", "phone_or_name")
 KEYWORD_FIELDS = ("name", "number", "email", "company")
 PHONE_VALIDATION = ("format", "possible", "valid")
@@ -579,6 +632,8 @@ class Call:
     tag_ids: list[int]
     notes: list[tuple[int, str]]
     rating: tuple[int, int] | None  # (rating id, 1..5)
+    recording_link: str | None = None  # set by an uploaded recording (history and bodies show it)
+    insights: dict[str, Any] = field(default_factory=dict)  # INSIGHTS key → value; absent = 404
 
     @property
     def answered_at(self) -> float | None:
@@ -714,6 +769,14 @@ def _as_id(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     return None
+
+
+def _deliver_times(spec: dict[str, Any], errors: _Errors) -> int:
+    times = spec.get("deliver_times", 1)
+    if isinstance(times, bool) or not isinstance(times, int) or times < 0:
+        errors.add("deliver_times", "deliver_times must be a non-negative integer.")
+        return 0
+    return times
 
 
 def _list_items(body: dict[str, Any], key: str, errors: _Errors) -> list[dict[str, Any]] | None:
@@ -1039,11 +1102,24 @@ def render_contact_call(c: Contact, company: Company) -> dict[str, Any]:
     }
 
 
-def recording_url(call: Call) -> str | None:
-    if not call.recorded:
-        return None
+def public_recording_url(call: Call) -> str:
+    """``https://my.cloudtalk.io/pub/r/<base64 of the call id>/<random token>.wav``."""
     encoded = urllib.parse.quote(base64.b64encode(str(call.id).encode()).decode(), safe="")
     return f"https://my.cloudtalk.io/pub/r/{encoded}/{call.recording_token}.wav"
+
+
+def recording_url(call: Call) -> str | None:
+    """The ``recording_url`` of workflow bodies: None unless recorded; an uploaded link wins."""
+    if not call.recorded:
+        return None
+    return call.recording_link or public_recording_url(call)
+
+
+def recording_link(call: Call) -> str | None:
+    """``Cdr.recording_link`` of the history: None unless recorded; an uploaded link wins."""
+    if not call.recorded:
+        return None
+    return call.recording_link or f"https://my.cloudtalk.io/r/play/{call.id}"
 
 
 def render_call(call: Call, company: Company, settings: CloudTalkSimSettings) -> dict[str, Any]:
@@ -1071,7 +1147,7 @@ def render_call(call: Call, company: Company, settings: CloudTalkSimSettings) ->
             "ended_at": iso(call.ended_at),
             "waiting_time": call.waiting_time,
             "wrapup_time": call.wrapup_time,
-            "recording_link": f"https://my.cloudtalk.io/r/play/{call.id}" if call.recorded else None,
+            "recording_link": recording_link(call),
         }
     }
     contact = company.contacts.get(call.contact_id) if call.contact_id is not None else None
@@ -1122,6 +1198,43 @@ def call_ended_body(call: Call, company: Company) -> dict[str, Any]:
         "call_notes": [text for _, text in call.notes],
         "rating": call.rating[1] if call.rating else None,
     }
+
+
+def call_modified_body(call: Call, company: Company) -> dict[str, Any]:
+    """``call.modified``: the call's full current tags, notes and rating."""
+    return {
+        "event": "call.modified",
+        "call_id": call.id,
+        "call_uuid": call.uuid,
+        "direction": call.direction,
+        "internal_number": as_int_number(call.internal),
+        "external_number": as_int_number(call.external),
+        "call_tags": [company.tags.get(t, "") for t in call.tag_ids],
+        "call_notes": [text for _, text in call.notes],
+        "rating": call.rating[1] if call.rating else None,
+        "modified_at": now_iso_ms(),
+    }
+
+
+def recording_uploaded_body(call: Call) -> dict[str, Any]:
+    return {
+        "event": "recording.uploaded",
+        "call_id": call.id,
+        "call_uuid": call.uuid,
+        "internal_number": as_int_number(call.internal),
+        "external_number": as_int_number(call.external),
+        "recording_url": recording_url(call),
+        "uploaded_at": now_iso_ms(),
+    }
+
+
+def render_insight(kind: str, value: Any) -> dict[str, Any]:
+    """Conversation intelligence answers (no envelope) [ASSUMPTION: the field names]."""
+    key = {"details_link": "url"}.get(kind, kind)
+    return {key: list(value) if isinstance(value, list) else value}
+
+
+AI_NOT_FOUND = {"statusCode": 404, "message": "Not found", "error": "Not Found"}
 
 
 def sms_body(sms: Sms) -> dict[str, Any]:
@@ -1241,6 +1354,15 @@ async def read_json(request: web.Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("Request body is not valid JSON.") from None
+
+
+def _object(body: Any) -> dict[str, Any]:
+    """An inspection body that may be empty (``{}``) but must otherwise be a JSON object."""
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
 
 
 def basic_credentials(header: str) -> tuple[str, str] | None:
@@ -1634,6 +1756,100 @@ class CloudTalkSim:
             )
         return call
 
+    def get_call(self, call_id: int, company: Company | None = None) -> Call:
+        call = next((c for c in (company or self.company).calls if c.id == call_id), None)
+        if call is None:
+            raise NotFound(f"call {call_id}")
+        return call
+
+    def modify_call(
+        self, call_id: int, spec: dict[str, Any], company: Company | None = None
+    ) -> tuple[Call, dict[str, Any]]:
+        """Tags / notes / rating changed after wrap-up: sent keys replace; fire ``call.modified``."""
+        company = company or self.company
+        call = self.get_call(call_id, company)
+        errors = _Errors()
+        tags, notes, rating = spec.get("tags"), spec.get("notes"), spec.get("rating")
+        if "tags" in spec and (not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags)):
+            errors.add("tags", "tags must be a list of names.")
+        if "notes" in spec and (not isinstance(notes, list) or not all(isinstance(n, str) for n in notes)):
+            errors.add("notes", "notes must be a list of strings.")
+        if rating is not None and (isinstance(rating, bool) or not isinstance(rating, int) or not 1 <= rating <= 5):
+            errors.add("rating", "rating must be 1..5 or null.")
+        times = _deliver_times(spec, errors)
+        errors.raise_if_any()
+        if isinstance(tags, list):
+            call.tag_ids = list(dict.fromkeys(_ensure_tags(company, tags, lambda: self.next_id("tag"))))
+        if isinstance(notes, list):
+            kept = list(call.notes)  # an unchanged note keeps its id
+            new_notes = []
+            for text in notes:
+                old = next((n for n in kept if n[1] == text), None)
+                if old is not None:
+                    kept.remove(old)
+                new_notes.append(old or (self.next_id("note"), text))
+            call.notes = new_notes
+        if "rating" in spec:
+            if rating is None:
+                call.rating = None
+            elif call.rating is None or call.rating[1] != rating:
+                call.rating = (self.next_id("rating"), rating)
+        body = call_modified_body(call, company)
+        if spec.get("deliver", True):
+            self.fire(company, "call.modified", body, times=times)
+        return call, body
+
+    def upload_recording(
+        self, call_id: int, spec: dict[str, Any], company: Company | None = None
+    ) -> tuple[Call, dict[str, Any]]:
+        """The call's recording was uploaded: it is recorded with that link; fire ``recording.uploaded``."""
+        company = company or self.company
+        call = self.get_call(call_id, company)
+        errors = _Errors()
+        url = spec.get("recording_url")
+        if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))):
+            errors.add("recording_url", "recording_url must be an http(s) URL.")
+        times = _deliver_times(spec, errors)
+        errors.raise_if_any()
+        call.recorded = True
+        call.recording_link = url or public_recording_url(call)
+        body = recording_uploaded_body(call)
+        if spec.get("deliver", True):
+            self.fire(company, "recording.uploaded", body, times=times)
+        return call, body
+
+    def set_insights(self, call_id: int, spec: dict[str, Any], company: Company | None = None) -> Call:
+        """Conversation intelligence of a call: sent keys are set, ``null`` removes one (404 again)."""
+        call = self.get_call(call_id, company)
+        errors = _Errors()
+        unknown = sorted(set(spec) - set(INSIGHTS))
+        if unknown:
+            errors.add("body", f"unknown keys {unknown}; expected any of {list(INSIGHTS)}.")
+        values: dict[str, Any] = {}
+        for key in INSIGHTS:
+            if key not in spec:
+                continue
+            value = spec[key]
+            if key == "smart_notes" and isinstance(value, str):
+                value = [value]
+            if value is None:
+                values[key] = None
+            elif key == "smart_notes":
+                if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+                    errors.add(key, "smart_notes must be a string or a list of strings.")
+                values[key] = value
+            elif not isinstance(value, str):
+                errors.add(key, f"{key} must be a string.")
+            else:
+                values[key] = value
+        errors.raise_if_any()
+        for key, value in values.items():
+            if value is None:
+                call.insights.pop(key, None)
+            else:
+                call.insights[key] = list(value) if isinstance(value, list) else value
+        return call
+
     def sms_event(self, spec: dict[str, Any], company: Company | None = None) -> Sms:
         """An SMS was sent or received: fire ``sms.sent`` / ``sms.received`` (no SMS API exists)."""
         company = company or self.company
@@ -1897,6 +2113,13 @@ class CloudTalkSim:
         r.add_get(api + "/numbers/index.json", self.h_numbers)
         r.add_get(api + "/tags/index.json", self.h_tags)
         r.add_get(api + "/calls/index.json", self.h_calls)
+        for path, kind in (
+            ("summary", "summary"),
+            ("smart-notes", "smart_notes"),
+            ("transcription", "transcription"),
+            ("details-link", "details_link"),
+        ):
+            r.add_get(api + rf"/ai/calls/{{call_id:\d+}}/{path}", functools.partial(self.h_insight, kind))
         inspection_routes(app, self.log, self.faults, self.reset)
         self._inspection_routes(app)
 
@@ -2082,6 +2305,15 @@ class CloudTalkSim:
         items = sorted((c for c in company.calls if keep(c)), key=lambda c: (c.started_at, c.id))
         return ok(paginate(items, page, limit, lambda c: render_call(c, company, self.settings)))
 
+    async def h_insight(self, kind: str, request: web.Request) -> web.Response:
+        """Conversation intelligence: the bare object, or the AI service's own 404 (no envelope)."""
+        company: Company = request[COMPANY]
+        call_id = int(request.match_info["call_id"])
+        call = next((c for c in company.calls if c.id == call_id), None)
+        if call is None or kind not in call.insights:
+            return json_response(AI_NOT_FOUND, status=404)
+        return json_response(render_insight(kind, call.insights[kind]))
+
     # ---- inspection handlers ----------------------------------------------------------------
 
     def _inspection_routes(self, app: web.Application) -> None:
@@ -2089,6 +2321,9 @@ class CloudTalkSim:
         r.add_get(p + "state", self.i_state)
         r.add_post(p + "seed", self.i_seed)
         r.add_post(p + "calls", self.i_end_call)
+        r.add_post(p + r"calls/{id:\d+}/modify", self.i_modify_call)
+        r.add_post(p + r"calls/{id:\d+}/recording", self.i_upload_recording)
+        r.add_post(p + r"calls/{id:\d+}/insights", self.i_set_insights)
         r.add_post(p + "sms", self.i_sms)
         r.add_post(p + "contacts/import", self.i_import_contact)
         r.add_post(p + "contacts", self.i_create_contact)
@@ -2145,6 +2380,21 @@ class CloudTalkSim:
             },
             status=201,
         )
+
+    @_inspect
+    async def i_modify_call(self, request: web.Request, company: Company, body: Any) -> web.Response:
+        call, sent = self.modify_call(int(request.match_info["id"]), _object(body), company)
+        return json_response({"call_id": call.id, "record": render_call(call, company, self.settings), "body": sent})
+
+    @_inspect
+    async def i_upload_recording(self, request: web.Request, company: Company, body: Any) -> web.Response:
+        call, sent = self.upload_recording(int(request.match_info["id"]), _object(body), company)
+        return json_response({"call_id": call.id, "record": render_call(call, company, self.settings), "body": sent})
+
+    @_inspect
+    async def i_set_insights(self, request: web.Request, company: Company, body: Any) -> web.Response:
+        call = self.set_insights(int(request.match_info["id"]), _object(body), company)
+        return json_response({"call_id": call.id, "insights": {k: call.insights.get(k) for k in INSIGHTS}})
 
     @_inspect
     async def i_sms(self, _request: web.Request, company: Company, body: Any) -> web.Response:

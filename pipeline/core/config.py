@@ -14,7 +14,7 @@ Structure::
         cloudtalk_webhook_secret,
         calls: {types: {incoming_answered|incoming_missed|voicemail|outgoing_answered|outgoing_unanswered:
                         {export, status}}, create_customers_for_unknown_numbers, connected_numbers,
-                empty_means, note_template},
+                empty_means, note_template, details_updates},
         sms: {enabled, types: {incoming|outgoing: {export, status}}, create_customers_for_unknown_numbers,
               connected_numbers, empty_means, note_template},
         contacts: {import, export, merge_key, skip_customer_if_shared_or_whatsapp,
@@ -295,6 +295,11 @@ class CallSettings(ConversationFlowSettings):
 
     FLOW: ClassVar[str] = "calls"
     types: CallTypes = CallTypes()
+    details_updates: StrictBool = Field(
+        default=True,
+        description="details that change after a call was logged (tags, notes, rating, recording, "
+        "conversation intelligence) add one 'details updated' note to its conversation",
+    )
 
     @property
     def enabled(self) -> bool:

@@ -14,6 +14,7 @@ RULE_CALL_TYPE_DISABLED = "call_type_disabled"
 RULE_SMS_DISABLED = "sms_disabled"
 RULE_SMS_TYPE_DISABLED = "sms_type_disabled"
 RULE_UNKNOWN_NUMBER = "unknown_number"
+RULE_DETAILS_OFF = "call_details_off"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ yields several commands for one integration): ``{integration}|{event_id}[|{op}]`
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -59,6 +60,20 @@ def exact_id(value: object, field: str) -> int:
 
 def call_event_id(call_id: int | str) -> str:
     return f"cloudtalk:call:{exact_id(call_id, 'call_id')}"
+
+
+def call_details_event_id(call_id: int | str, details: dict[str, Any]) -> str:
+    """A call's details at one version: the same details give the same id (a redelivery, the
+    poller seeing them again, a replay), changed details a new one. ``#`` separates the version
+    from the call's own event id, which is the record key (:func:`record_key`)."""
+    digest = hashlib.sha256(orjson.dumps(details, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    return f"{call_event_id(call_id)}#details:{digest}"
+
+
+def record_key(event_id: str) -> bytes:
+    """The raw record key of an event: its id up to any ``#`` — so the versions of one call's
+    details share a partition with the call itself and are processed after it."""
+    return event_id.split("#", 1)[0].encode()
 
 
 def sms_event_id(sms_id: int | str) -> str:
@@ -146,6 +161,8 @@ class Envelope:
 # payload schema per (source, type)
 PAYLOAD_SCHEMAS: dict[tuple[str, str], str] = {
     ("cloudtalk", "call.ended"): "cloudtalk.call.ended",
+    ("cloudtalk", "call.modified"): "cloudtalk.call.modified",
+    ("cloudtalk", "recording.uploaded"): "cloudtalk.recording.uploaded",
     ("cloudtalk", "sms.received"): "cloudtalk.sms",
     ("cloudtalk", "sms.sent"): "cloudtalk.sms",
     ("cloudtalk", "contact.created"): "cloudtalk.contact",

@@ -32,6 +32,20 @@ DEFAULT_CALL_TEMPLATE: tuple[str, ...] = (
     "Recording: {recording}",
 )
 
+DETAILS_MARKER = "CloudTalk call {call_id} · details updated ({version})"
+
+# a change of a call's details after it was logged: what the event states (not configurable)
+DETAILS_TEMPLATE: tuple[str, ...] = (
+    DETAILS_MARKER,
+    "Tags: {tags}",
+    "Notes: {notes}",
+    "Rating: {rating}/5",
+    "Recording: {recording}",
+    "Summary: {summary}",
+    "Smart notes: {smart_notes}",
+    "Transcription: {transcription}",
+)
+
 DEFAULT_SMS_TEMPLATE: tuple[str, ...] = (
     SMS_MARKER,
     "Direction: {direction}",
@@ -89,7 +103,7 @@ SMS_FIELDS = frozenset(
 # Free text: what people wrote. When a note is over Kustomer's limit only these values are cut
 # (pipeline/process/notes.py); every other placeholder is a fact of the call or SMS and is kept.
 # "summary" is reserved for a call summary placeholder.
-FREE_TEXT = frozenset({"notes", "text", "summary"})
+FREE_TEXT = frozenset({"notes", "text", "summary", "smart_notes"})
 
 _FORMATTER = string.Formatter()
 

@@ -45,7 +45,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from pipeline.core.config import PipelineConfig
-from pipeline.core.envelope import Envelope
+from pipeline.core.envelope import Envelope, record_key
 from pipeline.core.observability import get_logger, metrics
 from pipeline.core.schemas import SchemaError
 from pipeline.core.settings import env_float, env_int
@@ -557,7 +557,7 @@ class IngestApp:
 
     async def _store(self, topic: str, env: Envelope, value: bytes) -> None:
         ack = await self.publisher.send(
-            topic, env.id.encode(), value, [("event_id", env.id.encode()), ("type", env.type.encode())]
+            topic, record_key(env.id), value, [("event_id", env.id.encode()), ("type", env.type.encode())]
         )
         await ack
 

@@ -1,6 +1,8 @@
 """CloudTalk workflow-automation endpoints.
 
 ``POST /ingest/cloudtalk/{integration}/call-ended``  body: canonical call-ended body
+``POST /ingest/cloudtalk/{integration}/call-modified``  body: canonical call-modified body
+``POST /ingest/cloudtalk/{integration}/recording-uploaded``  body: canonical recording-uploaded body
 ``POST /ingest/cloudtalk/{integration}/sms``         body: canonical SMS body (sent or received)
 ``POST /ingest/cloudtalk/{integration}/contact``     body: canonical contact body (created/updated/deleted)
 
@@ -18,8 +20,10 @@ from typing import Any
 
 from aiohttp import web
 
+from pipeline.core.call_details import details_of
 from pipeline.core.envelope import (
     Envelope,
+    call_details_event_id,
     call_event_id,
     contact_event_id,
     exact_id,
@@ -36,11 +40,15 @@ UNKNOWN_SECRET = secrets.token_hex(32).encode()  # what an unknown integration's
 # endpoint kind -> (topics attribute, events it accepts)
 KINDS: dict[str, tuple[str, frozenset[str]]] = {
     "call-ended": ("raw_calls", frozenset({"call.ended"})),
+    "call-modified": ("raw_calls", frozenset({"call.modified"})),
+    "recording-uploaded": ("raw_calls", frozenset({"recording.uploaded"})),
     "sms": ("raw_sms", frozenset({"sms.received", "sms.sent"})),
     "contact": ("raw_contacts", frozenset({"contact.created", "contact.updated", "contact.deleted"})),
 }
 PAYLOAD_SCHEMA = {
     "call.ended": "cloudtalk.call.ended",
+    "call.modified": "cloudtalk.call.modified",
+    "recording.uploaded": "cloudtalk.recording.uploaded",
     "sms.received": "cloudtalk.sms",
     "sms.sent": "cloudtalk.sms",
     "contact.created": "cloudtalk.contact",
@@ -61,6 +69,11 @@ def cloudtalk_envelope(payload: dict[str, Any], integration: str, via: str) -> E
     # ids exactly as sent (a float id is refused: two large ids can be the same float)
     if event == "call.ended":
         eid, occurred = call_event_id(exact_id(payload["call_id"], "payload.call_id")), payload["ended_at"]
+    elif event in ("call.modified", "recording.uploaded"):
+        # one id per version of the details: a redelivery or the poller seeing them again is the same event
+        call_id = exact_id(payload["call_id"], "payload.call_id")
+        eid = call_details_event_id(call_id, details_of(payload))
+        occurred = payload.get("modified_at") or payload.get("uploaded_at") or utc_now_iso()
     elif event.startswith("sms."):
         eid, occurred = sms_event_id(exact_id(payload["sms_id"], "payload.sms_id")), payload["created_at"]
     else:

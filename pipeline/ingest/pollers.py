@@ -30,8 +30,9 @@ from aiokafka.errors import KafkaError
 from pipeline.clients.cloudtalk import CloudTalkClient
 from pipeline.clients.http import RateWindow, RetryPolicy
 from pipeline.clients.kustomer import kustomer_clients
+from pipeline.core.call_details import SOURCE_FIELDS, details_of
 from pipeline.core.config import PipelineConfig, load_config
-from pipeline.core.envelope import Envelope, parse_time
+from pipeline.core.envelope import Envelope, parse_time, record_key
 from pipeline.core.observability import HealthServer, get_logger, metrics
 from pipeline.core.progress import Progress
 from pipeline.core.schemas import SchemaError
@@ -124,6 +125,16 @@ def cdr_to_call_ended(item: dict[str, Any]) -> dict[str, Any] | None:
     return body
 
 
+def details_snapshot(call_ended: dict[str, Any]) -> dict[str, Any] | None:
+    """The call's details as the history shows them now, as a canonical call-modified body; None
+    when the record states none (no tags, notes, rating or recording)."""
+    details = details_of(call_ended)
+    if not any(details.values()):
+        return None
+    body = {k: call_ended.get(k) for k in ("call_id", "call_uuid", "direction", "internal_number", "external_number")}
+    return {"event": "call.modified", **body, **{SOURCE_FIELDS[k]: call_ended.get(SOURCE_FIELDS[k]) for k in details}}
+
+
 def show_to_contact_event(shown: dict[str, Any], event: str) -> dict[str, Any]:
     """A contact ``show`` ``responseData`` as the canonical contact body (same as the workflow's)."""
     c = shown.get("Contact") or {}
@@ -195,12 +206,24 @@ class CallHistoryPoller:
         date_to: datetime,
         via: str,
         progress: bool = False,
-        skip: set[int] | None = None,
-        published: list[tuple[int, str]] | None = None,
+        skip: dict[int, str | None] | None = None,
+        published: list[tuple[int, str, str | None]] | None = None,
     ) -> dict[str, int]:
-        """Every finished call started in [date_from, date_to] into the raw calls topic, except
-        the call ids in ``skip``; ``published`` collects (call id, started_at) of what was sent."""
-        counts = {"pages": 0, "calls": 0, "published": 0, "active": 0, "invalid": 0, "seen_before": 0}
+        """Every finished call started in [date_from, date_to] into the raw calls topic, and with
+        it a snapshot of its details (a ``call.modified`` event, when the record has any), except
+        what ``skip`` (call id → details event id last published) says was published already:
+        a call seen before whose details changed gets only a new snapshot. ``published``
+        collects (call id, started_at, details event id) of what was sent."""
+        counts = {
+            "pages": 0,
+            "calls": 0,
+            "published": 0,  # calls
+            "details": 0,  # snapshots of their details
+            "details_changed": 0,  # of calls seen before
+            "active": 0,
+            "invalid": 0,
+            "seen_before": 0,
+        }
         shown = (
             Progress(f"{via} calls", unit="pages", items_unit="calls published", rate_unit="calls")
             if progress
@@ -218,28 +241,38 @@ class CallHistoryPoller:
                 if body is None:
                     counts["active"] += 1
                     continue
-                if skip and body["call_id"] in skip:
-                    counts["seen_before"] += 1
-                    continue
+                snapshot = details_snapshot(body)
+                seen = skip is not None and body["call_id"] in skip
                 try:
-                    env: Envelope = cloudtalk_envelope(body, ACCOUNT, via)
+                    envs: list[Envelope] = [] if seen else [cloudtalk_envelope(body, ACCOUNT, via)]
+                    details = cloudtalk_envelope(snapshot, ACCOUNT, via) if snapshot else None
                 except SchemaError as exc:
                     counts["invalid"] += 1
                     log.warning("call_record_invalid", call_id=body.get("call_id"), error=str(exc))
                     continue
-                futures.append(
-                    await self.producer.send(
-                        self.topics.raw_calls,
-                        key=env.id.encode(),
-                        value=env.to_json(),
-                        headers=[("event_id", env.id.encode()), ("type", b"call.ended")],
+                details_id = details.id if details else None
+                if seen:
+                    counts["seen_before"] += 1
+                    if details is None or (skip or {}).get(body["call_id"]) == details_id:
+                        continue
+                    counts["details_changed"] += 1
+                if details is not None:
+                    envs.append(details)
+                for env in envs:
+                    futures.append(
+                        await self.producer.send(
+                            self.topics.raw_calls,
+                            key=record_key(env.id),
+                            value=env.to_json(),
+                            headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
+                        )
                     )
-                )
-                self._events.labels("cloudtalk", "call.ended", via).inc()
+                    self._events.labels("cloudtalk", env.type, via).inc()
+                counts["published"] += 0 if seen else 1
+                counts["details"] += 1 if details is not None else 0
                 if published is not None:
-                    published.append((body["call_id"], body["started_at"]))
+                    published.append((body["call_id"], body["started_at"], details_id))
             await asyncio.gather(*futures)
-            counts["published"] += len(futures)
             if shown is not None:
                 pages = page.get("pageCount")
                 shown.update(
@@ -259,20 +292,26 @@ class CallHistoryPoller:
         date_to = now - timedelta(seconds=self.lag_s)
         if date_to <= date_from:
             return {"skipped": "window empty"}
-        # calls of the overlap this poller already published are not published again
-        recent = {int(c): t for c, t in ((cursor or {}).get("recent") or {}).items()}
-        sent: list[tuple[int, str]] = []
-        counts = await self.publish_window(date_from, date_to, "poller", skip=set(recent), published=sent)
-        recent.update(sent)
+        # calls of the overlap this poller already published are not published again, unless
+        # their details changed: call id -> [started_at, details event id] (a cursor written
+        # before details were followed holds started_at alone)
+        recent: dict[int, tuple[str, str | None]] = {}
+        for c, v in ((cursor or {}).get("recent") or {}).items():
+            recent[int(c)] = (v, None) if isinstance(v, str) else (v[0], v[1])
+        sent: list[tuple[int, str, str | None]] = []
+        counts = await self.publish_window(
+            date_from, date_to, "poller", skip={c: d for c, (_, d) in recent.items()}, published=sent
+        )
+        recent.update({c: (t, d) for c, t, d in sent})
         keep_after = date_to - timedelta(seconds=self.overlap_s)
-        recent = {c: t for c, t in recent.items() if parse_time(t) >= keep_after}
+        recent = {c: v for c, v in recent.items() if parse_time(v[0]) >= keep_after}
         await self.cursors.write(
             self.producer,
             self.CURSOR,
             {
                 "date_to": date_to.isoformat(),
                 "polled_at": now.isoformat(),
-                "recent": {str(c): t for c, t in recent.items()},
+                "recent": {str(c): list(v) for c, v in recent.items()},
                 **counts,
             },
         )
@@ -326,7 +365,7 @@ class ContactsPoller:
                 futures.append(
                     await self.producer.send(
                         self.topics.raw_contacts,
-                        key=env.id.encode(),
+                        key=record_key(env.id),
                         value=env.to_json(),
                         headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
                     )
@@ -394,7 +433,7 @@ class CustomersPoller:
                 futures.append(
                     await self.producer.send(
                         self.topics.raw_customers,
-                        key=env.id.encode(),
+                        key=record_key(env.id),
                         value=env.to_json(),
                         headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
                     )

@@ -12,7 +12,17 @@ For every integration, in this order (the first rule that drops names the audit 
 
 Otherwise a ``kustomer.log_conversation`` command: find or create the customer by the external
 number, create a conversation (name, open/done status of the call type, direction, externalId
-``cloudtalk-call-{id}``) and add the call note.
+``cloudtalk-call-{id}``) and add the call note. The command carries the details the note states
+(:mod:`pipeline.core.call_details`), which the sink remembers for the call.
+
+Details that change later (``call.modified``: Call Modified or the poller's snapshot of the call
+history; ``recording.uploaded``) are decided by rules 1 and 3, then:
+
+6. the integration follows details (``calls.details_updates``, on by default).
+
+Otherwise a ``kustomer.update_call_details`` command for the call's conversation: the sink adds one
+"details updated" note with what differs from what the call's notes already state, or nothing.
+Its key is the call's own (integration and number), so it is performed after the call.
 """
 
 from __future__ import annotations
@@ -20,18 +30,21 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core import templates
+from pipeline.core.call_details import details_of
 from pipeline.core.config import Integration, PipelineConfig
 from pipeline.core.decisions import (
     RULE_CALL_TYPE_DISABLED,
+    RULE_DETAILS_OFF,
     RULE_INACTIVE,
     RULE_INTERNAL_CALL,
     RULE_NOT_CONNECTED,
     RULE_UNKNOWN_NUMBER,
+    Command,
     Decision,
     Dropped,
     Reject,
 )
-from pipeline.core.envelope import Envelope
+from pipeline.core.envelope import Envelope, command_id
 from pipeline.core.phones import normalize_e164
 from pipeline.process import notes
 
@@ -134,7 +147,7 @@ def decide(env: Envelope, integration: Integration, external: str | None, intern
         "direction": "in" if payload["direction"] == "incoming" else "out",
         "externalId": f"cloudtalk-call-{call_id}",
     }
-    return notes.log_conversation(
+    command = notes.log_conversation(
         integration.name,
         env,
         "call",
@@ -144,11 +157,62 @@ def decide(env: Envelope, integration: Integration, external: str | None, intern
         body,
         templates.CALL_MARKER.format(call_id=call_id),
     )
+    command.body["details"] = details_of(payload)
+    return command
+
+
+def decide_details(env: Envelope, integration: Integration, external: str, internal: str | None) -> Decision:
+    """Rules 1, 3 and 6 for a change of a call's details."""
+    if not integration.active:
+        return Dropped(integration.name, RULE_INACTIVE)
+    settings = integration.calls
+    if internal is not None and not settings.number_connected(internal):
+        return Dropped(integration.name, RULE_NOT_CONNECTED, f"CloudTalk number {internal} is not connected")
+    if not settings.details_updates:
+        return Dropped(integration.name, RULE_DETAILS_OFF)
+    payload = env.payload
+    cid = command_id(integration.name, env.id)
+    details = details_of(payload)
+    marker = templates.DETAILS_MARKER.format(call_id=payload["call_id"], version=env.id.rpartition(":")[2])
+    values = {
+        "call_id": payload["call_id"],
+        "version": env.id.rpartition(":")[2],
+        **{k: ", ".join(v) or "(none)" for k, v in details.items() if k == "tags"},
+        **{k: "; ".join(v) or "(none)" for k, v in details.items() if k in ("notes", "smart_notes")},
+        **{k: v for k, v in details.items() if k in ("rating", "recording", "summary", "transcription")},
+    }
+    body = notes.render(templates.DETAILS_TEMPLATE, values, templates.DETAILS_MARKER)
+    return Command(
+        integration.name,
+        cid,
+        f"{integration.name}|{external}",  # the call's lane: after the call's own command
+        {
+            "command_id": cid,
+            "type": "kustomer.update_call_details",
+            "integration": integration.name,
+            "event_id": env.id,
+            "occurred_at": env.occurred_at,
+            "call_id": payload["call_id"],
+            "customer": {"phone": external},
+            "conversation": {"externalId": f"cloudtalk-call-{payload['call_id']}"},
+            "details": details,
+            "note": {"body": body, "marker": marker},
+        },
+    )
 
 
 def process_call(env: Envelope, config: PipelineConfig) -> list[Decision]:
-    """Evaluate one call for every integration."""
+    """Evaluate one call event (ended, or its details changed) for every integration."""
     payload = env.payload
+    if env.type in ("call.modified", "recording.uploaded"):
+        number = normalize_e164(payload.get("external_number"))
+        if number is None:
+            raise Reject(
+                "InvalidPhoneNumber",
+                f"payload.external_number: {payload.get('external_number')!r} is not a possible phone number",
+            )
+        internal_number = normalize_e164(payload.get("internal_number"))
+        return [decide_details(env, integration, number, internal_number) for integration in config.integrations]
     external = normalize_e164(payload.get("external_number"))
     internal = normalize_e164(payload.get("internal_number"))
     if payload["direction"] != "internal" and external is None:

@@ -1,6 +1,7 @@
 """Kustomer effects: conversations with their notes, and customers (export).
 
-``kustomer.log_conversation`` (calls and SMS):
+``kustomer.log_conversation`` (calls and SMS) — for a call, the details its note states are kept
+in the ledger's index (:func:`call_key`):
 
 1. customer — the ledger's id, else ``GET /v1/customers/phone={phone}``, else create it (when
    the command allows); a 409 (someone else created it meanwhile) is resolved by the lookup.
@@ -14,6 +15,15 @@ Creates of conversations and notes are paced to Kustomer's 120 per minute per cu
 whose outcome is unknown (timeout, lost connection, a 5xx other than 503) is never repeated
 blindly: after a settle time the resource is looked up by the same key, and created again only
 when it is absent. A 429 or a 503 says the create did not happen: it is simply sent again.
+
+``kustomer.update_call_details`` (a call's tags, notes, rating, recording or conversation
+intelligence changed after it was logged): what differs from what the call's notes state (the
+index) gets one note, marked ``CloudTalk call {id} · details updated ({version})`` — the version
+is the event id's, so a redelivery, a replay or the poller seeing the same details again adds
+nothing. A call logged before the index knew it is looked up (customer by phone, conversation by
+externalId) and every stated detail counts as new; a call not logged (yet) is skipped
+(``skipped:call_not_logged``: the details reach its note when the call-ended event carries them, or
+the calls poller's next snapshot).
 
 When Kustomer makes a command wait longer than the sink's batch budget (the org's window is
 spent, the org is out of service, the customer's limit is reached) the command is parked with the
@@ -29,6 +39,7 @@ from typing import Any
 
 from pipeline.clients.http import ApiClient, DeferredError, KeyedLimiter, RejectedError, create_or_find
 from pipeline.clients.kustomer import ConflictError
+from pipeline.core.call_details import changed
 from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
 from pipeline.sink.ledger import LedgerEntry, must_reconcile
@@ -40,6 +51,7 @@ class KustomerEffects:
     command_schemas: Mapping[str, str] = {
         "kustomer.log_conversation": "command.kustomer.log_conversation",
         "kustomer.upsert_customer": "command.kustomer.upsert_customer",
+        "kustomer.update_call_details": "command.kustomer.update_call_details",
     }
 
     def __init__(
@@ -67,10 +79,12 @@ class KustomerEffects:
         return client.executor.window.ready_at() if isinstance(client, ApiClient) else 0.0
 
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
-        if command["type"] == "kustomer.log_conversation":
+        if command["type"] in ("kustomer.log_conversation", "kustomer.update_call_details"):
             steps: dict[str, Any] = dict(prior.steps) if prior else {}
             try:
-                return await self.log_conversation(command, prior, steps)
+                if command["type"] == "kustomer.log_conversation":
+                    return await self.log_conversation(command, prior, steps)
+                return await self.update_call_details(command, prior, index, steps)
             except DeferredError as exc:
                 exc.steps = steps  # parked with what was written so far
                 raise
@@ -167,7 +181,62 @@ class KustomerEffects:
             if found_note:
                 outcome = "reconciled"
         steps["note_id"] = note_id
-        return Done(steps, outcome)
+        if "details" not in command:
+            return Done(steps, outcome)
+        # a call: what its note states, for the changes that come later
+        known = {"customer_id": customer_id, "conversation_id": conversation_id, "details": command["details"]}
+        return Done(steps, outcome, {call_key(integration, conv["externalId"]): known})
+
+    async def update_call_details(
+        self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any], steps: dict[str, Any]
+    ) -> Done:
+        """A "details updated" note on the call's conversation when the details differ from what
+        its notes state (the index, kept per call); nothing otherwise."""
+        client = self.client(command)
+        integration, external_id = command["integration"], command["conversation"]["externalId"]
+        key = call_key(integration, external_id)
+        known = index.get(key)
+        if known is not None:
+            customer_id, conversation_id, stated = known["customer_id"], known["conversation_id"], known["details"]
+        else:
+            # logged before its details were followed (or not yet): the conversation is looked up
+            customer_id = steps.get("customer_id")
+            conversation_id = steps.get("conversation_id")
+            if not conversation_id:
+                customer = await client.find_customer_by_phone(command["customer"]["phone"])
+                if customer is not None:
+                    customer_id = customer["id"]
+                    conversation_id = await self._find_conversation(client, customer_id, external_id)
+            if not conversation_id:
+                return Done({}, "skipped:call_not_logged")
+            steps["customer_id"], steps["conversation_id"] = customer_id, conversation_id
+            stated = {}
+        differs = changed(stated, command["details"])
+        if not differs:
+            return Done({"conversation_id": conversation_id}, "skipped:unchanged")
+        steps["conversation_id"] = conversation_id
+        note = command["note"]
+        note_id = steps.get("note_id")
+        outcome = "updated"
+        if not note_id and must_reconcile(prior):
+            note_id = await self._find_note(client, conversation_id, note["marker"])
+            outcome = "reconciled" if note_id else outcome
+        if not note_id:
+            await self.note_limit.acquire(f"{integration}|{customer_id}")
+
+            async def find_note() -> dict[str, Any] | None:
+                nid = await self._find_note(client, conversation_id, note["marker"])
+                return {"id": nid} if nid else None
+
+            created_note, found_note = await create_or_find(
+                lambda: client.create_note(conversation_id, note["body"]), find_note, settle_s=self.settle_s
+            )
+            note_id = created_note["id"]
+            outcome = "reconciled" if found_note else outcome
+        steps["note_id"] = note_id
+        steps["changed"] = sorted(differs)
+        now = {"customer_id": customer_id, "conversation_id": conversation_id, "details": {**stated, **differs}}
+        return Done(steps, outcome, {key: now})
 
     @staticmethod
     async def _find_conversation(client: KustomerApi, customer_id: str, external_id: str) -> str | None:
@@ -185,6 +254,11 @@ class KustomerEffects:
                 if body.split("\n", 1)[0] == marker:
                     return note["id"]
         return None
+
+
+def call_key(integration: str, external_id: str) -> str:
+    """The index key of a logged call: its customer, conversation and the details its notes state."""
+    return f"k|{integration}|call|{external_id}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,6 +120,14 @@ class Flow:
         ) as r:
             assert r.status < 300, await r.text()
 
+    async def modify_call(self, call_id: int, **spec: Any) -> dict[str, Any]:
+        """An agent changes a call's tags, notes or rating after wrap-up (Call Modified fires)."""
+        return await self._sim("POST", f"{self.ct_root}/_sim/calls/{call_id}/modify", spec)
+
+    async def upload_recording(self, call_id: int, **spec: Any) -> dict[str, Any]:
+        """The call's recording is uploaded (Recording Uploaded fires)."""
+        return await self._sim("POST", f"{self.ct_root}/_sim/calls/{call_id}/recording", spec)
+
     async def fault(self, **spec: Any) -> None:
         self.ksim.faults.add(**spec)
 
@@ -258,6 +266,8 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
                     }
                     for t, path in (
                         ("call.ended", "call-ended"),
+                        ("call.modified", "call-modified"),
+                        ("recording.uploaded", "recording-uploaded"),
                         ("sms.received", "sms"),
                         ("sms.sent", "sms"),
                         ("contact.created", "contact"),

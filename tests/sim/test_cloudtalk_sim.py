@@ -1341,6 +1341,220 @@ async def test_wildcard_workflow_gets_every_trigger(env: Env, receiver: Receiver
 
 
 # --------------------------------------------------------------------------------------------
+# Call Modified, Recording Uploaded, conversation intelligence
+# --------------------------------------------------------------------------------------------
+
+AI_NOT_FOUND = {"statusCode": 404, "message": "Not found", "error": "Not Found"}
+AI_PATHS = ("summary", "smart-notes", "transcription", "details-link")
+
+
+async def test_call_modified_updates_the_history_and_delivers_the_full_current_annotations(
+    env: Env, receiver: Receiver
+) -> None:
+    await add_workflows(env, receiver, "call.modified")
+    status, made = await env.raw.sim("POST", "calls", CALL_A)
+    assert status == 201
+    call_id = made["call_id"]
+    [first_note] = made["record"]["Notes"]
+
+    status, out = await env.raw.sim(
+        "POST",
+        f"calls/{call_id}/modify",
+        {"tags": ["Billing", "Refund"], "notes": ["Customer asked for refund status", "Refund approved"], "rating": 2},
+    )
+    assert status == 200, out
+    record = await env.client.get_call(call_id)
+    assert record is not None and record == out["record"]
+    assert [t["name"] for t in record["Tags"]] == ["Billing", "Refund"]
+    assert [n["name"] for n in record["Notes"]] == ["Customer asked for refund status", "Refund approved"]
+    assert record["Notes"][0] == first_note  # an unchanged note keeps its id
+    assert [(r["type"], r["rating"]) for r in record["Ratings"]] == [("agent", 2)]
+    refund = next(t["id"] for t in record["Tags"] if t["name"] == "Refund")
+    status, body, _ = await env.raw.call("GET", "/calls/index.json", params={"tag_id": refund})
+    assert [i["Cdr"]["id"] for i in body["responseData"]["data"]] == [str(call_id)]
+
+    [request] = await receiver.wait_for(1, "/hooks/call.modified")
+    assert_delivery_headers(request)
+    body = request["body"]
+    assert body == out["body"]  # the answer shows the body that was sent
+    assert ISO_MS.match(body["modified_at"])
+    assert body == {
+        "event": "call.modified",
+        "call_id": call_id,
+        "call_uuid": made["call_uuid"],
+        "direction": "incoming",
+        "internal_number": 442012345678,
+        "external_number": 447700900123,
+        "call_tags": ["Billing", "Refund"],
+        "call_notes": ["Customer asked for refund status", "Refund approved"],
+        "rating": 2,
+        "modified_at": body["modified_at"],
+    }
+
+    # Only the rating is sent: the body still carries every current tag and note.
+    status, out = await env.raw.sim("POST", f"calls/{call_id}/modify", {"rating": None, "deliver_times": 2})
+    assert status == 200 and out["record"]["Ratings"] == []
+    _, first, second = await receiver.wait_for(3, "/hooks/call.modified")
+    assert first["body"] == second["body"]
+    assert {k: first["body"][k] for k in ("call_tags", "call_notes", "rating")} == {
+        "call_tags": ["Billing", "Refund"],
+        "call_notes": ["Customer asked for refund status", "Refund approved"],
+        "rating": None,
+    }
+
+    status, out = await env.raw.sim("POST", f"calls/{call_id}/modify", {"tags": [], "deliver": False})
+    assert status == 200 and out["record"]["Tags"] == []
+    assert await env.sim.wait_deliveries(2.0)
+    assert len(receiver.on("/hooks/call.modified")) == 3
+    status, deliveries = await env.raw.sim("GET", "deliveries", trigger="call.modified")
+    assert [d["status"] for d in deliveries["deliveries"]] == ["delivered"] * 3
+
+
+async def test_recording_uploaded_sets_the_link_and_delivers(env: Env, receiver: Receiver) -> None:
+    await add_workflows(env, receiver, "call.ended", "recording.uploaded")
+    status, made = await env.raw.sim("POST", "calls", {**CALL_A, "recorded": False})
+    assert status == 201
+    call_id = made["call_id"]
+    assert made["record"]["Cdr"]["recorded"] is False and made["record"]["Cdr"]["recording_link"] is None
+    [ended] = await receiver.wait_for(1, "/hooks/call.ended")
+    assert ended["body"]["recording_url"] is None
+    record = await env.client.get_call(call_id)
+    assert record is not None and (record["Cdr"]["recorded"], record["Cdr"]["recording_link"]) == (False, None)
+
+    status, out = await env.raw.sim("POST", f"calls/{call_id}/recording")
+    assert status == 200, out
+    encoded = urllib.parse.quote(base64.b64encode(str(call_id).encode()).decode(), safe="")
+    url = out["body"]["recording_url"]
+    assert re.fullmatch(rf"https://my\.cloudtalk\.io/pub/r/{re.escape(encoded)}/[\w-]+\.wav", url)
+    record = await env.client.get_call(call_id)
+    assert record is not None and record == out["record"]
+    assert (record["Cdr"]["recorded"], record["Cdr"]["recording_link"]) == (True, url)
+
+    [request] = await receiver.wait_for(1, "/hooks/recording.uploaded")
+    assert_delivery_headers(request)
+    body = request["body"]
+    assert body == out["body"]
+    assert ISO_MS.match(body["uploaded_at"])
+    assert body == {
+        "event": "recording.uploaded",
+        "call_id": call_id,
+        "call_uuid": made["call_uuid"],
+        "internal_number": 442012345678,
+        "external_number": 447700900123,
+        "recording_url": url,
+        "uploaded_at": body["uploaded_at"],
+    }
+
+    given = "https://recordings.example.com/calls/abc.wav"
+    status, out = await env.raw.sim("POST", f"calls/{call_id}/recording", {"recording_url": given})
+    assert status == 200 and out["record"]["Cdr"]["recording_link"] == given
+    [_, request] = await receiver.wait_for(2, "/hooks/recording.uploaded")
+    assert request["body"]["recording_url"] == given
+    status, out = await env.raw.sim("POST", f"calls/{call_id}/recording", {"recording_url": "ftp://x", "deliver": 0})
+    assert status == 400 and list(out["errors"]) == ["recording_url"]
+
+    # A call ended recorded keeps its history link and its call.ended recording URL.
+    status, made = await env.raw.sim("POST", "calls", CALL_A)
+    [_, ended] = await receiver.wait_for(2, "/hooks/call.ended")
+    assert made["record"]["Cdr"]["recording_link"] == f"https://my.cloudtalk.io/r/play/{made['call_id']}"
+    assert ended["body"]["recording_url"].startswith("https://my.cloudtalk.io/pub/r/")
+
+
+async def test_conversation_intelligence_answers_404_until_set_then_the_documented_shapes(env: Env) -> None:
+    call = env.sim.end_call(CALL_A)
+    for path in AI_PATHS:
+        status, body, headers = await env.raw.call("GET", f"/ai/calls/{call.id}/{path}")
+        assert (status, body) == (404, AI_NOT_FOUND)
+        assert headers["X-CloudTalkAPI-Limit"] == "10000"
+
+    status, out = await env.raw.sim("POST", f"calls/{call.id}/insights", {"summary": "Refund explained."})
+    assert status == 200 and out["insights"]["summary"] == "Refund explained."
+    status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id}/summary")
+    assert (status, body) == (200, {"summary": "Refund explained."})
+    status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id}/smart-notes")
+    assert (status, body) == (404, AI_NOT_FOUND)  # only the sent keys are set
+
+    status, out = await env.raw.sim(
+        "POST",
+        f"calls/{call.id}/insights",
+        {
+            "smart_notes": "Customer wants a refund",
+            "transcription": "Agent: Hello. Customer: Hi, about my refund…",
+            "details_link": "https://my.cloudtalk.io/ai/calls/details/1",
+        },
+    )
+    assert status == 200, out
+    expected = {
+        "summary": {"summary": "Refund explained."},
+        "smart-notes": {"smart_notes": ["Customer wants a refund"]},
+        "transcription": {"transcription": "Agent: Hello. Customer: Hi, about my refund…"},
+        "details-link": {"url": "https://my.cloudtalk.io/ai/calls/details/1"},
+    }
+    for path in AI_PATHS:
+        status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id}/{path}")
+        assert (status, body) == (200, expected[path])
+    await env.raw.sim("POST", f"calls/{call.id}/insights", {"smart_notes": ["one", "two"], "summary": None})
+    status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id}/smart-notes")
+    assert (status, body) == (200, {"smart_notes": ["one", "two"]})
+    status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id}/summary")
+    assert (status, body) == (404, AI_NOT_FOUND)
+
+    status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id + 1000}/transcription")
+    assert (status, body) == (404, AI_NOT_FOUND)
+    logged = env.requests("GET", r"^/api/ai/calls/")
+    assert len(logged) == 4 + 2 + 4 + 2 + 1
+    assert [e.status for e in logged][-3:] == [200, 404, 404] and all(e.effect is None for e in logged)
+
+
+async def test_conversation_intelligence_needs_auth_and_counts_in_the_rate_window(env: Env) -> None:
+    call = env.sim.end_call(CALL_A)
+    env.sim.set_insights(call.id, {"summary": "Short call."})
+    for auth in (None, (KEY_ID, "wrong")):
+        status, body, headers = await env.raw.call("GET", f"/ai/calls/{call.id}/summary", auth=auth)
+        assert (status, body) == (401, {"responseData": {"status": 401, "message": "Unauthorized action"}})
+        assert "X-CloudTalkAPI-Remaining" not in headers
+
+    env.sim.update_settings({"rate_limit": 3, "window_seconds": 2.0})
+    env.sim.window.reset()
+    remaining = []
+    for path in ("/calls/index.json", f"/ai/calls/{call.id}/summary", f"/ai/calls/{call.id}/details-link"):
+        status, _, headers = await env.raw.call("GET", path)
+        assert status in (200, 404)
+        remaining.append(headers["X-CloudTalkAPI-Remaining"])
+    assert remaining == ["2", "1", "0"]
+    for path in (f"/ai/calls/{call.id}/summary", "/calls/index.json"):
+        status, body, headers = await env.raw.call("GET", path)
+        assert (status, body) == (429, {"responseData": {"status": 429, "message": "Too Many Requests"}})
+        assert headers["X-CloudTalkAPI-Remaining"] == "0"
+    summaries = env.requests("GET", r"/summary$")
+    assert [e.status for e in summaries] == [401, 401, 200, 429]
+
+
+async def test_call_endpoints_answer_404_for_unknown_calls_and_400_for_bad_input(env: Env) -> None:
+    for path in ("modify", "recording", "insights"):
+        status, body = await env.raw.sim("POST", f"calls/1/{path}", {})
+        assert status == 404 and "not found" in body["error"]
+    call = env.sim.end_call(CALL_A)
+    status, _ = await env.raw.sim("POST", "companies", {"key_id": "other-key", "key_secret": "other-secret"})
+    assert status == 201
+    status, _ = await env.raw.sim("POST", f"calls/{call.id}/modify", {"rating": 1}, company="other-key")
+    assert status == 404  # calls belong to a company
+    status, body, _ = await env.raw.call("GET", f"/ai/calls/{call.id}/summary", auth=("other-key", "other-secret"))
+    assert (status, body) == (404, AI_NOT_FOUND)
+
+    before = env.sim.state()["calls"]
+    status, body = await env.raw.sim(
+        "POST", f"calls/{call.id}/modify", {"tags": "Billing", "notes": [1], "rating": 6, "deliver_times": -1}
+    )
+    assert status == 400 and sorted(body["errors"]) == ["deliver_times", "notes", "rating", "tags"]
+    status, body = await env.raw.sim("POST", f"calls/{call.id}/insights", {"summary": 3, "sentiment": "happy"})
+    assert status == 400 and sorted(body["errors"]) == ["body", "summary"]
+    status, body = await env.raw.sim("POST", f"calls/{call.id}/modify", ["rating"])
+    assert status == 400
+    assert env.sim.state()["calls"] == before and call.insights == {}
+
+
+# --------------------------------------------------------------------------------------------
 # Inspection API
 # --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,90 @@
+"""Details that change after a call was logged — tags edited after wrap-up, a recording uploaded
+later, a rating changed in Call History — reach the call's Kustomer conversation once each:
+redelivered workflows, the calls poller seeing the same details pass after pass and a replay of
+the raw topic add nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from pipeline.kafka.reading import read_topic
+from tests.e2e.conftest import Flow, wait_for
+from tests.e2e.test_calls_e2e import idle
+
+pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
+
+
+def notes_of(flow: Flow) -> list[str]:
+    """The bodies of the simulator's notes, oldest first."""
+    return [n["body"] for n in sorted(flow.ksim.notes.values(), key=lambda n: n.get("createdAt") or "")]
+
+
+async def replay_raw_calls(flow: Flow) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "pipeline", "replay", "raw", "--topic", "calls"),
+        *("--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"),
+        env={**flow.stack.base_env, "PATH": "/usr/bin:/bin"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+@pytest.mark.services("ingest", "process-calls", "sink-kustomer", "poll-calls")
+async def test_late_details_add_one_note_each_under_redelivery_the_poller_and_a_replay(flow: Flow):
+    call = await flow.end_call(tags=["Billing"], notes=["Asked for a refund"], rating=4, recorded=False)
+    call_id = call["call_id"]
+    await wait_for(lambda: flow.creates("note.create") >= 1, 60, "the call's note")
+
+    # an agent adds a tag after wrap-up; the workflow is delivered three times
+    await flow.modify_call(call_id, tags=["Billing", "VIP"], deliver_times=3)
+    await wait_for(lambda: flow.creates("note.create") >= 2, 60, "the note of the tags")
+    # the recording is uploaded after the call ended; delivered twice
+    await flow.upload_recording(call_id, deliver_times=2)
+    await wait_for(lambda: flow.creates("note.create") >= 3, 60, "the note of the recording")
+    # a rating changed in Call History fires no workflow: the poller's next pass notices it
+    await flow.modify_call(call_id, rating=2, deliver=False)
+    await wait_for(lambda: flow.creates("note.create") >= 4, 60, "the rating, noticed by the poller")
+    await asyncio.sleep(12)  # two more passes of the poller (every 5 s) see the same details
+    await idle(flow)
+
+    assert flow.creates("conversation.create") == 1, "never a second conversation"
+    assert flow.creates("note.create") == 4, notes_of(flow)
+    assert len(flow.ksim.notes) == 4
+    bodies = notes_of(flow)
+    assert bodies[0].splitlines()[0] == f"CloudTalk call {call_id}"
+    assert "Tags: Billing" in bodies[0] and "Recording:" not in bodies[0]
+    markers = [b.splitlines()[0] for b in bodies[1:]]
+    assert all(m.startswith(f"CloudTalk call {call_id} · details updated (") for m in markers)
+    assert len(set(markers)) == 3
+    tags, recording, rating = bodies[1:]
+    assert "Tags: Billing, VIP" in tags and "Rating: 4/5" in tags
+    assert recording.splitlines()[1].startswith("Recording: https://my.cloudtalk.io/pub/r/")
+    assert "Rating: 2/5" in rating and "Tags: Billing, VIP" in rating
+    conversation = next(iter(flow.ksim.conversations))
+    assert flow.notes_per_conversation() == {conversation: 4}
+
+    # a replay of every raw call event (ended, modified, uploaded, the poller's snapshots): nothing new
+    raw = await read_topic(flow.bootstrap, flow.topics.raw_calls)
+    writes = len([e for e in flow.ksim.log.entries if e.effect])
+    out = await replay_raw_calls(flow)
+    assert f"replayed {len(raw)} event(s)" in out
+    await idle(flow)
+    assert len([e for e in flow.ksim.log.entries if e.effect]) == writes, "the replay wrote nothing"
+    assert flow.creates("note.create") == 4
+
+
+@pytest.mark.services("ingest", "process-calls", "sink-kustomer")
+async def test_a_call_modified_that_repeats_what_the_note_states_adds_nothing(flow: Flow):
+    call = await flow.end_call(tags=["Billing"], recorded=False)
+    await wait_for(lambda: flow.creates("note.create") >= 1, 60, "the call's note")
+    await flow.modify_call(call["call_id"], tags=["Billing"], deliver_times=2)  # no change
+    await asyncio.sleep(3)
+    await idle(flow)
+    assert flow.creates("note.create") == 1
