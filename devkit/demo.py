@@ -137,8 +137,12 @@ integrations:
 class Expectation:
     emitted: Counter = field(default_factory=Counter)  # integration -> events logged
     dropped: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # integration -> rule -> n
+    # integration -> externalId -> "details updated" notes (a change after wrap-up of a call it logged)
+    details: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
 
-    def call(self, direction: str, status: str, voicemail: bool, line: str, known: bool) -> None:
+    def call(self, direction: str, status: str, voicemail: bool, line: str, known: bool) -> list[str]:
+        """Counts the call; the integrations that log it."""
+        logged = []
         ctype = None
         if direction == "incoming":
             ctype = "incoming_answered" if status == "answered" else ("voicemail" if voicemail else "incoming_missed")
@@ -159,6 +163,13 @@ class Expectation:
                 self.dropped[name]["unknown_number"] += 1
             else:
                 self.emitted[name] += 1
+                logged.append(name)
+        return logged
+
+    def changed(self, call_id: int, logged_by: list[str]) -> None:
+        """A call's details changed after it was logged: one note in each integration that logs it."""
+        for name in logged_by:
+            self.details[name][f"cloudtalk-call-{call_id}"] += 1
 
     def sms(self) -> None:
         self.emitted["support"] += 1  # SMS on, every number, both types, unknown numbers allowed
@@ -179,6 +190,7 @@ class Demo:
         self.expect = Expectation()
         self.sent = Counter()
         self.call_ids: list[int] = []
+        self.delivered_calls: list[tuple[int, dict[str, Any], list[str]]] = []  # (call id, spec, logged by)
         self.started_at = datetime.now(UTC)
 
     def say(self, text: str) -> None:
@@ -284,14 +296,17 @@ class Demo:
         async with aiohttp.ClientSession() as http:
             await self._configure_cloudtalk(http, urls)
             await self._drive_day(http, urls["ct"])
-            await self._wait_idle(http, bootstrap, topics, urls, "[5/9]")
+            await self._wait_idle(http, bootstrap, topics, urls, "      ")
+            await self._after_wrap_up(http, urls["ct"])
+            # with the contacts part: the contacts the unknown callers' customers become, too
+            await self._wait_idle(http, bootstrap, topics, urls, "[5/9]", contacts=self.args.contacts_part)
             self.say("      replaying the whole window as a backfill (must write nothing new) …")
             before = await self._kustomer_writes(http, urls)
             window_from = (self.started_at - timedelta(minutes=15)).isoformat()  # calls start before they end
             window_to = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
             out, _ = await stack.run_once(["backfill", "calls", "--from", window_from, "--to", window_to])
             backfilled = orjson.loads(out.strip().splitlines()[-1]) if out.strip() else {}
-            await self._wait_idle(http, bootstrap, topics, urls, "      ")
+            await self._wait_idle(http, bootstrap, topics, urls, "      ", contacts=self.args.contacts_part)
             after = await self._kustomer_writes(http, urls)
             calls_rc = await self._summary(http, bootstrap, topics, urls, backfilled, before, after)
             if not self.args.contacts_part:
@@ -346,10 +361,12 @@ class Demo:
             line = self.rng.choice(lines)
             if kind == "call":
                 direction, status, voicemail = self.rng.choices(kinds, weights)[0]
+                # an unknown number support logs becomes a CloudTalk contact (its customer is
+                # imported): "sales" (unknown numbers dropped) gets unknown numbers of its own
                 if line == SALES_LINE:
-                    number = self.rng.choice(self.known[60:] if known else self.unknown)
+                    number = self.rng.choice(self.known[60:] if known else self.unknown[:15])
                 else:
-                    number = self.rng.choice(self.known[:60] if known else self.unknown)
+                    number = self.rng.choice(self.known[:60] if known else self.unknown[15:])
                 roll = self.rng.random()
                 deliver, times = (False, 0) if roll < 0.05 else ((True, 2) if roll < 0.10 else (True, 1))
                 self.sent["calls"] += 1
@@ -375,12 +392,15 @@ class Demo:
                     "deliver_times": times,
                 }
                 call = await sim(http, "POST", f"{ct}/_sim/calls", spec)
-                self.call_ids.append(call.get("call_id") or call.get("id"))
-                self.expect.call(direction, status, voicemail, line, known)
+                call_id = call.get("call_id") or call.get("id")
+                self.call_ids.append(call_id)
+                logged_by = self.expect.call(direction, status, voicemail, line, known)
+                if deliver:
+                    self.delivered_calls.append((call_id, spec, logged_by))
             else:
                 direction = "incoming" if self.rng.random() < 0.6 else "outgoing"
                 sms_line = self.rng.choice([SUPPORT_LINE, BILLING_LINE])
-                number = self.rng.choice(self.known[:60] if known else self.unknown)
+                number = self.rng.choice(self.known[:60] if known else self.unknown[15:])
                 twice = self.rng.random() < 0.05
                 self.sent["sms"] += 1
                 self.sent["sms delivered twice"] += twice
@@ -407,6 +427,26 @@ class Demo:
                 self.expect.sms()
             if i % 100 == 0 or i == len(events):
                 self.say(f"      {i}/{len(events)} events sent ({i / (time.monotonic() - t0):.0f}/s)")
+
+    async def _after_wrap_up(self, http: aiohttp.ClientSession, ct: str) -> None:
+        """Agents edit tags of some calls after wrap-up, recordings of others arrive late: each
+        change reaches the call's conversation as one note (workflows delivered twice at times)."""
+        calls = self.delivered_calls
+        edits = self.rng.sample(calls, max(1, len(calls) // 20))
+        answered = [c for c in calls if c[1]["status"] == "answered" and not c[1]["recorded"]]
+        uploads = self.rng.sample(answered, min(len(answered), max(1, len(calls) // 20)))
+        self.say(f"      after wrap-up: {len(edits)} calls get new tags, {len(uploads)} recordings arrive late …")
+        for call_id, spec, logged_by in edits:
+            tags = [*spec["tags"], "Follow-up"]
+            times = 2 if self.rng.random() < 0.2 else 1
+            await sim(http, "POST", f"{ct}/_sim/calls/{call_id}/modify", {"tags": tags, "deliver_times": times})
+            self.expect.changed(call_id, logged_by)
+            self.sent["tag edits after wrap-up"] += 1
+        for call_id, _spec, logged_by in uploads:
+            times = 2 if self.rng.random() < 0.2 else 1
+            await sim(http, "POST", f"{ct}/_sim/calls/{call_id}/recording", {"deliver_times": times})
+            self.expect.changed(call_id, logged_by)
+            self.sent["recordings uploaded later"] += 1
 
     async def _wait_idle(
         self,
@@ -493,7 +533,8 @@ class Demo:
         decisions: dict[tuple[str, str], str] = {}  # (event, integration) -> emitted | dropped:<rule>
         for r in audit:
             a = orjson.loads(r.value)
-            if a["stage"].startswith("process-"):
+            # calls and SMS (not their details, not the contacts the unknown callers became)
+            if a["stage"] in ("process-calls", "process-sms") and "#" not in a["event_id"]:
                 for d in a["decisions"]:
                     decisions[(a["event_id"], d["integration"])] = (
                         "emitted" if d["decision"] == "emitted" else f"dropped:{d['rule']}"
@@ -521,17 +562,20 @@ class Demo:
             ext = Counter(attr(c, "externalId") for c in conversations)
             per_conv = Counter(_rel(n, "conversation") for n in notes)
             dup_conv = sum(n - 1 for n in ext.values() if n > 1)
-            bad_notes = sum(1 for c in conversations if per_conv.get(c["id"], 0) != 1)
+            changes = self.expect.details[name]
+            bad_notes = sum(1 for c in conversations if per_conv.get(c["id"], 0) != 1 + changes[attr(c, "externalId")])
+            details_notes = sum(1 for n in notes if " · details updated (" in (attr(n, "body") or "").split("\n")[0])
             phones = Counter(p.get("phone") for c in customers for p in (attr(c, "phones") or []))
             dup_phone = sum(n - 1 for n in phones.values() if n > 1)
             duplicates += dup_conv + bad_notes + dup_phone
             check("conversations", name, len(conversations), self.expect.emitted[name])
-            check("notes", name, len(notes), self.expect.emitted[name])
+            check("notes", name, len(notes), self.expect.emitted[name] + changes.total())
+            check("of them: details updated after wrap-up", name, details_notes, changes.total())
             check("customers", name, len(customers), None)
             for rule in sorted(set(self.expect.dropped[name]) | set(got_dropped[name])):
                 check(f"dropped: {rule}", name, got_dropped[name][rule], self.expect.dropped[name][rule])
             check("duplicate conversations (same externalId)", name, dup_conv, 0)
-            check("conversations without exactly one note", name, bad_notes, 0)
+            check("conversations without one note plus one per change", name, bad_notes, 0)
             check("customers sharing a phone", name, dup_phone, 0)
         new_writes = {k: writes_after[k] - writes_before[k] for k in writes_after}
         if any(new_writes.values()):

@@ -511,10 +511,40 @@ class CloudTalkClient(ApiClient):
         async for page in self._pages("/calls/index.json", "calls.index", params):
             yield page
 
+    async def call_insights(self, call_id: int | str) -> dict[str, Any] | None:
+        """Conversation intelligence of a call as call-modified fields (``summary``,
+        ``smart_notes``, ``transcription_url``), or None while CloudTalk has no summary yet (404).
+
+        ``GET /ai/calls/{id}/summary`` first (one request for a call that has nothing yet); with a
+        summary, ``smart-notes`` and ``details-link`` (a 404 there: that part is absent). The
+        response fields (``summary``, ``smart_notes``, ``url``) are an assumption (docs/platforms.md)."""
+        summary = await self._insight(call_id, "summary")
+        if summary is None:
+            return None
+        smart = await self._insight(call_id, "smart-notes")
+        link = await self._insight(call_id, "details-link")
+        notes = _field(smart, "smart_notes")
+        return {
+            "summary": _field(summary, "summary"),
+            "smart_notes": [str(n) for n in notes] if isinstance(notes, list) else ([str(notes)] if notes else []),
+            "transcription_url": _field(link, "url"),
+        }
+
+    async def _insight(self, call_id: int | str, kind: str) -> Any:
+        response = await self._call("GET", f"/ai/calls/{call_id}/{kind}", f"ai.{kind}", accept=(404,))
+        return None if response.status == 404 else response.body
+
     async def get_call(self, call_id: int | str) -> CallRecord | None:
         """The call record with this CDR id, or None."""
         page = await self.list_calls(call_id=call_id, limit=1)
         return page["data"][0] if page["data"] else None
+
+
+def _field(body: Any, name: str) -> Any:
+    """``body[name]`` of an object answer, the answer itself when it is a bare value."""
+    if isinstance(body, dict):
+        return body.get(name) or None
+    return body or None
 
 
 def _response_data(body: Any) -> dict[str, Any]:

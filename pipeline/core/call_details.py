@@ -26,6 +26,7 @@ SOURCE_FIELDS: dict[str, str] = {
 FIELDS = tuple(SOURCE_FIELDS)
 LISTS = frozenset({"tags", "notes", "smart_notes"})
 ONCE = frozenset({"recording", "transcription"})  # links to one thing: only their arrival is news
+INTELLIGENCE = frozenset({"summary", "smart_notes", "transcription"})  # conversation intelligence
 
 
 def details_of(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ Structure::
         cloudtalk_webhook_secret,
         calls: {types: {incoming_answered|incoming_missed|voicemail|outgoing_answered|outgoing_unanswered:
                         {export, status}}, create_customers_for_unknown_numbers, connected_numbers,
-                empty_means, note_template, details_updates},
+                empty_means, note_template, details_updates, conversation_intelligence},
         sms: {enabled, types: {incoming|outgoing: {export, status}}, create_customers_for_unknown_numbers,
               connected_numbers, empty_means, note_template},
         contacts: {import, export, merge_key, skip_customer_if_shared_or_whatsapp,
@@ -299,6 +299,11 @@ class CallSettings(ConversationFlowSettings):
         default=True,
         description="details that change after a call was logged (tags, notes, rating, recording, "
         "conversation intelligence) add one 'details updated' note to its conversation",
+    )
+    conversation_intelligence: StrictBool = Field(
+        default=False,
+        description="add CloudTalk's summary, smart notes and transcription link of answered calls "
+        "(fetched by the calls poller) as a 'details updated' note",
     )
 
     @property

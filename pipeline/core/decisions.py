@@ -15,6 +15,7 @@ RULE_SMS_DISABLED = "sms_disabled"
 RULE_SMS_TYPE_DISABLED = "sms_type_disabled"
 RULE_UNKNOWN_NUMBER = "unknown_number"
 RULE_DETAILS_OFF = "call_details_off"
+RULE_INTELLIGENCE_OFF = "conversation_intelligence_off"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,10 @@
 * ``pipeline poll calls`` — the CloudTalk call history (``GET /calls/index.json`` by date window)
   every ``calls_poll_interval_seconds``, from the cursor minus an overlap to now minus
   ``calls_poll_lag_seconds``. It finds calls whose webhook never arrived; calls already ingested
-  get the same event id and are recognised downstream.
+  get the same event id and are recognised downstream. With each call goes a snapshot of its
+  details (``call.modified``), published again whenever the details in the history change; and
+  when an integration has ``calls.conversation_intelligence``, the summary, smart notes and
+  transcription link of recent answered calls (:meth:`CallHistoryPoller.publish_insights`).
 * ``pipeline backfill calls --from T --to T`` — the same for any window, once, with progress.
 
 Cursors live in the compacted ``poller.cursors`` topic (key = poller name), never on local disk.
@@ -194,9 +197,15 @@ class CallHistoryPoller:
         lag_s: int,
         overlap_s: int = 3600,
         initial_lookback_s: int = 3600,
+        insights: bool = False,
+        insights_window_s: int = 7200,
+        insights_per_pass: int = 10,
+        insights_retry_s: float = 60.0,
     ) -> None:
         self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
         self.lag_s, self.overlap_s, self.initial_lookback_s = lag_s, overlap_s, initial_lookback_s
+        self.insights, self.insights_window_s, self.insights_per_pass = insights, insights_window_s, insights_per_pass
+        self.insights_retry_s = insights_retry_s
         self._pages = metrics().poller_pages.labels("calls")
         self._events = metrics().events_in
 
@@ -208,12 +217,14 @@ class CallHistoryPoller:
         progress: bool = False,
         skip: dict[int, str | None] | None = None,
         published: list[tuple[int, str, str | None]] | None = None,
+        finished: list[dict[str, Any]] | None = None,
     ) -> dict[str, int]:
         """Every finished call started in [date_from, date_to] into the raw calls topic, and with
         it a snapshot of its details (a ``call.modified`` event, when the record has any), except
         what ``skip`` (call id → details event id last published) says was published already:
         a call seen before whose details changed gets only a new snapshot. ``published``
-        collects (call id, started_at, details event id) of what was sent."""
+        collects (call id, started_at, details event id) of what was sent, ``finished`` the
+        call-ended body of every finished call of the window."""
         counts = {
             "pages": 0,
             "calls": 0,
@@ -241,6 +252,8 @@ class CallHistoryPoller:
                 if body is None:
                     counts["active"] += 1
                     continue
+                if finished is not None:
+                    finished.append(body)
                 snapshot = details_snapshot(body)
                 seen = skip is not None and body["call_id"] in skip
                 try:
@@ -299,12 +312,21 @@ class CallHistoryPoller:
         for c, v in ((cursor or {}).get("recent") or {}).items():
             recent[int(c)] = (v, None) if isinstance(v, str) else (v[0], v[1])
         sent: list[tuple[int, str, str | None]] = []
-        counts = await self.publish_window(
-            date_from, date_to, "poller", skip={c: d for c, (_, d) in recent.items()}, published=sent
+        finished: list[dict[str, Any]] = []
+        counts: dict[str, Any] = await self.publish_window(
+            date_from,
+            date_to,
+            "poller",
+            skip={c: d for c, (_, d) in recent.items()},
+            published=sent,
+            finished=finished,
         )
         recent.update({c: (t, d) for c, t, d in sent})
         keep_after = date_to - timedelta(seconds=self.overlap_s)
         recent = {c: v for c, v in recent.items() if parse_time(v[0]) >= keep_after}
+        insights = dict((cursor or {}).get("insights") or {})
+        if self.insights:
+            counts.update(await self.publish_insights(finished, insights, now))
         await self.cursors.write(
             self.producer,
             self.CURSOR,
@@ -312,11 +334,66 @@ class CallHistoryPoller:
                 "date_to": date_to.isoformat(),
                 "polled_at": now.isoformat(),
                 "recent": {str(c): list(v) for c, v in recent.items()},
+                "insights": insights,
                 **counts,
             },
         )
         log.info("calls_polled", date_from=date_from.isoformat(), date_to=date_to.isoformat(), **counts)
         return {"date_from": date_from.isoformat(), "date_to": date_to.isoformat(), **counts}
+
+    async def publish_insights(
+        self, finished: list[dict[str, Any]], state: dict[str, Any], now: datetime
+    ) -> dict[str, int]:
+        """Conversation intelligence of answered calls that ended within ``insights_window_s``:
+        at most ``insights_per_pass`` calls asked per pass (one request while CloudTalk has
+        nothing yet, three once it has), each published once as a ``call.modified`` body. A call
+        without it yet is asked again after 1, 2, 4 … times ``insights_retry_s`` (at most 30
+        times) until the window has passed. ``state`` (in the cursor): call id → {"ended_at", "attempts", "next_at", "done"}."""
+        counts = {"insights_published": 0, "insights_not_yet": 0}
+        oldest = now - timedelta(seconds=self.insights_window_s)
+        for body in finished:
+            if body.get("status") != "answered" or body.get("direction") == "internal":
+                continue
+            key = str(body["call_id"])
+            if key not in state and parse_time(body["ended_at"]) >= oldest:
+                state[key] = {"ended_at": body["ended_at"], "attempts": 0, "next_at": None, "done": False}
+        due = [
+            (key, entry)
+            for key, entry in state.items()
+            if not entry["done"] and (entry["next_at"] is None or parse_time(entry["next_at"]) <= now)
+        ]
+        bodies = {str(b["call_id"]): b for b in finished}
+        for key, entry in due[: self.insights_per_pass]:
+            call = bodies.get(key)
+            if call is None:  # out of this pass's window: asked again when it is in one
+                continue
+            found = await self.client.call_insights(key)
+            entry["attempts"] += 1
+            if found is None:
+                wait_s = min(self.insights_retry_s * 2 ** (entry["attempts"] - 1), 30 * self.insights_retry_s)
+                entry["next_at"] = (now + timedelta(seconds=wait_s)).isoformat()
+                counts["insights_not_yet"] += 1
+                continue
+            snapshot = {
+                "event": "call.modified",
+                **{k: call.get(k) for k in ("call_id", "call_uuid", "direction", "internal_number", "external_number")},
+                **found,
+            }
+            env = cloudtalk_envelope(snapshot, ACCOUNT, "poller")
+            await (
+                await self.producer.send(
+                    self.topics.raw_calls,
+                    key=record_key(env.id),
+                    value=env.to_json(),
+                    headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
+                )
+            )
+            self._events.labels("cloudtalk", env.type, "poller").inc()
+            entry["done"] = True
+            counts["insights_published"] += 1
+        for key in [k for k, e in state.items() if parse_time(e["ended_at"]) < oldest]:
+            del state[key]  # done, or given up: the window has passed
+        return counts
 
 
 class ContactsPoller:
@@ -544,6 +621,10 @@ def run_poll(args: argparse.Namespace) -> int:
                         lag_s=config.cloudtalk.calls_poll_lag_seconds,
                         overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 3600, minimum=0),
                         initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600, minimum=0),
+                        insights=any(i.calls.conversation_intelligence for i in config.active),
+                        insights_window_s=env_int(env, "CALLS_INSIGHTS_WINDOW_S", 7200, minimum=60),
+                        insights_per_pass=env_int(env, "CALLS_INSIGHTS_PER_PASS", 10, minimum=1),
+                        insights_retry_s=env_int(env, "CALLS_INSIGHTS_RETRY_S", 60, minimum=1),
                     )
                 ]
             elif args.source == "contacts":

@@ -106,7 +106,8 @@ def parse_query(raw: str) -> Query:
             raise SettingsError(f"ID: a CloudTalk {explicit} id is digits, got {value!r}")
         if explicit == "contact":
             return Query(value, "CloudTalk contact", prefixes=(f"cloudtalk:contact:{value}:",))
-        return Query(value, f"CloudTalk {explicit}", event_ids={f"cloudtalk:{explicit}:{value}"})
+        details = (f"cloudtalk:call:{value}#",) if explicit == "call" else ()  # its details' versions
+        return Query(value, f"CloudTalk {explicit}", event_ids={f"cloudtalk:{explicit}:{value}"}, prefixes=details)
     if explicit == "customer" or (explicit is None and _KUSTOMER_ID.match(value)):
         return Query(
             value,
@@ -119,7 +120,7 @@ def parse_query(raw: str) -> Query:
             value,
             "CloudTalk call, SMS or contact",
             event_ids={f"cloudtalk:call:{value}", f"cloudtalk:sms:{value}"},
-            prefixes=(f"cloudtalk:contact:{value}:",),
+            prefixes=(f"cloudtalk:contact:{value}:", f"cloudtalk:call:{value}#"),
         )
     if "|" in value:
         return Query(value, "command", event_ids={event_id_of_command_id(value)})
@@ -127,7 +128,8 @@ def parse_query(raw: str) -> Query:
         parts = value.split(":")
         full = (parts[1] in ("call", "sms") and len(parts) == 3) or len(parts) >= 4
         if full:
-            return Query(value, "event", event_ids={value})
+            more = (f"{value}#",) if parts[1] == "call" and len(parts) == 3 else ()  # a call: with its details
+            return Query(value, "event", event_ids={value}, prefixes=more)
         return Query(value, "events", prefixes=(value.rstrip(":") + ":",))
     if _PHONE_CHARS.match(value) and normalize_e164(value):
         return Query(value, "phone number", needle=_digits_needle(normalize_e164(value)[1:]))  # type: ignore[index]

@@ -18,7 +18,10 @@ number, create a conversation (name, open/done status of the call type, directio
 Details that change later (``call.modified``: Call Modified or the poller's snapshot of the call
 history; ``recording.uploaded``) are decided by rules 1 and 3, then:
 
-6. the integration follows details (``calls.details_updates``, on by default).
+6. the integration follows details (``calls.details_updates``, on by default);
+7. conversation intelligence (summary, smart notes, transcription link) only for integrations
+   with ``calls.conversation_intelligence`` (off by default): left out for the others, and an
+   event that states nothing else is dropped for them.
 
 Otherwise a ``kustomer.update_call_details`` command for the call's conversation: the sink adds one
 "details updated" note with what differs from what the call's notes already state, or nothing.
@@ -30,12 +33,13 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core import templates
-from pipeline.core.call_details import details_of
+from pipeline.core.call_details import INTELLIGENCE, details_of
 from pipeline.core.config import Integration, PipelineConfig
 from pipeline.core.decisions import (
     RULE_CALL_TYPE_DISABLED,
     RULE_DETAILS_OFF,
     RULE_INACTIVE,
+    RULE_INTELLIGENCE_OFF,
     RULE_INTERNAL_CALL,
     RULE_NOT_CONNECTED,
     RULE_UNKNOWN_NUMBER,
@@ -173,6 +177,10 @@ def decide_details(env: Envelope, integration: Integration, external: str, inter
     payload = env.payload
     cid = command_id(integration.name, env.id)
     details = details_of(payload)
+    if not settings.conversation_intelligence:
+        details = {k: v for k, v in details.items() if k not in INTELLIGENCE}
+        if not details:
+            return Dropped(integration.name, RULE_INTELLIGENCE_OFF)
     marker = templates.DETAILS_MARKER.format(call_id=payload["call_id"], version=env.id.rpartition(":")[2])
     values = {
         "call_id": payload["call_id"],

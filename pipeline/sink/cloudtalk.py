@@ -3,7 +3,10 @@
 **Import** (``cloudtalk.upsert_contact``, the CloudTalk sink; one lane per integration):
 
 1. a customer version written by this integration's own Kustomer API key (``modifiedBy`` is the
-   key's machine user) is the echo of an export: skipped (``own_write``);
+   key's machine user) *and* exported from a CloudTalk contact (its ``externalId`` is the contact
+   id) is the echo of an export: skipped (``own_write``). A customer the calls or SMS flow created
+   for an unknown number carries no ``externalId``: it is imported like any other, so the caller
+   has a name in CloudTalk next time;
 2. a version not newer than the one applied for this customer (``rev``, else ``updatedAt``) is
    skipped (``stale_version``) — an older update never overwrites a newer one;
 3. the target contact: the one this customer became before (ledger index); else the contact the
@@ -204,8 +207,12 @@ class CloudTalkEffects:
         version, contact = command["version"], command["contact"]
         if integration not in self.kustomer:
             raise RejectedError("cloudtalk", command["type"], None, f"integration {integration!r} is not configured")
-        # 1. the echo of our own write to Kustomer
-        if command.get("modified_by") and command["modified_by"] == await self.own_user(integration):
+        # 1. the echo of our own export to Kustomer (not a customer the calls flow created)
+        if (
+            is_exported(command)
+            and command.get("modified_by")
+            and command["modified_by"] == await self.own_user(integration)
+        ):
             return Done({}, "skipped:own_write")
         # 2. versions apply in order
         known = index.get(ikey(integration, "customer", customer_id))

@@ -39,7 +39,8 @@ SECRETS = {
 }
 
 
-def config_yaml(ct_api: str, kustomer_url: str, extra: str = "") -> str:
+def config_yaml(ct_api: str, kustomer_url: str, extra: str = "", calls: dict[str, Any] | None = None) -> str:
+    calls_extra = "".join(f"\n      {k}: {orjson.dumps(v).decode()}" for k, v in (calls or {}).items())
     return f"""
 cloudtalk:
   base_url: {ct_api}
@@ -58,7 +59,7 @@ integrations:
     cloudtalk_webhook_secret: {{env: E2E_HOOK_SECRET}}
     calls:
       create_customers_for_unknown_numbers: true
-      connected_numbers: ["{SUPPORT_LINE}"]
+      connected_numbers: ["{SUPPORT_LINE}"]{calls_extra}
     sms:
       enabled: true
 {extra}
@@ -206,7 +207,8 @@ async def flow(kafka_bootstrap: str, topics: Topics, tmp_path: Path, request: py
         ingest_port = free_port()
         ingest_url = f"http://127.0.0.1:{ingest_port}"
         config = tmp_path / "integrations.yaml"
-        config.write_text(config_yaml(ct_api, k_url))
+        cmarker = request.node.get_closest_marker("calls")
+        config.write_text(config_yaml(ct_api, k_url, calls=cmarker.kwargs if cmarker else None))
         env = {
             "KAFKA_BOOTSTRAP": kafka_bootstrap,
             "TOPIC_PREFIX": topics.prefix,

@@ -88,3 +88,41 @@ async def test_a_call_modified_that_repeats_what_the_note_states_adds_nothing(fl
     await asyncio.sleep(3)
     await idle(flow)
     assert flow.creates("note.create") == 1
+
+
+def insight_requests(flow: Flow) -> list[str]:
+    """The conversation-intelligence requests in the CloudTalk simulator's request log."""
+    return [e.path for e in flow.csim.log.entries if e.method == "GET" and "/ai/calls/" in e.path]
+
+
+@pytest.mark.services("ingest", "process-calls", "sink-kustomer", "poll-calls")
+@pytest.mark.calls(conversation_intelligence=True)
+@pytest.mark.env(CALLS_INSIGHTS_RETRY_S="2")
+async def test_conversation_intelligence_arrives_as_one_note_once_cloudtalk_has_it(flow: Flow):
+    answered = await flow.end_call(recorded=False)
+    missed = await flow.end_call(status="missed", talking_time=0, recorded=False, external_number="+421905123456")
+    await wait_for(lambda: flow.creates("note.create") >= 2, 60, "the calls' notes")
+    # CloudTalk has no summary yet: the poller asks (one request per try), and again later
+    await wait_for(lambda: len(insight_requests(flow)) >= 2, 60, "the poller asking twice")
+    assert all(op.endswith("/summary") for op in insight_requests(flow)), insight_requests(flow)
+    assert flow.creates("note.create") == 2
+    summary = "Customer asked about the refund; agent confirmed it was sent. " * 3
+    await flow._sim(
+        "POST",
+        f"{flow.ct_root}/_sim/calls/{answered['call_id']}/insights",
+        {"summary": summary, "smart_notes": ["Refund sent", "Follow up Friday"], "details_link": "https://x/t/1"},
+    )
+    await wait_for(lambda: flow.creates("note.create") >= 3, 60, "the note of the insights")
+    await asyncio.sleep(12)  # more passes: the insights were published once, nothing is asked again
+    await idle(flow)
+    assert flow.creates("note.create") == 3 and flow.creates("conversation.create") == 2
+    [note] = [b for b in notes_of(flow) if " · details updated (" in b.splitlines()[0]]
+    assert note.splitlines()[0].startswith(f"CloudTalk call {answered['call_id']} · details updated (")
+    assert f"Summary: {summary}" in note
+    assert "Smart notes: Refund sent; Follow up Friday" in note and "Transcription: https://x/t/1" in note
+    asked = insight_requests(flow)
+    # the missed call is never asked about; the answered one: summary until found, then the other two once
+    assert not any(f"/{missed['call_id']}/" in op for op in asked)
+    assert (
+        sum(op.endswith("/smart-notes") for op in asked) == 1 and sum(op.endswith("/details-link") for op in asked) == 1
+    )

@@ -255,3 +255,63 @@ integrations:
     assert b"poll_interrupted" in log.read_bytes()
     cursors = CursorStore(kafka.bootstrap, topics.cursors)
     assert await cursors.read(ContactsPoller.CURSOR) is None
+
+
+async def test_call_poller_publishes_changed_details_once_and_insights_once_cloudtalk_has_them(
+    cloudtalk, kafka: KafkaIO, topics: Topics
+):
+    sim, root, client, http = cloudtalk
+    spec = {"direction": "incoming", "internal_number": "+442012345678", "deliver": False}
+    answered = await sim_post(
+        http, root, "calls", {**spec, "status": "answered", "external_number": "+421905123456", "tags": ["Billing"]}
+    )
+    await sim_post(http, root, "calls", {**spec, "status": "missed", "external_number": "+447700900123"})
+    call_id = answered["call_id"]
+    producer = durable_producer(kafka.bootstrap, "test-poller-details")
+    await producer.start()
+
+    def ai_requests() -> list[str]:
+        return [e.path for e in sim.log.entries if "/ai/calls/" in e.path]
+
+    try:
+        poller = CallHistoryPoller(
+            client,
+            producer,
+            topics,
+            CursorStore(kafka.bootstrap, topics.cursors),
+            lag_s=0,
+            overlap_s=600,
+            initial_lookback_s=600,
+            insights=True,
+            insights_retry_s=1,
+        )
+        t = datetime.now(UTC) + timedelta(seconds=2)
+        first = await poller.poll_once(t)
+        # two calls, the answered one's details (its tag), and CloudTalk has no summary for it yet
+        assert (first["published"], first["details"], first["insights_not_yet"]) == (2, 1, 1), first
+        assert ai_requests() == [f"/api/ai/calls/{call_id}/summary"]
+        # nothing changed: nothing published; the summary is not asked again before its retry time
+        second = await poller.poll_once(t)
+        assert (second["published"], second["details_changed"], second["insights_not_yet"]) == (0, 0, 0), second
+        # an edit in Call History (no workflow) and CloudTalk's summary arrive
+        await sim_post(http, root, f"calls/{call_id}/modify", {"tags": ["Billing", "VIP"], "deliver": False})
+        await sim_post(http, root, f"calls/{call_id}/insights", {"summary": "Refund confirmed"})
+        third = await poller.poll_once(t + timedelta(seconds=2))
+        assert (third["details_changed"], third["insights_published"]) == (1, 1), third
+        fourth = await poller.poll_once(t + timedelta(seconds=60))
+        assert (fourth["published"], fourth["details_changed"], fourth["insights_published"]) == (0, 0, 0), fourth
+        assert sorted(p.rsplit("/", 1)[1] for p in ai_requests()) == [
+            "details-link",
+            "smart-notes",
+            "summary",
+            "summary",
+        ]
+    finally:
+        await producer.stop()
+    records = await kafka.read_all(topics.raw_calls, expect=5, timeout=10)
+    envs = [orjson.loads(r.value) for r in records]
+    details = [e for e in envs if e["type"] == "call.modified"]
+    assert [e["payload"].get("call_tags") for e in details[:2]] == [["Billing"], ["Billing", "VIP"]]
+    assert details[2]["payload"]["summary"] == "Refund confirmed"
+    # every version of the call's details shares the call's record key
+    assert {r.key for r in records if f":{call_id}" in r.key.decode()} == {call_event_id(call_id).encode()}

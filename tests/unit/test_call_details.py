@@ -150,3 +150,34 @@ def test_the_pollers_snapshot_states_what_the_history_shows():
     # a record without any details has no snapshot
     bare = {**item, "Cdr": {**item["Cdr"], "recorded": False}, "Tags": [], "Ratings": []}
     assert details_snapshot(cdr_to_call_ended(bare) or {}) is None
+
+
+def test_conversation_intelligence_only_for_integrations_that_enable_it():
+    body = dict(MODIFIED, summary="Refund confirmed", smart_notes=["Refund sent"], transcription_url="https://x/t")
+    body.pop("call_tags"), body.pop("call_notes"), body.pop("rating")
+    env = cloudtalk_envelope(body, "*", "poller")
+    on, off = calls.process_call(
+        env, config(integration("on", calls={"conversation_intelligence": True}), integration("off"))
+    )
+    assert isinstance(on, Command) and isinstance(off, Dropped)
+    assert off.rule == "conversation_intelligence_off"
+    assert on.body["note"]["body"].splitlines()[1:] == [
+        "Summary: Refund confirmed",
+        "Smart notes: Refund sent",
+        "Transcription: https://x/t",
+    ]
+    # details and intelligence in one event: the details still reach an integration without it
+    mixed = cloudtalk_envelope(dict(body, call_tags=["VIP"]), "*", "poller")
+    [plain] = calls.process_call(mixed, config(integration("off")))
+    assert isinstance(plain, Command) and plain.body["details"] == {"tags": ["VIP"]}
+    assert "Summary" not in plain.body["note"]["body"]
+
+
+def test_a_long_summary_is_cut_and_the_other_lines_stay():
+    body = dict(RECORDING, event="call.modified", summary="word " * 5000)
+    env = cloudtalk_envelope(body, "*", "poller")
+    [d] = calls.process_call(env, config(integration(calls={"conversation_intelligence": True})))
+    assert isinstance(d, Command)
+    note = d.body["note"]["body"]
+    assert len(note) <= 10_240 and "[cut: " in note
+    assert f"Recording: {RECORDING['recording_url']}" in note

@@ -18,15 +18,25 @@ from pipeline.ops.trace import Step, in_order, parse_query
 @pytest.mark.parametrize(
     ("text", "kind", "wants", "not_wanted"),
     [
-        ("cloudtalk:call:1002409191", "event", ["cloudtalk:call:1002409191"], ["cloudtalk:call:10024091910"]),
+        (
+            "cloudtalk:call:1002409191",
+            "event",
+            ["cloudtalk:call:1002409191", "cloudtalk:call:1002409191#details:417710dafc97499e"],
+            ["cloudtalk:call:10024091910", "cloudtalk:call:10024091910#details:417710dafc97499e"],
+        ),
         ("support|cloudtalk:sms:88231977", "command", ["cloudtalk:sms:88231977"], ["cloudtalk:call:88231977"]),
         (
             "1002409191",
             "CloudTalk call, SMS or contact",
-            ["cloudtalk:call:1002409191", "cloudtalk:sms:1002409191", "cloudtalk:contact:1002409191:2026-03-02"],
+            [
+                "cloudtalk:call:1002409191",
+                "cloudtalk:call:1002409191#details:ab",
+                "cloudtalk:sms:1002409191",
+                "cloudtalk:contact:1002409191:2026-03-02",
+            ],
             ["cloudtalk:call:100240919", "cloudtalk:contact:10024091910:x"],
         ),
-        ("call:77", "CloudTalk call", ["cloudtalk:call:77"], ["cloudtalk:sms:77"]),
+        ("call:77", "CloudTalk call", ["cloudtalk:call:77", "cloudtalk:call:77#details:ab"], ["cloudtalk:sms:77"]),
         ("sms:77", "CloudTalk sms", ["cloudtalk:sms:77"], ["cloudtalk:call:77"]),
         ("contact:12", "CloudTalk contact", ["cloudtalk:contact:12:2026-03-02T10:00:00Z"], ["cloudtalk:contact:123:x"]),
         (

@@ -18,6 +18,16 @@ DOC = (REPO / "docs" / "webhooks.md").read_text()
 # section heading -> (schema, envelope builder, the example's event id)
 SECTIONS = {
     "### call-ended": ("cloudtalk.call.ended", cloudtalk_envelope, "cloudtalk:call:1002409191"),
+    "### call-modified": (
+        "cloudtalk.call.modified",
+        cloudtalk_envelope,
+        "cloudtalk:call:1002409191#details:417710dafc97499e",
+    ),
+    "### recording-uploaded": (
+        "cloudtalk.recording.uploaded",
+        cloudtalk_envelope,
+        "cloudtalk:call:1002409191#details:d3ac7506773cf788",
+    ),
     "### sms": ("cloudtalk.sms", cloudtalk_envelope, "cloudtalk:sms:88231977"),
     "### contact": ("cloudtalk.contact", cloudtalk_envelope, "cloudtalk:contact:1451646073:2026-03-02T10:05:00Z"),
     "## Kustomer customer events": (
@@ -65,7 +75,14 @@ def test_required_fields_are_the_schemas(heading):
 
 
 def test_every_endpoint_and_answer_is_listed():
-    for path in ("/call-ended", "/sms", "/contact", "/ingest/kustomer/{integration}"):
+    for path in (
+        "/call-ended",
+        "/call-modified",
+        "/recording-uploaded",
+        "/sms",
+        "/contact",
+        "/ingest/kustomer/{integration}",
+    ):
         assert path in DOC
     for status in ("202", "200", "400", "401", "404", "408", "413", "429", "503"):
         assert f"| **{status}**" in DOC, status
