@@ -348,7 +348,8 @@ class CallHistoryPoller:
         at most ``insights_per_pass`` calls asked per pass (one request while CloudTalk has
         nothing yet, three once it has), each published once as a ``call.modified`` body. A call
         without it yet is asked again after 1, 2, 4 … times ``insights_retry_s`` (at most 30
-        times) until the window has passed. ``state`` (in the cursor): call id → {"ended_at", "attempts", "next_at", "done"}."""
+        times) until the window has passed. ``state`` (in the cursor): call id → ``{"ended_at",
+        "attempts", "next_at", "done"}``."""
         counts = {"insights_published": 0, "insights_not_yet": 0}
         oldest = now - timedelta(seconds=self.insights_window_s)
         for body in finished:
