@@ -6,8 +6,10 @@ the raw topic add nothing."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
+import orjson
 import pytest
 
 from pipeline.kafka.reading import read_topic
@@ -126,3 +128,34 @@ async def test_conversation_intelligence_arrives_as_one_note_once_cloudtalk_has_
     assert (
         sum(op.endswith("/smart-notes") for op in asked) == 1 and sum(op.endswith("/details-link") for op in asked) == 1
     )
+
+
+@pytest.mark.services("ingest", "process-calls", "sink-kustomer")
+async def test_sink_killed_while_a_details_note_is_in_flight_the_note_exists_once(flow: Flow):
+    call = await flow.end_call(tags=["Billing"], recorded=False)
+    await wait_for(lambda: flow.creates("note.create") >= 1, 60, "the call's note")
+    # the details note's create is held at Kustomer (it lands later) and the sink is killed meanwhile
+    held = flow.ksim.faults.add(match="POST /v1/notes$", kind="latency", latency_ms=3000, times=1)
+    await flow.modify_call(call["call_id"], tags=["Billing", "VIP"])
+    await wait_for(lambda: held.fired >= 1, 60, "the details note in flight")
+    await asyncio.sleep(0.5)
+    flow.stack.kill("sink-kustomer", signal.SIGKILL)
+    flow.stack.start("sink-kustomer")
+    await wait_for(lambda: flow.creates("note.create") >= 2, 60, "the held note to land")
+    await asyncio.sleep(15)  # the restarted sink settles, looks the note up and finds it
+    await idle(flow)
+    assert (
+        sum(1 for e in flow.ksim.log.entries if e.fault == "latency" and (e.effect or "").startswith("note.create"))
+        == 1
+    )
+    assert flow.creates("note.create") == 2 and len(flow.ksim.notes) == 2, notes_of(flow)
+    assert "Tags: Billing, VIP" in notes_of(flow)[1]
+    # the sink's outcome says it found the note rather than writing it again
+    audit = [orjson.loads(r.value) for r in await read_topic(flow.bootstrap, flow.topics.audit)]
+    outcomes = [
+        d.get("rule")
+        for a in audit
+        if a["stage"] == "sink-kustomer" and "#details:" in a["event_id"]
+        for d in a["decisions"]
+    ]
+    assert outcomes == ["reconciled"], outcomes
