@@ -26,7 +26,7 @@ kafka-jars: install
 ## Run every test (unit, integration on a real broker, end-to-end with processes + simulators),
 ## after the fast gates of `make check`.
 test: check kafka-jars
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 ## The gates, in seconds: lint, format, types, import contracts (pyproject.toml configures each).
 ## Every gate runs; the target fails if any failed.
