@@ -10,6 +10,7 @@ on 409 (an email, phone, WhatsApp number or externalId that belongs to another c
 
 from __future__ import annotations
 
+import hashlib
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypedDict
@@ -259,12 +260,40 @@ class KustomerClient(ApiClient):
 def kustomer_clients(
     session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy
 ) -> dict[str, KustomerClient]:
-    windows: dict[str, RateWindow] = {}
-    clients = {}
-    for integ in config.integrations:
-        k = integ.kustomer
-        window = windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
-        clients[integ.name] = KustomerClient.from_credentials(
-            session, k.base_url, k.api_key.value(), window=window, policy=policy, account=integ.name
-        )
-    return clients
+    return KustomerClients(session, policy, config).clients
+
+
+class KustomerClients:
+    """A client per integration, kept in step with a changing integrations file.
+
+    :attr:`clients` is one dict, updated in place by :meth:`update`: an integration added gets a
+    client, a removed one loses it (its commands then fail with a clear reason), and one whose
+    Kustomer settings or API key changed (a rotated key) gets a new client. Unchanged ones keep
+    theirs, with its rate window; integrations on one Kustomer org share one window."""
+
+    def __init__(self, session: aiohttp.ClientSession, policy: RetryPolicy, config: PipelineConfig) -> None:
+        self.session, self.policy = session, policy
+        self.clients: dict[str, KustomerClient] = {}
+        self._windows: dict[str, RateWindow] = {}
+        self._built: dict[str, str] = {}  # name -> digest of what its client was built from
+        self.update(config)
+
+    def update(self, config: PipelineConfig) -> list[str]:
+        """Build what changed; the names of the integrations whose client is new."""
+        fresh = []
+        for integ in config.integrations:
+            k = integ.kustomer
+            key = k.api_key.value()
+            digest = hashlib.sha256(f"{k.model_dump_json()}\0{key}".encode()).hexdigest()
+            if self._built.get(integ.name) == digest:
+                continue
+            window = self._windows.setdefault(k.base_url, RateWindow(reserve=k.rate_limit_reserve))
+            self.clients[integ.name] = KustomerClient.from_credentials(
+                self.session, k.base_url, key, window=window, policy=self.policy, account=integ.name
+            )
+            self._built[integ.name] = digest
+            fresh.append(integ.name)
+        for gone in set(self.clients) - {i.name for i in config.integrations}:
+            del self.clients[gone]
+            del self._built[gone]
+        return fresh

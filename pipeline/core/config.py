@@ -440,6 +440,12 @@ class PipelineConfig(_Model):
     def source(self) -> str:
         return self._source
 
+    def only(self, name: str) -> PipelineConfig | None:
+        """The configuration with integration ``name`` alone (a backfill for one integration), or
+        None when there is no such integration."""
+        chosen = tuple(i for i in self.integrations if i.name == name)
+        return self.model_copy(update={"integrations": chosen}) if chosen else None
+
     def get(self, name: str) -> Integration | None:
         return self._by_name.get(name)
 
@@ -447,17 +453,32 @@ class PipelineConfig(_Model):
     def active(self) -> tuple[Integration, ...]:
         return tuple(i for i in self.integrations if i.active)
 
-    def secrets(self) -> list[Secret]:
+    # the secrets each kind of service reads (a service mounts only those)
+    def cloudtalk_keys(self) -> list[Secret]:
+        return [self.cloudtalk.key_id, self.cloudtalk.key_secret]
+
+    def kustomer_keys(self) -> list[Secret]:
+        return [i.kustomer.api_key for i in self.integrations]
+
+    def webhook_secrets(self) -> list[Secret]:
+        return [i.cloudtalk_webhook_secret for i in self.integrations]
+
+    def webhook_tokens(self) -> list[Secret]:
+        return [i.kustomer.webhook_token for i in self.integrations if i.kustomer.webhook_token is not None]
+
+    def secrets(self, webhook_tokens: bool = True) -> list[Secret]:
+        """Every secret the file names; without ``webhook_tokens`` the Kustomer webhook tokens are
+        left out (they exist only once ``pipeline webhooks register`` stored them)."""
         out = [self.cloudtalk.key_id, self.cloudtalk.key_secret]
         for i in self.integrations:
             out += [i.kustomer.api_key, i.cloudtalk_webhook_secret]
-            if i.kustomer.webhook_token is not None:
+            if i.kustomer.webhook_token is not None and webhook_tokens:
                 out.append(i.kustomer.webhook_token)
         return out
 
-    def check_secrets(self, environ: Mapping[str, str] | None = None) -> list[str]:
+    def check_secrets(self, environ: Mapping[str, str] | None = None, webhook_tokens: bool = True) -> list[str]:
         problems = []
-        for s in self.secrets():
+        for s in self.secrets(webhook_tokens):
             try:
                 s.value(environ)
             except ConfigError as exc:

@@ -608,6 +608,19 @@ class Metrics:
         self.assigned_partitions = Gauge(
             "pipeline_assigned_partitions", "Partitions assigned to this member", ["group"], registry=r
         )
+        # the integrations file (every service)
+        self.config_info = Gauge(
+            "pipeline_config_info", "The integrations file in use: 1 for its version", ["version"], registry=r
+        )
+        self.config_loaded = Gauge(
+            "pipeline_config_loaded_timestamp_seconds", "When the integrations file in use was loaded", registry=r
+        )
+        self.config_reloads = Counter(
+            "pipeline_config_reloads_total",
+            "Changed integrations files (or secrets) seen: applied, or refused (the old one stays)",
+            ["result"],
+            registry=r,
+        )
 
 
 _METRICS: Metrics | None = None

@@ -28,12 +28,13 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline.core.config import ConfigError, PipelineConfig, load_config
+from pipeline.core.config import ConfigError, PipelineConfig
+from pipeline.core.live_config import LiveConfig
 from pipeline.core.observability import add_health_routes, get_logger
 from pipeline.core.settings import ServiceSettings, SettingsError, env_float, env_int, env_port, env_str
 from pipeline.ingest import cloudtalk, kustomer
 from pipeline.ingest.base import BadRequest, IngestApp, IngestLimits, Publisher, RateLimited, problem, refusal
-from pipeline.kafka.service import install_stop_handlers, start_logging
+from pipeline.kafka.service import install_stop_handlers, start_logging, watch_config
 from pipeline.kafka.topics import Topics
 
 log = get_logger(__name__)
@@ -199,6 +200,23 @@ def _endpoint(request: web.Request) -> str:
     return "unknown"
 
 
+INGEST = web.AppKey("ingest", IngestApp)
+
+
+def use_config(app: web.Application, config: PipelineConfig, secrets: dict[str, str], tokens: dict[str, str]) -> None:
+    """Take a reloaded integrations file: its integrations, webhook secrets and Kustomer tokens
+    (the dicts the routes hold are updated in place, so the next request uses them)."""
+    app[INGEST].config = config
+    secrets.clear()
+    secrets.update(webhook_secrets(config))
+    tokens.clear()
+    tokens.update(kustomer_tokens(config))
+
+
+def webhook_secrets(config: PipelineConfig) -> dict[str, str]:
+    return {i.name: i.cloudtalk_webhook_secret.value() for i in config.integrations}
+
+
 def build_app(
     config: PipelineConfig,
     publisher: Publisher,
@@ -211,6 +229,7 @@ def build_app(
     limits = limits or IngestLimits()
     ingest = IngestApp(config, publisher, secrets, limits)
     app = web.Application(client_max_size=limits.max_body, middlewares=[guard_middleware(ingest, guard)])
+    app[INGEST] = ingest
     topics = Topics(topic_prefix)
     cloudtalk.add_routes(app, ingest, topics)
     kustomer.add_routes(app, ingest, topics, kustomer_tokens)
@@ -297,7 +316,7 @@ def kustomer_tokens(config: PipelineConfig) -> dict[str, str]:
                 integration=i.name,
                 reason="; ".join(exc.problems),
                 answer=f"401 on /ingest/kustomer/{i.name} until `pipeline webhooks register` stored the token "
-                "and ingest restarted",
+                "(picked up without a restart)",
             )
     return tokens
 
@@ -313,9 +332,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = ServiceSettings.from_env()
     start_logging("ingest", settings)
-    config = load_config(args.config or settings.config_path)
-    # secrets are read at start: a missing one stops the service with the field named
-    secrets = {i.name: i.cloudtalk_webhook_secret.value() for i in config.integrations}
+    live = LiveConfig(
+        args.config or settings.config_path, reads=PipelineConfig.webhook_secrets, watches=PipelineConfig.webhook_tokens
+    )
+    config = live.current
+    # secrets are read at start: a missing one stops the service with the field named (a reload
+    # with a missing one is refused and the running configuration stays)
+    secrets = webhook_secrets(config)
     tokens = kustomer_tokens(config)
     host = args.host or env_str(os.environ, "INGEST_HOST", "127.0.0.1")
     port = args.port if args.port is not None else env_port(os.environ, "INGEST_PORT", 8080)
@@ -348,10 +371,14 @@ def run(args: argparse.Namespace) -> int:
         )
         stop = asyncio.Event()
         install_stop_handlers(stop.set)
+        live.on_change(lambda _old, new: use_config(app, new, secrets, tokens))
+        watching = watch_config(live, stop)
         waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(publisher.failed.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
+        stop.set()
+        await watching
         # stop taking requests, let the ones in flight finish, then flush the producer
         await server.stop()
         await publisher.stop()

@@ -1,6 +1,10 @@
 """``pipeline backfill calls --from T --to T``: publish a time window of CloudTalk's call history
 into the raw topic. The events carry the same ids as the live ones, so whatever was already
-effected is recognised downstream and only what is missing is written."""
+effected is recognised downstream and only what is missing is written.
+
+``--integration NAME`` evaluates the window for that integration alone (a newly added one): the
+others see nothing. ``backfill sms`` replays the raw SMS topic instead (CloudTalk's API keeps no
+SMS history), as ``pipeline replay raw --topic sms`` does."""
 
 from __future__ import annotations
 
@@ -14,20 +18,22 @@ import orjson
 
 from pipeline.core.config import load_config
 from pipeline.core.envelope import parse_time
-from pipeline.core.settings import ServiceSettings, SettingsError
+from pipeline.core.settings import KafkaSettings, ServiceSettings, SettingsError
 from pipeline.ingest.pollers import CallHistoryPoller, cloudtalk_poller_client
 from pipeline.kafka.clients import connect_backoff_from_env, durable_producer, start_when_reachable, started
 from pipeline.kafka.cursors import CursorStore
+from pipeline.kafka.republish import known_integration, republish_window
 from pipeline.kafka.service import start_logging
 from pipeline.kafka.topics import Topics
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("backfill", help="publish a time window of a source API into its raw topic")
-    p.add_argument("source", choices=["calls"])
+    p.add_argument("source", choices=["calls", "sms"])
     p.add_argument("--from", dest="date_from", required=True, help="start, ISO-8601 (UTC when no offset)")
     p.add_argument("--to", dest="date_to", required=True, help="end, ISO-8601 (inclusive)")
     p.add_argument("--config", help="integrations file (env PIPELINE_CONFIG)")
+    p.add_argument("--integration", help="for this integration alone (a newly added one): the others see nothing")
     p.set_defaults(func=run_backfill)
 
 
@@ -43,9 +49,21 @@ def _window(args: argparse.Namespace) -> tuple[datetime, datetime]:
 
 def run_backfill(args: argparse.Namespace) -> int:
     start, end = _window(args)
+    if args.source == "sms":
+        # CloudTalk's API has no SMS history: the SMS stored in the raw topic are evaluated again
+        if args.integration:
+            known_integration(args.integration, args.config)
+        kafka = KafkaSettings.from_env()
+        topic = Topics(kafka.topic_prefix).raw_sms
+        print("backfill sms: CloudTalk keeps no SMS history; the raw SMS topic is replayed", file=sys.stderr)
+        n = asyncio.run(republish_window(kafka, topic, start, end, for_integration=args.integration))
+        print(orjson.dumps({"replayed": n, "topic": topic, "integration": args.integration}).decode())
+        return 0
     settings = ServiceSettings.from_env()
     start_logging("backfill", settings)
     config = load_config(args.config or settings.config_path)
+    if args.integration:
+        known_integration(args.integration, args.config)
     topics = Topics(settings.kafka.topic_prefix)
 
     backoff_max_s = connect_backoff_from_env()
@@ -69,7 +87,9 @@ def run_backfill(args: argparse.Namespace) -> int:
                     lag_s=0,
                 )
                 print(f"backfill calls {start.isoformat()} .. {end.isoformat()}", file=sys.stderr, flush=True)
-                return await poller.publish_window(start, end, "backfill", progress=True)
+                return await poller.publish_window(
+                    start, end, "backfill", progress=True, for_integration=args.integration
+                )
             finally:
                 await producer.stop()
 

@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import os
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -34,8 +35,9 @@ from pipeline.clients.cloudtalk import CloudTalkClient
 from pipeline.clients.http import RateWindow, RetryPolicy
 from pipeline.clients.kustomer import kustomer_clients
 from pipeline.core.call_details import SOURCE_FIELDS, details_of
-from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.config import PipelineConfig
 from pipeline.core.envelope import Envelope, parse_time, record_key
+from pipeline.core.live_config import LiveConfig
 from pipeline.core.observability import HealthServer, get_logger, metrics
 from pipeline.core.progress import Progress
 from pipeline.core.schemas import SchemaError
@@ -50,7 +52,7 @@ from pipeline.kafka.clients import (
     stop_quietly,
 )
 from pipeline.kafka.cursors import CursorStore
-from pipeline.kafka.service import install_stop_handlers, start_logging
+from pipeline.kafka.service import install_stop_handlers, start_logging, watch_config
 from pipeline.kafka.topics import Topics
 
 log = get_logger(__name__)
@@ -218,13 +220,15 @@ class CallHistoryPoller:
         skip: dict[int, str | None] | None = None,
         published: list[tuple[int, str, str | None]] | None = None,
         finished: list[dict[str, Any]] | None = None,
+        for_integration: str | None = None,
     ) -> dict[str, int]:
         """Every finished call started in [date_from, date_to] into the raw calls topic, and with
         it a snapshot of its details (a ``call.modified`` event, when the record has any), except
         what ``skip`` (call id → details event id last published) says was published already:
         a call seen before whose details changed gets only a new snapshot. ``published``
         collects (call id, started_at, details event id) of what was sent, ``finished`` the
-        call-ended body of every finished call of the window."""
+        call-ended body of every finished call of the window. ``for_integration``: the events are
+        for that integration alone (a backfill for a newly added integration)."""
         counts = {
             "pages": 0,
             "calls": 0,
@@ -271,6 +275,8 @@ class CallHistoryPoller:
                     counts["details_changed"] += 1
                 if details is not None:
                     envs.append(details)
+                if for_integration:
+                    envs = [replace(e, meta={"for_integration": for_integration}) for e in envs]
                 for env in envs:
                     futures.append(
                         await self.producer.send(
@@ -408,15 +414,26 @@ class ContactsPoller:
 
     CURSOR = "cloudtalk.contacts"
 
-    def __init__(self, client: Any, producer: AIOKafkaProducer, topics: Topics, cursors: CursorStore) -> None:
+    def __init__(
+        self,
+        client: Any,
+        producer: AIOKafkaProducer,
+        topics: Topics,
+        cursors: CursorStore,
+        initial_for: tuple[str, ...] = (),
+    ) -> None:
+        """``initial_for``: integrations added since the service started, whose initial export
+        the next pass makes: every contact once more, for them alone (``meta.for_integration``)."""
         self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
+        self.initial_for = initial_for
         self._pages = metrics().poller_pages.labels("contacts")
         self._events = metrics().events_in
 
     async def poll_once(self) -> dict[str, Any]:
         cursor = await self.cursors.read(self.CURSOR)
-        seen: dict[str, str] = (cursor or {}).get("seen") or {}
-        via = "poller" if cursor else "import"
+        for_integrations = self.initial_for
+        seen: dict[str, str] = {} if for_integrations else (cursor or {}).get("seen") or {}
+        via = "poller" if cursor and not for_integrations else "import"
         counts = {"pages": 0, "contacts": 0, "published": 0, "unchanged": 0}
         fresh: dict[str, str] = {}
         async for page in self.client.iter_contacts(limit=1000):
@@ -440,21 +457,26 @@ class ContactsPoller:
                 except SchemaError as exc:
                     log.warning("contact_record_invalid", contact_id=cid, error=str(exc))
                     continue
-                futures.append(
-                    await self.producer.send(
-                        self.topics.raw_contacts,
-                        key=record_key(env.id),
-                        value=env.to_json(),
-                        headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
+                targets = [replace(env, meta={"for_integration": n}) for n in for_integrations] or [env]
+                for e in targets:
+                    futures.append(
+                        await self.producer.send(
+                            self.topics.raw_contacts,
+                            key=record_key(e.id),
+                            value=e.to_json(),
+                            headers=[("event_id", e.id.encode()), ("type", e.type.encode())],
+                        )
                     )
-                )
-                self._events.labels("cloudtalk", env.type, via).inc()
+                    self._events.labels("cloudtalk", e.type, via).inc()
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
+        if for_integrations:  # the others' digests are the cursor's, kept as they were
+            fresh = {**((cursor or {}).get("seen") or {}), **fresh} if cursor else fresh
+            self.initial_for = ()
         await self.cursors.write(
             self.producer, self.CURSOR, {"seen": fresh, "polled_at": datetime.now(UTC).isoformat(), **counts}
         )
-        log.info("contacts_polled", via=via, **counts)
+        log.info("contacts_polled", via=via, initial_export_for=list(for_integrations), **counts)
         return counts
 
 
@@ -560,16 +582,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_poll(args: argparse.Namespace) -> int:
     settings = ServiceSettings.from_env()
     start_logging(f"poll-{args.source}", settings)
-    config = load_config(args.config or settings.config_path)
+    reads = PipelineConfig.kustomer_keys if args.source == "customers" else PipelineConfig.cloudtalk_keys
+    live = LiveConfig(args.config or settings.config_path, reads=reads)
+    config = live.current
     topics = Topics(settings.kafka.topic_prefix)
     env = os.environ
     cursors = CursorStore(settings.kafka.bootstrap, topics.cursors)
-    intervals = {
-        "calls": config.cloudtalk.calls_poll_interval_seconds,
-        "contacts": config.cloudtalk.contacts_poll_interval_seconds,
-        "customers": min((i.contacts.reconcile_interval_seconds for i in config.active), default=900),
-    }
-    interval = intervals[args.source]
+
+    def interval_of(config: PipelineConfig) -> float:
+        return {
+            "calls": config.cloudtalk.calls_poll_interval_seconds,
+            "contacts": config.cloudtalk.contacts_poll_interval_seconds,
+            "customers": min((i.contacts.reconcile_interval_seconds for i in config.active), default=900),
+        }[args.source]
+
+    pace = {"interval": interval_of(config)}  # seconds between passes (the file may change it)
 
     backoff_max_s = connect_backoff_from_env()
 
@@ -581,7 +608,7 @@ def run_poll(args: argparse.Namespace) -> int:
             if not connected["broker"]:
                 return False, {"broker": "unreachable"}
             age = time.monotonic() - last_ok["at"]
-            return age < interval * 3 + 60, {"last_poll_age_s": round(age, 1)}
+            return age < pace["interval"] * 3 + 60, {"last_poll_age_s": round(age, 1)}
 
         health = HealthServer(settings.metrics_host, settings.metrics_port, ready)
         await health.start()
@@ -611,28 +638,37 @@ def run_poll(args: argparse.Namespace) -> int:
         if args.source != "calls":  # a first pass (an initial import) may take long: ready from here
             last_ok["at"] = time.monotonic()
         async with aiohttp.ClientSession() as session:
-            pollers: list[Poller]
-            if args.source == "calls":
-                pollers = [
-                    CallHistoryPoller(
-                        cloudtalk_poller_client(session, config),
-                        producer,
-                        topics,
-                        cursors,
-                        lag_s=config.cloudtalk.calls_poll_lag_seconds,
-                        overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 3600, minimum=0),
-                        initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600, minimum=0),
-                        insights=any(i.calls.conversation_intelligence for i in config.active),
-                        insights_window_s=env_int(env, "CALLS_INSIGHTS_WINDOW_S", 7200, minimum=60),
-                        insights_per_pass=env_int(env, "CALLS_INSIGHTS_PER_PASS", 10, minimum=1),
-                        insights_retry_s=env_int(env, "CALLS_INSIGHTS_RETRY_S", 60, minimum=1),
+
+            def build(config: PipelineConfig, added: tuple[str, ...] = ()) -> list[Poller]:
+                """The pollers of ``config``; ``added``: integrations new since the start."""
+                if args.source == "calls":
+                    return [
+                        CallHistoryPoller(
+                            cloudtalk_poller_client(session, config),
+                            producer,
+                            topics,
+                            cursors,
+                            lag_s=config.cloudtalk.calls_poll_lag_seconds,
+                            overlap_s=env_int(env, "CALLS_POLL_OVERLAP_S", 3600, minimum=0),
+                            initial_lookback_s=env_int(env, "CALLS_POLL_INITIAL_LOOKBACK_S", 3600, minimum=0),
+                            insights=any(i.calls.conversation_intelligence for i in config.active),
+                            insights_window_s=env_int(env, "CALLS_INSIGHTS_WINDOW_S", 7200, minimum=60),
+                            insights_per_pass=env_int(env, "CALLS_INSIGHTS_PER_PASS", 10, minimum=1),
+                            insights_retry_s=env_int(env, "CALLS_INSIGHTS_RETRY_S", 60, minimum=1),
+                        )
+                    ]
+                if args.source == "contacts":
+                    exporting = tuple(
+                        n for n in added if (i := config.get(n)) and i.active and i.contacts.export_enabled
                     )
-                ]
-            elif args.source == "contacts":
-                pollers = [ContactsPoller(cloudtalk_poller_client(session, config), producer, topics, cursors)]
-            else:
+                    return [
+                        ContactsPoller(
+                            cloudtalk_poller_client(session, config), producer, topics, cursors, initial_for=exporting
+                        )
+                    ]
                 clients = kustomer_clients(session, config, RetryPolicy(deadline_s=300.0))
-                pollers = [
+                # an integration without a cursor yet (a new one too) starts with its initial import
+                return [
                     CustomersPoller(
                         i.name,
                         clients[i.name],
@@ -644,8 +680,28 @@ def run_poll(args: argparse.Namespace) -> int:
                     for i in config.active
                     if i.contacts.import_enabled
                 ]
+
+            pollers = build(live.current)
+            changes: list[tuple[PipelineConfig, PipelineConfig]] = []
+            changed = asyncio.Event()
+
+            def on_change(old: PipelineConfig, new: PipelineConfig) -> None:
+                changes.append((old, new))
+                changed.set()  # the wait between passes ends: a new integration starts now
+
+            live.on_change(on_change)
+            watching = watch_config(live, stop)
             try:
                 while not stop.is_set():
+                    if changes:  # a changed integrations file: new pollers, at a pass boundary
+                        first, latest = changes[0][0], changes[-1][1]
+                        changes.clear()
+                        added = tuple(
+                            sorted({i.name for i in latest.integrations} - {i.name for i in first.integrations})
+                        )
+                        pollers = build(latest, added)
+                        pace["interval"] = interval_of(latest)
+                        log.info("pollers_rebuilt", source=args.source, pollers=len(pollers), added=list(added))
                     for poller in pollers:
                         # a stop interrupts a pass (e.g. one retrying an unreachable API): its cursor
                         # is written only at the end of a pass, so the next start repeats it — the
@@ -678,11 +734,16 @@ def run_poll(args: argparse.Namespace) -> int:
                             log.error("poll_failed", source=args.source, error=f"{type(exc).__name__}: {exc}")
                     if args.once or stop.is_set():
                         break
-                    try:
-                        await asyncio.wait_for(stop.wait(), timeout=interval)
-                    except TimeoutError:
-                        pass
+                    changed.clear()
+                    waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())}
+                    _, pending = await asyncio.wait(
+                        waits, timeout=pace["interval"], return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for w in pending:
+                        w.cancel()
             finally:
+                stop.set()
+                await watching
                 await stop_quietly(producer)
                 await health.stop()
 

@@ -114,8 +114,13 @@ def header(record: ConsumerRecord, name: str) -> str | None:
 REPLAYED_HEADER = "dlq.replayed"  # set by ``pipeline replay deadletter`` (the dead letter's offset)
 
 
-def audit_record(topic: str, *, event_id: str, stage: str, at: str, decisions: list[dict[str, Any]]) -> OutRecord:
+def audit_record(
+    topic: str, *, event_id: str, stage: str, at: str, decisions: list[dict[str, Any]], config: str | None = None
+) -> OutRecord:
     """Why an event went where it went: one record per event and stage on the audit topic, keyed by
-    event id. ``decisions`` come from :func:`pipeline.core.decisions.decision`."""
-    value = {"event_id": event_id, "stage": stage, "at": at, "decisions": decisions}
+    event id. ``decisions`` come from :func:`pipeline.core.decisions.decision`; ``config`` is the
+    version of the integrations file that decided them."""
+    value: dict[str, Any] = {"event_id": event_id, "stage": stage, "at": at, "decisions": decisions}
+    if config:
+        value["config"] = config
     return OutRecord(topic, orjson.dumps(value), event_id.encode(), (("stage", stage.encode()),))

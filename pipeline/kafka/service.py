@@ -1,4 +1,5 @@
-"""Running a service process: logs, health server, signals, graceful shutdown."""
+"""Running a service process: logs, health server, signals, graceful shutdown, a live
+integrations file (:mod:`pipeline.core.live_config`: SIGHUP and a file watch)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from pipeline.core.live_config import LiveConfig
 from pipeline.core.observability import HealthServer, capture_uncaught, configure_logging, get_logger
 from pipeline.core.settings import ServiceSettings, env_float
 from pipeline.kafka.clients import connect_backoff_from_env
@@ -21,6 +23,17 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+
+
+CONFIG_WATCH_INTERVAL_S = 10.0
+
+
+def watch_config(live: LiveConfig, stop: asyncio.Event) -> asyncio.Task[None]:
+    """Keep ``live`` current until ``stop``: SIGHUP looks at the file at once, and it is looked at
+    every ``CONFIG_WATCH_INTERVAL_S`` (10 s; 0 = only on SIGHUP)."""
+    interval = env_float(os.environ, "CONFIG_WATCH_INTERVAL_S", CONFIG_WATCH_INTERVAL_S, minimum=0.0)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.request)
+    return asyncio.ensure_future(live.watch(stop, interval))
 
 
 SHUTDOWN_GRACE_S = 30.0
@@ -44,6 +57,7 @@ async def run_loop_service(
     settings: ServiceSettings,
     before_start: Callable[[], Awaitable[None]] | None = None,
     after_stop: Callable[[], Awaitable[None]] | None = None,
+    live: LiveConfig | None = None,
 ) -> None:
     """Start health + loop, run until SIGTERM/SIGINT, then finish the batch in flight and leave.
 
@@ -66,12 +80,17 @@ async def run_loop_service(
             deadline.append(asyncio.get_running_loop().call_later(grace_s, _give_up, name, grace_s))
 
     install_stop_handlers(stop)
+    stopping = asyncio.Event()
+    watching = watch_config(live, stopping) if live is not None else None
     try:
         if before_start is not None:
             await before_start()
         if await loop.start(connect_backoff_max_s=backoff_max_s):
             await loop.run()
     finally:
+        stopping.set()
+        if watching is not None:
+            await watching
         await loop.stop()
         if after_stop is not None:
             await after_stop()

@@ -3,7 +3,9 @@
 * ``replay raw --topic calls --from T --to T`` re-publishes the raw events stored in a time
   window (by their Kafka timestamp) into the same raw topic, marked ``via: replay``. Processors
   evaluate them against the *current* integrations — a newly added integration gets its
-  backfill — and the sinks' ledgers make them a no-op for everything already written.
+  backfill — and the sinks' ledgers make them a no-op for everything already written. With
+  ``--integration NAME`` they are evaluated for that integration alone (``meta.for_integration``):
+  the others see nothing, not even an audit record.
 * ``replay deadletter`` sends dead letters back to the topic they came from, with their original
   key, value and headers and a ``dlq.replayed`` header (a sink retries a command it marked
   failed only then). A cursor in ``poller.cursors`` remembers how far the last replay without
@@ -26,7 +28,6 @@ import sys
 from collections import Counter
 from datetime import datetime
 
-import orjson
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -37,6 +38,7 @@ from pipeline.kafka.clients import committed_reader, durable_producer
 from pipeline.kafka.cursors import CursorStore
 from pipeline.kafka.reading import partitions_of, read_to_end, stop_consumer
 from pipeline.kafka.records import REPLAYED_HEADER
+from pipeline.kafka.republish import known_integration, republish_window
 from pipeline.kafka.topics import Topics
 from pipeline.ops.deadletters import REPLAY_CURSOR, add_filters, window_of
 from pipeline.ops.inspect import FETCH_WAIT_MS, DeadLetter
@@ -52,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     raw.add_argument("--from", dest="date_from", required=True, help="ISO-8601 start (UTC when no offset)")
     raw.add_argument("--to", dest="date_to", required=True, help="ISO-8601 end (exclusive)")
     raw.add_argument("--dry-run", action="store_true")
+    raw.add_argument("--integration", help="evaluate the events for this integration alone (the others see nothing)")
+    raw.add_argument("--config", help="integrations file (env PIPELINE_CONFIG), to check --integration")
     raw.set_defaults(func=run_raw)
     dl = what.add_parser("deadletter", help="send dead letters back to their source topic")
     add_filters(dl)
@@ -70,60 +74,15 @@ def run_raw(args: argparse.Namespace) -> int:
         raise SettingsError("--to must be after --from")
     kafka = KafkaSettings.from_env()
     topic = getattr(Topics(kafka.topic_prefix), RAW[args.topic])
-
-    async def main() -> int:
-        consumer = committed_reader(kafka.bootstrap, fetch_max_wait_ms=FETCH_WAIT_MS)
-        producer = durable_producer(kafka.bootstrap, f"{kafka.client_id}-replay")
-        await consumer.start()
-        await producer.start()
-        n = 0
-        try:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            if not tps:
-                raise SettingsError(f"--topic: {topic} does not exist")
-            consumer.assign(tps)
-            starts = await consumer.offsets_for_times({tp: int(start.timestamp() * 1000) for tp in tps})
-            stops = await consumer.offsets_for_times({tp: int(end.timestamp() * 1000) for tp in tps})
-            ends = await consumer.end_offsets(tps)
-            limits = {tp: (stops[tp].offset if stops[tp] else ends[tp]) for tp in tps}
-            for tp in tps:
-                if starts[tp] is None:
-                    consumer.seek(tp, ends[tp])
-                else:
-                    consumer.seek(tp, starts[tp].offset)
-            futures = []
-            first = {tp: (starts[tp].offset if starts[tp] else ends[tp]) for tp in tps}
-            reached = dict(first)
-            span = sum(max(0, limits[tp] - first[tp]) for tp in tps)
-            progress = Progress(f"replay {topic}", unit="offsets", items_unit="events")
-            async for r in read_to_end(consumer, tps, limits):
-                env = orjson.loads(r.value)
-                env["via"] = "replay"
-                n += 1
-                if not args.dry_run:
-                    futures.append(
-                        await producer.send(topic, key=r.key, value=orjson.dumps(env), headers=list(r.headers or ()))
-                    )
-                    if len(futures) >= 10_000:
-                        await asyncio.gather(*futures)
-                        futures.clear()
-                reached[TopicPartition(r.topic, r.partition)] = r.offset + 1
-                progress.update(sum(reached[tp] - first[tp] for tp in tps), total=span, items=n)
-            await asyncio.gather(*futures)
-            if n:
-                progress.update(span, total=span, items=n)
-                progress.close()
-        finally:
-            await producer.stop()
-            await consumer.stop()
-        print(
-            f"{'would replay' if args.dry_run else 'replayed'} {n} event(s) of {topic} "
-            f"from {start.isoformat()} to {end.isoformat()}"
-        )
-        return 0
-
-    return asyncio.run(main())
+    only = getattr(args, "integration", None)
+    if only:
+        known_integration(only, getattr(args, "config", None))
+    n = asyncio.run(republish_window(kafka, topic, start, end, for_integration=only, dry_run=args.dry_run))
+    print(
+        f"{'would replay' if args.dry_run else 'replayed'} {n} event(s) of {topic} "
+        f"from {start.isoformat()} to {end.isoformat()}" + (f" for integration {only}" if only else "")
+    )
+    return 0
 
 
 def run_deadletter(args: argparse.Namespace) -> int:

@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 from aiokafka.structs import ConsumerRecord
 
-from pipeline.core.config import PipelineConfig, load_config
+from pipeline.core.config import PipelineConfig
 from pipeline.core.decisions import Command, Decision, Reject, decision
 from pipeline.core.envelope import Envelope, utc_now_iso
+from pipeline.core.live_config import LiveConfig
 from pipeline.core.observability import metrics
 from pipeline.core.schemas import SchemaError
 from pipeline.core.settings import ServiceSettings, env_int
@@ -53,8 +54,13 @@ FLOWS: dict[str, Flow] = {
 }
 
 
-def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> Transform:
-    """A batch transform: per record, the flow's decisions as commands plus one audit record."""
+def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics: Topics) -> Transform:
+    """A batch transform: per record, the flow's decisions as commands plus one audit record.
+
+    With a :class:`LiveConfig` each batch is decided by the configuration current at its start
+    (and its audit records name that version). An event whose envelope names one integration
+    (``meta.for_integration``: a backfill or replay for one integration) is decided for that
+    integration alone; one that is not configured is rejected."""
     stage = f"process-{flow.name}"
     output = getattr(topics, flow.output_base)
     audit = topics.audit
@@ -62,7 +68,7 @@ def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> T
     filtered: dict[tuple[str, str], Any] = {}
     emitted: dict[str, Any] = {}
 
-    def one(record: ConsumerRecord, at: str, out: list[OutRecord]) -> None:
+    def one(record: ConsumerRecord, at: str, out: list[OutRecord], config: PipelineConfig, version: str | None) -> None:
         try:
             # the envelope is checked here; payloads were checked at the edge that wrote the raw
             # topic (ingest, pollers, backfill — the only writers), which halves the cost per event.
@@ -71,6 +77,12 @@ def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> T
         except SchemaError as exc:
             raise Reject("SchemaError", str(exc)) from None
         trail = []
+        only = env.meta.get("for_integration")
+        if only:
+            narrowed = config.only(str(only))
+            if narrowed is None:
+                raise Reject("UnknownIntegration", f"meta.for_integration: {only!r} is not configured")
+            config = narrowed
         for d in flow.decide(env, config):
             if isinstance(d, Command):
                 ctype = d.body["type"]
@@ -97,15 +109,20 @@ def decisions_transform(flow: Flow, config: PipelineConfig, topics: Topics) -> T
                 if c is None:
                     c = filtered[(d.integration, d.rule)] = m.events_filtered.labels(d.integration, d.rule)
                 c.inc()
-        out.append(audit_record(audit, event_id=env.id, stage=stage, at=at, decisions=trail))
+        out.append(audit_record(audit, event_id=env.id, stage=stage, at=at, decisions=trail, config=version))
 
     def transform(records: Sequence[ConsumerRecord]) -> BatchResult:
         result = BatchResult()
         at = utc_now_iso()
+        # the whole batch by one configuration: the one current at its start
+        if isinstance(config, LiveConfig):
+            current, version = config.current, config.version
+        else:
+            current, version = config, None
         for record in records:
             out: list[OutRecord] = []
             try:
-                one(record, at, out)
+                one(record, at, out, current, version)
             except Reject as exc:
                 result.rejections.append(Rejection(record, exc.error_class, exc.message))
                 continue
@@ -128,7 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = ServiceSettings.from_env()
     start_logging(f"process-{args.flow}", settings)
-    config = load_config(args.config or settings.config_path)
+    live = LiveConfig(args.config or settings.config_path)  # a processor reads no secret
     flow = FLOWS[args.flow]
     topics = Topics(settings.kafka.topic_prefix)
     loop = TransactionalLoop(
@@ -143,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
             transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
             session_timeout_ms=env_int(os.environ, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000),
         ),
-        TransformStage(f"process-{flow.name}", decisions_transform(flow, config, topics)),
+        TransformStage(f"process-{flow.name}", decisions_transform(flow, live, topics)),
     )
-    asyncio.run(run_loop_service(f"process-{flow.name}", loop, settings))
+    asyncio.run(run_loop_service(f"process-{flow.name}", loop, settings, live=live))
     return 0

@@ -32,7 +32,6 @@ import aiohttp
 
 from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
 from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find
-from pipeline.clients.kustomer import kustomer_clients
 from pipeline.core import limits
 from pipeline.core.config import PipelineConfig
 from pipeline.core.phones import normalize_e164
@@ -80,6 +79,13 @@ class CloudTalkEffects:
         """When the CloudTalk company's window takes requests again (Unix seconds; 0 = now). A
         Kustomer org that is held makes only the commands that need it wait (when they ask)."""
         return self.ct.executor.window.ready_at() if isinstance(self.ct, ApiClient) else 0.0
+
+    def forget(self, integration: str) -> None:
+        """Drop what is cached about ``integration``'s Kustomer org (its client was rebuilt)."""
+        self._own_users.pop(integration, None)
+        for cache in (self._companies, self._users):
+            for key in [k for k in cache if k[0] == integration]:
+                del cache[key]
 
     # -- lookups (cached) ------------------------------------------------------------------------
     async def own_user(self, integration: str) -> str | None:
@@ -281,12 +287,11 @@ class CloudTalkEffects:
         return Done({"contact_id": target, "customers": sorted(sources), "sent": sorted(body)}, outcome, updates)
 
 
-async def build_cloudtalk_effects(
-    session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy, settle_s: float = 20.0
-) -> CloudTalkEffects:
+def cloudtalk_sink_client(
+    session: aiohttp.ClientSession, config: PipelineConfig, policy: RetryPolicy, window: RateWindow | None = None
+) -> CloudTalkClient:
     ct = config.cloudtalk
-    window = RateWindow(reserve=0, fallback_per_minute=ct.rate_limit_per_minute)
-    cloudtalk = CloudTalkClient.from_credentials(
+    window = window or RateWindow(reserve=0, fallback_per_minute=ct.rate_limit_per_minute)
+    return CloudTalkClient.from_credentials(
         session, ct.base_url, ct.key_id.value(), ct.key_secret.value(), window=window, policy=policy
     )
-    return CloudTalkEffects(cloudtalk, kustomer_clients(session, config, policy), settle_s=settle_s)

@@ -34,7 +34,7 @@ so commands of other orgs — and of other customers — go on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.clients.http import ApiClient, DeferredError, KeyedLimiter, RejectedError, create_or_find
@@ -55,10 +55,16 @@ class KustomerEffects:
     }
 
     def __init__(
-        self, clients: Mapping[str, KustomerApi], per_customer_per_minute: int = 120, settle_s: float = 20.0
+        self,
+        clients: Mapping[str, KustomerApi],
+        per_customer_per_minute: int = 120,
+        settle_s: float = 20.0,
+        reread_secrets: Callable[[], bool] | None = None,
     ) -> None:
-        self.clients = clients
+        self.clients = clients  # may change between commands (a reloaded integrations file)
         self.settle_s = settle_s
+        # a 401: read the integrations file and its secrets again (a rotated key rebuilds the client)
+        self.reread_secrets = reread_secrets
         self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
         self.note_limit = KeyedLimiter(per_customer_per_minute, 60.0)
 
@@ -79,8 +85,25 @@ class KustomerEffects:
         return client.executor.window.ready_at() if isinstance(client, ApiClient) else 0.0
 
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
+        """A 401 (the key was rotated, say) reads the secrets again once: with a new key the
+        command goes on from where it stopped (a 401 is a request that did not happen); otherwise
+        it is dead-lettered as before."""
+        steps: dict[str, Any] = dict(prior.steps) if prior else {}
+        used = self.clients.get(command["integration"])
+        try:
+            return await self._perform(command, prior, index, steps)
+        except RejectedError as exc:
+            if exc.status != 401 or self.reread_secrets is None:
+                raise
+            self.reread_secrets()
+            if self.clients.get(command["integration"]) is used:  # no new key (or the file's watch had it)
+                raise
+        return await self._perform(command, prior, index, steps)
+
+    async def _perform(
+        self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any], steps: dict[str, Any]
+    ) -> Done:
         if command["type"] in ("kustomer.log_conversation", "kustomer.update_call_details"):
-            steps: dict[str, Any] = dict(prior.steps) if prior else {}
             try:
                 if command["type"] == "kustomer.log_conversation":
                     return await self.log_conversation(command, prior, steps)

@@ -19,18 +19,22 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from pipeline.clients.http import retry_policy_from_env, settle_from_env
-from pipeline.clients.kustomer import kustomer_clients
-from pipeline.core.config import PipelineConfig, load_config
+from pipeline.clients.http import RateWindow, retry_policy_from_env, settle_from_env
+from pipeline.clients.kustomer import KustomerClients
+from pipeline.core.config import PipelineConfig, Secret
+from pipeline.core.live_config import LiveConfig
+from pipeline.core.observability import get_logger
 from pipeline.core.settings import ServiceSettings, env_float, env_int
 from pipeline.kafka.loop import LoopSettings, TransactionalLoop
 from pipeline.kafka.service import run_loop_service, start_logging
 from pipeline.kafka.topics import Topics
 from pipeline.sink.base import SinkStage
-from pipeline.sink.cloudtalk import build_cloudtalk_effects
+from pipeline.sink.cloudtalk import CloudTalkEffects, cloudtalk_sink_client
 from pipeline.sink.kustomer import KustomerEffects
 from pipeline.sink.ledger import Ledger
 from pipeline.sink.wake import Waker
+
+log = get_logger(__name__)
 
 
 def batch_budget_from_env() -> float:
@@ -39,13 +43,16 @@ def batch_budget_from_env() -> float:
 
 
 async def build_kustomer_stage(
-    session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings, topics: Topics
+    session: aiohttp.ClientSession, live: LiveConfig, settings: ServiceSettings, topics: Topics
 ) -> SinkStage:
     settle_s = settle_from_env()
+    clients = KustomerClients(session, retry_policy_from_env(), live.current)
+    live.on_change(lambda _old, new: _rebuilt(clients.update(new)))
     effects = KustomerEffects(
-        kustomer_clients(session, config, retry_policy_from_env()),
+        clients.clients,
         per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120, minimum=1),
         settle_s=settle_s,
+        reread_secrets=live.reload,
     )
     return SinkStage(
         "sink-kustomer",
@@ -60,10 +67,22 @@ async def build_kustomer_stage(
 
 
 async def build_cloudtalk_stage(
-    session: aiohttp.ClientSession, config: PipelineConfig, settings: ServiceSettings, topics: Topics
+    session: aiohttp.ClientSession, live: LiveConfig, settings: ServiceSettings, topics: Topics
 ) -> SinkStage:
     settle_s = settle_from_env()
-    effects = await build_cloudtalk_effects(session, config, retry_policy_from_env(), settle_s)
+    policy = retry_policy_from_env()
+    clients = KustomerClients(session, policy, live.current)
+    window = RateWindow(reserve=0, fallback_per_minute=live.current.cloudtalk.rate_limit_per_minute)
+    effects = CloudTalkEffects(
+        cloudtalk_sink_client(session, live.current, policy, window), clients.clients, settle_s=settle_s
+    )
+
+    def changed(_old: PipelineConfig, new: PipelineConfig) -> None:
+        for name in _rebuilt(clients.update(new)):
+            effects.forget(name)  # its API user may have changed with its key
+        effects.ct = cloudtalk_sink_client(session, new, policy, window)  # the company's key, maybe rotated
+
+    live.on_change(changed)
     return SinkStage(
         "sink-cloudtalk",
         effects,
@@ -74,6 +93,19 @@ async def build_cloudtalk_stage(
         budget_s=batch_budget_from_env(),
         waker=Waker(settings.kafka.bootstrap, f"{settings.kafka.client_id}-sink-cloudtalk"),
     )
+
+
+# what each sink reads (and mounts): the Kustomer keys; the CloudTalk sink the company's key too
+SECRETS_READ: dict[str, Callable[[PipelineConfig], list[Secret]]] = {
+    "kustomer": PipelineConfig.kustomer_keys,
+    "cloudtalk": lambda c: [*c.cloudtalk_keys(), *c.kustomer_keys()],
+}
+
+
+def _rebuilt(names: list[str]) -> list[str]:
+    if names:
+        log.info("clients_rebuilt", integrations=names)
+    return names
 
 
 SINKS: dict[str, tuple[str, Callable[..., Awaitable[SinkStage]]]] = {
@@ -92,7 +124,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = ServiceSettings.from_env()
     start_logging(f"sink-{args.target}", settings)
-    config = load_config(args.config or settings.config_path)
+    live = LiveConfig(args.config or settings.config_path, reads=SECRETS_READ[args.target])
     topics = Topics(settings.kafka.topic_prefix)
     input_attr, build = SINKS[args.target]
     env = os.environ
@@ -101,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         session = aiohttp.ClientSession()
         stage: SinkStage | None = None
         try:
-            stage = await build(session, config, settings, topics)
+            stage = await build(session, live, settings, topics)
             loop = TransactionalLoop(
                 LoopSettings(
                     bootstrap=settings.kafka.bootstrap,
@@ -117,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 stage,
             )
-            await run_loop_service(f"sink-{args.target}", loop, settings)
+            await run_loop_service(f"sink-{args.target}", loop, settings, live=live)
         finally:
             if stage is not None and stage.waker is not None:
                 await stage.waker.close()
