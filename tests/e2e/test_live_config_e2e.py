@@ -196,3 +196,60 @@ async def test_a_kustomer_key_rotated_on_disk_is_used_without_a_restart(flow: Fl
     assert not re.search(r'"event": "command_dead_lettered"', sink_log)
     dead = await read_topic(flow.bootstrap, flow.topics.deadletter)
     assert dead == [], "no command was dead-lettered"
+
+
+@pytest.mark.services("poll-customers", "poll-contacts")
+@pytest.mark.env(CONFIG_WATCH_INTERVAL_S="1", SALES_K_KEY="sales-key")
+async def test_an_added_integration_starts_its_initial_import_and_export_by_itself(flow: Flow):
+    async with running_kustomer_sim(KustomerSimSettings(webhook_allow_http=True), keys={"sales-key": ALL_ROLES}) as (
+        sales_sim,
+        sales_url,
+    ):
+        for i in range(3):
+            await flow._sim(
+                "POST",
+                f"{sales_url}/_sim/customers",
+                {"attributes": {"name": f"Sales customer {i}", "phones": [{"phone": f"+42190555000{i}"}]}},
+            )
+        for i in range(2):
+            await flow.person_creates_contact(
+                {"name": f"Contact {i}", "ContactNumber": [{"public_number": f"+42190766600{i}"}]}
+            )
+
+        async def raw(topic: str) -> list[dict]:
+            return [orjson.loads(r.value) for r in await read_topic(flow.bootstrap, topic)]
+
+        # the running pollers did their first passes for support (the contacts poller's next is far off)
+        await wait_for(lambda: log_count(flow, "poll-contacts", "contacts_polled") >= 1, 60, "the first contacts pass")
+        before = len(await raw(flow.topics.raw_contacts))
+        path = config_path(flow)
+        replace_file(
+            path,
+            path.read_text()
+            + f"""
+  - name: sales
+    active: true
+    contact_tag: kustomer-sales
+    kustomer: {{base_url: "{sales_url}", org_name: acme-sales, api_key: {{env: SALES_K_KEY}}}}
+    cloudtalk_webhook_secret: {{env: E2E_HOOK_SECRET}}
+""",
+        )
+        await all_reloaded(flow, 1, ("poll-customers", "poll-contacts"))
+
+        async def sales_imported() -> bool:
+            events = [e for e in await raw(flow.topics.raw_customers) if e["integration"] == "sales"]
+            return len(events) >= 3
+
+        await wait_for(sales_imported, 60, "sales' initial import")
+        customers = [e for e in await raw(flow.topics.raw_customers) if e["integration"] == "sales"]
+        assert {e["via"] for e in customers} == {"import"} and len(customers) == 3
+
+        async def sales_exported() -> bool:
+            return any(
+                (e.get("meta") or {}).get("for_integration") == "sales" for e in await raw(flow.topics.raw_contacts)
+            )
+
+        await wait_for(sales_exported, 60, "sales' initial export")
+        contacts = (await raw(flow.topics.raw_contacts))[before:]
+        assert contacts and all(e["meta"] == {"for_integration": "sales"} and e["via"] == "import" for e in contacts)
+        assert len({e["payload"]["contact_id"] for e in contacts}) == len(contacts) >= 2
