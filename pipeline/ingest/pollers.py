@@ -175,6 +175,19 @@ def index_digest(item: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+async def send_event(producer: AIOKafkaProducer, topic: str, env: Envelope) -> asyncio.Future[Any]:
+    """Send one event to its raw topic under its record key, counted in ``events_in``; the
+    future resolves when the broker acknowledged it."""
+    future = await producer.send(
+        topic,
+        key=record_key(env.id),
+        value=env.to_json(),
+        headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
+    )
+    metrics().events_in.labels(env.source, env.type, env.via).inc()
+    return future
+
+
 def _utc(dt: datetime) -> datetime:
     return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
 
@@ -209,7 +222,6 @@ class CallHistoryPoller:
         self.insights, self.insights_window_s, self.insights_per_pass = insights, insights_window_s, insights_per_pass
         self.insights_retry_s = insights_retry_s
         self._pages = metrics().poller_pages.labels("calls")
-        self._events = metrics().events_in
 
     async def publish_window(
         self,
@@ -278,15 +290,7 @@ class CallHistoryPoller:
                 if for_integration:
                     envs = [replace(e, meta={"for_integration": for_integration}) for e in envs]
                 for env in envs:
-                    futures.append(
-                        await self.producer.send(
-                            self.topics.raw_calls,
-                            key=record_key(env.id),
-                            value=env.to_json(),
-                            headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
-                        )
-                    )
-                    self._events.labels("cloudtalk", env.type, via).inc()
+                    futures.append(await send_event(self.producer, self.topics.raw_calls, env))
                 counts["published"] += 0 if seen else 1
                 counts["details"] += 1 if details is not None else 0
                 if published is not None:
@@ -387,15 +391,7 @@ class CallHistoryPoller:
                 **found,
             }
             env = cloudtalk_envelope(snapshot, ACCOUNT, "poller")
-            await (
-                await self.producer.send(
-                    self.topics.raw_calls,
-                    key=record_key(env.id),
-                    value=env.to_json(),
-                    headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
-                )
-            )
-            self._events.labels("cloudtalk", env.type, "poller").inc()
+            await (await send_event(self.producer, self.topics.raw_calls, env))
             entry["done"] = True
             counts["insights_published"] += 1
         for key in [k for k, e in state.items() if parse_time(e["ended_at"]) < oldest]:
@@ -427,7 +423,6 @@ class ContactsPoller:
         self.client, self.producer, self.topics, self.cursors = client, producer, topics, cursors
         self.initial_for = initial_for
         self._pages = metrics().poller_pages.labels("contacts")
-        self._events = metrics().events_in
 
     async def poll_once(self) -> dict[str, Any]:
         cursor = await self.cursors.read(self.CURSOR)
@@ -459,15 +454,7 @@ class ContactsPoller:
                     continue
                 targets = [replace(env, meta={"for_integration": n}) for n in for_integrations] or [env]
                 for e in targets:
-                    futures.append(
-                        await self.producer.send(
-                            self.topics.raw_contacts,
-                            key=record_key(e.id),
-                            value=e.to_json(),
-                            headers=[("event_id", e.id.encode()), ("type", e.type.encode())],
-                        )
-                    )
-                    self._events.labels("cloudtalk", e.type, via).inc()
+                    futures.append(await send_event(self.producer, self.topics.raw_contacts, e))
             await asyncio.gather(*futures)
             counts["published"] += len(futures)
         if for_integrations:  # the others' digests are the cursor's, kept as they were
@@ -498,7 +485,6 @@ class CustomersPoller:
         self.topics, self.cursors, self.overlap_s = topics, cursors, overlap_s
         self.cursor_name = f"kustomer.customers.{integration}"
         self._pages = metrics().poller_pages.labels("customers")
-        self._events = metrics().events_in
 
     async def poll_once(self) -> dict[str, Any]:
 
@@ -530,15 +516,7 @@ class CustomersPoller:
                 except SchemaError as exc:
                     log.warning("customer_record_invalid", customer_id=customer.get("id"), error=str(exc))
                     continue
-                futures.append(
-                    await self.producer.send(
-                        self.topics.raw_customers,
-                        key=record_key(env.id),
-                        value=env.to_json(),
-                        headers=[("event_id", env.id.encode()), ("type", env.type.encode())],
-                    )
-                )
-                self._events.labels("kustomer", env.type, via).inc()
+                futures.append(await send_event(self.producer, self.topics.raw_customers, env))
                 if updated and (newest is None or updated > newest):
                     newest = updated
             await asyncio.gather(*futures)

@@ -184,23 +184,13 @@ class KustomerEffects:
         steps["conversation_id"] = conversation_id
 
         # 3. note
-        note = command["note"]
         note_id = steps.get("note_id")
-        if not note_id and (found_existing or look_for_note):
-            note_id = await self._find_note(client, conversation_id, note["marker"])
         if found_existing or note_id:
             outcome = "reconciled"
         if not note_id:
-            await self.note_limit.acquire(f"{integration}|{customer_id}")
-
-            async def find_note() -> dict[str, Any] | None:
-                nid = await self._find_note(client, conversation_id, note["marker"])
-                return {"id": nid} if nid else None
-
-            created_note, found_note = await create_or_find(
-                lambda: client.create_note(conversation_id, note["body"]), find_note, settle_s=self.settle_s
+            note_id, found_note = await self._note(
+                client, integration, customer_id, conversation_id, command["note"], found_existing or look_for_note
             )
-            note_id = created_note["id"]
             if found_note:
                 outcome = "reconciled"
         steps["note_id"] = note_id
@@ -238,28 +228,45 @@ class KustomerEffects:
         if not differs:
             return Done({"conversation_id": conversation_id}, "skipped:unchanged")
         steps["conversation_id"] = conversation_id
-        note = command["note"]
         note_id = steps.get("note_id")
         outcome = "updated"
-        if not note_id and must_reconcile(prior):
-            note_id = await self._find_note(client, conversation_id, note["marker"])
-            outcome = "reconciled" if note_id else outcome
         if not note_id:
-            await self.note_limit.acquire(f"{integration}|{customer_id}")
-
-            async def find_note() -> dict[str, Any] | None:
-                nid = await self._find_note(client, conversation_id, note["marker"])
-                return {"id": nid} if nid else None
-
-            created_note, found_note = await create_or_find(
-                lambda: client.create_note(conversation_id, note["body"]), find_note, settle_s=self.settle_s
+            note_id, found_note = await self._note(
+                client, integration, customer_id, conversation_id, command["note"], must_reconcile(prior)
             )
-            note_id = created_note["id"]
             outcome = "reconciled" if found_note else outcome
         steps["note_id"] = note_id
         steps["changed"] = sorted(differs)
         now = {"customer_id": customer_id, "conversation_id": conversation_id, "details": {**stated, **differs}}
         return Done(steps, outcome, {key: now})
+
+    async def _note(
+        self,
+        client: KustomerApi,
+        integration: str,
+        customer_id: str,
+        conversation_id: str,
+        note: dict[str, Any],
+        look_first: bool,
+    ) -> tuple[str, bool]:
+        """The conversation's note whose first line is ``note["marker"]``: looked up first when
+        ``look_first`` (the command may have written it before), else created — paced to the
+        customer's limit, and a create with an unknown outcome looked up rather than repeated.
+        Returns its id and whether it was found rather than created."""
+        if look_first:
+            found = await self._find_note(client, conversation_id, note["marker"])
+            if found:
+                return found, True
+        await self.note_limit.acquire(f"{integration}|{customer_id}")
+
+        async def find_note() -> dict[str, Any] | None:
+            nid = await self._find_note(client, conversation_id, note["marker"])
+            return {"id": nid} if nid else None
+
+        created, found_it = await create_or_find(
+            lambda: client.create_note(conversation_id, note["body"]), find_note, settle_s=self.settle_s
+        )
+        return created["id"], found_it
 
     @staticmethod
     async def _find_conversation(client: KustomerApi, customer_id: str, external_id: str) -> str | None:

@@ -8,6 +8,7 @@ faults); ingest, processors and sinks are ``python -m pipeline …`` processes s
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -128,6 +129,21 @@ class Flow:
     async def upload_recording(self, call_id: int, **spec: Any) -> dict[str, Any]:
         """The call's recording is uploaded (Recording Uploaded fires)."""
         return await self._sim("POST", f"{self.ct_root}/_sim/calls/{call_id}/recording", spec)
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        """``pipeline ARGS`` as an operator runs it, with the services' environment: (exit code,
+        stdout, stderr)."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pipeline",
+            *args,
+            env={**self.stack.base_env, "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return proc.returncode or 0, out.decode(), err.decode()
 
     async def fault(self, **spec: Any) -> None:
         self.ksim.faults.add(**spec)

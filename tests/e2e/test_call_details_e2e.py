@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
 import orjson
 import pytest
@@ -25,17 +24,11 @@ def notes_of(flow: Flow) -> list[str]:
 
 
 async def replay_raw_calls(flow: Flow) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "pipeline", "replay", "raw", "--topic", "calls"),
-        *("--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"),
-        env={**flow.stack.base_env, "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, out, err = await flow.cli(
+        "replay", "raw", "--topic", "calls", "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"
     )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    assert code == 0, err
+    return out
 
 
 @pytest.mark.services("ingest", "process-calls", "sink-kustomer", "poll-calls")

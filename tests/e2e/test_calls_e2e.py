@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
 import orjson
 import pytest
@@ -60,25 +59,11 @@ async def test_duplicate_webhooks_and_a_replay_from_offset_zero_leave_one_conver
 
     # replay the raw topic from offset 0: processors and the sink see everything again
     writes_before = len([e for e in flow.ksim.log.entries if e.effect])
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "pipeline",
-        "replay",
-        "raw",
-        "--topic",
-        "calls",
-        "--from",
-        "2000-01-01T00:00:00Z",
-        "--to",
-        "2100-01-01T00:00:00Z",
-        env={**flow.stack.base_env, "PATH": "/usr/bin:/bin"},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    code, out, err = await flow.cli(
+        "replay", "raw", "--topic", "calls", "--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"
     )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    assert f"replayed {len(raw)} event(s)" in out.decode()
+    assert code == 0, err
+    assert f"replayed {len(raw)} event(s)" in out
     await idle(flow)
     assert len(await read_topic(flow.bootstrap, flow.topics.raw_calls)) == 2 * len(raw)
     assert len([e for e in flow.ksim.log.entries if e.effect]) == writes_before, "the replay wrote nothing"
