@@ -26,10 +26,12 @@ kafka-jars: install
 ## Run every test (unit, integration on a real broker, end-to-end with processes + simulators),
 ## after the fast gates of `make check`.
 ## The end-to-end tests mostly wait (on simulators, brokers, retries): PYTEST_WORKERS processes
-## share them, one test file per worker at a time, each worker with its own broker.
+## share them, one test file per worker at a time, each worker with its own broker. The tests
+## marked `serial` (they compare latencies or time-outs within the run) run alone afterwards.
 PYTEST_WORKERS ?= 3
 test: check kafka-jars
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" --durations=25
+	$(PY) -m pytest -q -m serial --durations=5
 
 ## The gates, in seconds: lint, format, types, import contracts (pyproject.toml configures each).
 ## Every gate runs; the target fails if any failed.

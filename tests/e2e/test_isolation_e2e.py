@@ -33,7 +33,9 @@ from pipeline.kafka.reading import read_topic
 from pipeline.kafka.topics import Topics
 from tests.e2e.conftest import wait_for
 
-pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
+# latency of one org against another's, in the same run: measured alone (``make test`` runs the
+# serial tests after the parallel ones)
+pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.serial]
 
 LINES = {"alpha": "+442012345678", "beta": "+442079460000"}
 NUMBERS = {"alpha": [f"+4479460300{i:02d}" for i in range(12)], "beta": [f"+4479460400{i:02d}" for i in range(12)]}
