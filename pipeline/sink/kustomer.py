@@ -182,10 +182,12 @@ class KustomerEffects:
             )
             conversation_id = created["id"]
         steps["conversation_id"] = conversation_id
+        if found_existing:
+            steps["conversation_found"] = True  # kept if the note parks the command: still reconciled
 
         # 3. note
         note_id = steps.get("note_id")
-        if found_existing or note_id:
+        if found_existing or note_id or steps.get("conversation_found"):
             outcome = "reconciled"
         if not note_id:
             note_id, found_note = await self._note(
@@ -340,7 +342,11 @@ async def export_customer(
             changes["emails"] = list(attrs.get("emails") or []) + [{"type": "work", "email": e} for e in new_emails]
         update = {key: {"customer_id": existing["id"], "version": command["version"]}}
         if not changes:
-            return Done({"customer_id": existing["id"], "taken": taken}, "skipped:unchanged", update)
+            # No version of this contact was exported before (the index has none), yet its customer
+            # exists: it is this command's own create, which landed although its answer was lost
+            # (a time-out, a kill) — reconciled, not a customer that was already there.
+            outcome = "reconciled" if known is None else "skipped:unchanged"
+            return Done({"customer_id": existing["id"], "taken": taken}, outcome, update)
         await client.update_customer(existing["id"], changes)
         return Done({"customer_id": existing["id"], "changed": sorted(changes), "taken": taken}, "updated", update)
     # rule 4: a phone or e-mail that already belongs to a customer skips the contact

@@ -14,9 +14,8 @@ second one. The fault tests inject 429 bursts, 503s, 500s, timeouts (with and wi
 acting) and connection resets at the target. Every test counts distinct effects in the
 simulators' request logs and state: one conversation per externalId, one note per conversation,
 one Kustomer customer per number, one CloudTalk contact per imported customer, one Kustomer
-customer per exported contact — and nothing written back by an echo. The last two tests (strict
-xfail) show product bugs in the audit outcome of a create the target completed after the sink gave
-up on it.
+customer per exported contact — and nothing written back by an echo. The last two tests check the
+audit outcome of a create the target completed after the sink gave up on it: ``reconciled``.
 """
 
 from __future__ import annotations
@@ -339,16 +338,6 @@ async def test_contacts_export_under_kustomer_429_bursts_503s_timeouts_and_reset
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: export_customer (pipeline/sink/kustomer.py) does not know that its own earlier create may "
-        "have landed; a customer create that timed out (or was in flight when the sink was killed) and that "
-        "Kustomer completed is found by externalId on the retry and audited skipped:unchanged (decision "
-        "'skipped') instead of reconciled, so the contact reads as not exported although this command "
-        "created its customer"
-    ),
-)
 @pytest.mark.services("ingest", "process-contacts-export", "sink-kustomer")
 @pytest.mark.env(SINK_RECONCILE_SETTLE_S="3")
 async def test_an_export_whose_timed_out_create_landed_is_audited_reconciled(flow: Flow):
@@ -359,15 +348,6 @@ async def test_an_export_whose_timed_out_create_landed_is_audited_reconciled(flo
     assert await audit_rules(flow, "sink-kustomer") == [("done", "reconciled")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "product bug: log_conversation (pipeline/sink/kustomer.py) does not keep in the parked steps that the "
-        "conversation was found by reconciliation; a command parked after that lookup (here by a 429 on the "
-        "note) resumes and is audited 'created' — without the 429 the same timed-out-but-landed conversation "
-        "create is audited 'reconciled'"
-    ),
-)
 @pytest.mark.services("ingest", "process-sms", "sink-kustomer")
 @pytest.mark.kustomer(window_seconds=2.0)
 @pytest.mark.env(SINK_RECONCILE_SETTLE_S="3")
