@@ -3,6 +3,7 @@ running configuration kept, a good one taken at a batch boundary, rotated secret
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -16,7 +17,7 @@ from pipeline.core.live_config import LiveConfig
 from pipeline.core.observability import metrics
 from pipeline.kafka.topics import Topics
 from pipeline.process.runner import FLOWS, decisions_transform
-from tests.unit.test_envelope_schemas import CALL
+from tests.unit.test_call_sms_rules import call_env
 
 
 def integration_yaml(name: str, line: str = "+442012345678", key: str = "{file: KEYFILE}") -> str:
@@ -119,17 +120,7 @@ def call_record(env: Envelope, offset: int = 0) -> ConsumerRecord:
 
 
 def envelope(call_id: int, meta: dict | None = None) -> Envelope:
-    payload = {**CALL, "call_id": call_id}
-    return Envelope(
-        id=f"cloudtalk:call:{call_id}",
-        integration="*",
-        source="cloudtalk",
-        type="call.ended",
-        occurred_at=payload["ended_at"],
-        received_at=payload["ended_at"],
-        payload=payload,
-        meta=meta or {},
-    )
+    return replace(call_env(call_id=call_id), integration="*", meta=meta or {})
 
 
 def test_a_batch_is_decided_by_one_version_and_its_audit_records_name_it(files):
