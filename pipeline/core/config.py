@@ -35,7 +35,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args
 
@@ -466,19 +466,20 @@ class PipelineConfig(_Model):
     def webhook_tokens(self) -> list[Secret]:
         return [i.kustomer.webhook_token for i in self.integrations if i.kustomer.webhook_token is not None]
 
-    def secrets(self, webhook_tokens: bool = True) -> list[Secret]:
-        """Every secret the file names; without ``webhook_tokens`` the Kustomer webhook tokens are
-        left out (they exist only once ``pipeline webhooks register`` stored them)."""
+    def secrets(self) -> list[Secret]:
         out = [self.cloudtalk.key_id, self.cloudtalk.key_secret]
         for i in self.integrations:
             out += [i.kustomer.api_key, i.cloudtalk_webhook_secret]
-            if i.kustomer.webhook_token is not None and webhook_tokens:
+            if i.kustomer.webhook_token is not None:
                 out.append(i.kustomer.webhook_token)
         return out
 
-    def check_secrets(self, environ: Mapping[str, str] | None = None, webhook_tokens: bool = True) -> list[str]:
+    def check_secrets(
+        self, environ: Mapping[str, str] | None = None, secrets: Sequence[Secret] | None = None
+    ) -> list[str]:
+        """A problem per secret (``secrets``, by default all of them) that cannot be read now."""
         problems = []
-        for s in self.secrets(webhook_tokens):
+        for s in self.secrets() if secrets is None else secrets:
             try:
                 s.value(environ)
             except ConfigError as exc:

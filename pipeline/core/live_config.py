@@ -107,12 +107,7 @@ class LiveConfig:
             return False
         try:
             new = load_config(self.path)
-            problems = []
-            for secret in self.reads(new):
-                try:
-                    secret.value()
-                except ConfigError as exc:
-                    problems.extend(exc.problems)
+            problems = new.check_secrets(secrets=self.reads(new))
             if problems:
                 raise ConfigError("secrets", problems)
         except ConfigError as exc:
