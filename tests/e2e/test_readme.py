@@ -36,7 +36,9 @@ from devkit.net import free_port
 from devkit.stack import pid_alive
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
+# `devkit up` picks a free port per service and binds it a moment later: alone, so that no other
+# test's process takes one in between
+pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.serial]
 
 BLOCK = re.compile(r"<!-- first-hour -->\n```sh\n(.*?)```\n<!-- /first-hour -->", re.S)
 OUTPUT = "#   "
