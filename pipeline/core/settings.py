@@ -242,6 +242,8 @@ class KafkaSettings:
     topic_prefix: str = ""
     max_batch: int = 1000
     poll_timeout_ms: int = 200
+    commit_interval_ms: int = 100
+    commit_max_records: int = 1000
     transaction_timeout_ms: int = 60_000
     client_id: str = "ctk-pipeline"
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
@@ -254,6 +256,8 @@ class KafkaSettings:
             topic_prefix=env_str(env, "TOPIC_PREFIX", cls.topic_prefix),
             max_batch=env_int(env, "LOOP_MAX_BATCH", cls.max_batch, minimum=1),
             poll_timeout_ms=env_int(env, "LOOP_POLL_TIMEOUT_MS", cls.poll_timeout_ms, minimum=1),
+            commit_interval_ms=env_int(env, "LOOP_COMMIT_INTERVAL_MS", cls.commit_interval_ms, minimum=0),
+            commit_max_records=env_int(env, "LOOP_COMMIT_MAX_RECORDS", cls.commit_max_records, minimum=1),
             transaction_timeout_ms=env_int(
                 env, "KAFKA_TRANSACTION_TIMEOUT_MS", cls.transaction_timeout_ms, minimum=1000
             ),

@@ -8,7 +8,19 @@ any stage with exactly-once semantics inside Kafka:
 * one transactional producer per assigned input partition (a :class:`Lane`). aiokafka sends no
   group generation with ``send_offsets_to_transaction`` (no KIP-447), so zombies are fenced by
   the transactional id itself: ``{group}.{topic}.{partition}``;
-* outputs, dead letters and the input offsets of a batch are committed in one transaction.
+* outputs, dead letters and the input offsets of a batch are committed in one transaction;
+* a batch is what a partition gathered over several polls: it is handed to the stage once it holds
+  ``commit_max_records`` records or its first record has waited ``commit_interval_ms``, whichever
+  comes first (Kafka Streams' commit interval). Every transaction costs the broker and the
+  producer the same few round trips however many records it carries, so at low rates this trades
+  up to one interval of latency per stage for several times fewer transactions.
+
+Gathering (``run``): records a poll returns join their partition's pending batch (never below
+the committed position or the pending batch's end: records fetched before a seek are stale). A
+pending batch is not handed to the stage yet, so dropping it costs nothing: a rebalance drops the
+pending batches of the partitions it revokes or assigns anew (the next owner, or this member after
+its seek, fetches them again from the committed offset). On stop, the pending batches are
+processed before the lanes close.
 
 Commit protocol for one batch of one partition (``_process_batch``):
 
@@ -189,8 +201,10 @@ class LoopSettings:
     input_topics: tuple[str, ...]
     deadletter_topic: str
     client_id: str = "ctk-pipeline"
-    max_batch: int = 1000
+    max_batch: int = 1000  # records per poll
     poll_timeout_ms: int = 200
+    commit_max_records: int = 1000  # a partition's pending batch is processed at this size ...
+    commit_interval_ms: int = 100  # ... or once its first record has waited this long
     transaction_timeout_ms: int = 60_000
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 10_000
@@ -216,6 +230,9 @@ class TransactionalLoop:
         self._last_poll = 0.0
         self._failures: dict[TopicPartition, int] = {}
         self._fenced: set[TopicPartition] = set()
+        # records gathered for a partition's next transaction, and when its first one arrived
+        self._pending: dict[TopicPartition, list[ConsumerRecord]] = {}
+        self._pending_since: dict[TopicPartition, float] = {}
         m = metrics()
         s = stage.name
         self._m_in = m.loop_records.labels(s, "in")
@@ -272,36 +289,73 @@ class TransactionalLoop:
         self._stopping.set()
 
     async def run(self) -> None:
-        """Fetch and commit batches until :meth:`request_stop`."""
+        """Fetch, gather and commit batches until :meth:`request_stop`; then commit what is pending."""
         assert self._consumer is not None, "start() first"
         consumer = self._consumer
+        s = self.settings
+        interval = s.commit_interval_ms / 1000
         while not self._stopping.is_set():
-            batches = await consumer.getmany(
-                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
-            )
-            self._last_poll = time.monotonic()
-            if not batches:
+            timeout_ms = s.poll_timeout_ms
+            if self._pending_since:  # wake up when the oldest pending batch is due
+                due_in = min(self._pending_since.values()) + interval - time.monotonic()
+                timeout_ms = max(0, min(timeout_ms, int(due_in * 1000) + 1))
+            batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=s.max_batch)
+            now = self._last_poll = time.monotonic()
+            if not batches and not self._pending:
                 self._update_lag()
                 continue
             async with self._lock:
-                # A batch fetched before a rebalance is never dropped (the consumer's position
-                # has already moved past it): its records below the committed position are
-                # filtered out, the rest are exactly the next records of the partition.
-                work = []
                 for tp, records in batches.items():
-                    lane = self.lanes.get(tp)
-                    if lane is None or lane.closed or not records:
-                        continue
-                    # Never below the committed position: records fetched before a seek are
-                    # stale (already committed). Gaps above it are normal (transaction markers).
-                    if lane.next_offset is not None and records[0].offset < lane.next_offset:
-                        records = [r for r in records if r.offset >= lane.next_offset]
-                        if not records:
-                            continue
-                    work.append((tp, records))
-                if work:
-                    await asyncio.gather(*(self._process_batch(self.lanes[tp], records) for tp, records in work))
+                    self._gather(tp, records, now)
+                due = [
+                    tp
+                    for tp, held in self._pending.items()
+                    if len(held) >= s.commit_max_records or now - self._pending_since[tp] >= interval
+                ]
+                await self._process_pending(due)
             self._update_lag()
+        async with self._lock:  # a stop: what was gathered is committed before the lanes close
+            await self._process_pending(list(self._pending))
+
+    def _gather(self, tp: TopicPartition, records: list[ConsumerRecord], now: float) -> None:
+        """Add fetched records to the partition's pending batch.
+
+        A batch fetched before a rebalance is never dropped (the consumer's position has already
+        moved past it): its records below the committed position (or below the pending batch's
+        end) are filtered out, the rest are exactly the next records of the partition. Gaps above
+        it are normal (transaction markers).
+        """
+        lane = self.lanes.get(tp)
+        if lane is None or lane.closed or not records:
+            return
+        held = self._pending.get(tp)
+        floor = held[-1].offset + 1 if held else lane.next_offset
+        if floor is not None and records[0].offset < floor:
+            records = [r for r in records if r.offset >= floor]
+            if not records:
+                return
+        if held is None:
+            self._pending[tp] = records
+            self._pending_since[tp] = now
+        else:
+            held.extend(records)
+
+    def _drop_pending(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self._pending.pop(tp, None)
+            self._pending_since.pop(tp, None)
+
+    async def _process_pending(self, due: list[TopicPartition]) -> None:
+        """Process the pending batches of ``due`` (under the lock), one transaction each, together."""
+        work = []
+        for tp in due:
+            records = self._pending.pop(tp)
+            self._pending_since.pop(tp, None)
+            lane = self.lanes.get(tp)
+            if lane is not None and not lane.closed:
+                work.append((lane, records))
+        if work:
+            await asyncio.gather(*(self._process_batch(lane, records) for lane, records in work))
 
     async def stop(self) -> None:
         """Finish the batch in flight, close every lane, leave the group."""
@@ -567,6 +621,7 @@ class TransactionalLoop:
         async with self._lock:  # waits for the batch in flight
             if self._closing:
                 return
+            self._drop_pending(revoked)  # not handed to the stage: the next owner fetches them again
             gone = [tp for tp in revoked if tp in self.lanes]
             if gone:
                 try:
@@ -586,6 +641,7 @@ class TransactionalLoop:
             if self._closing or consumer is None:
                 return
             new = [tp for tp in assigned if tp not in self.lanes or self.lanes[tp].closed]
+            self._drop_pending(new)  # the seek to the committed offset below fetches them again
             # Lanes, positions and the stage's own preparation (a sink loads its ledger) must all
             # succeed before any record of these partitions is handled; aiokafka would only log an
             # exception raised here, and the partitions' records would go by unhandled.

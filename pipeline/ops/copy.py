@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
             client_id=settings.kafka.client_id,
             max_batch=settings.kafka.max_batch,
             poll_timeout_ms=settings.kafka.poll_timeout_ms,
+            commit_interval_ms=settings.kafka.commit_interval_ms,
+            commit_max_records=settings.kafka.commit_max_records,
             transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
         ),
         TransformStage("copy", copy_transform(args.destination, reject)),

@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             client_id=settings.kafka.client_id,
             max_batch=settings.kafka.max_batch,
             poll_timeout_ms=settings.kafka.poll_timeout_ms,
+            commit_interval_ms=settings.kafka.commit_interval_ms,
+            commit_max_records=settings.kafka.commit_max_records,
             transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
             session_timeout_ms=env_int(os.environ, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000),
         ),

@@ -303,3 +303,95 @@ async def test_a_stage_that_cannot_prepare_its_partitions_handles_nothing_and_st
     assert isinstance(loop.fatal, RuntimeError) and "state store unreachable" in str(loop.fatal)
     assert stage.handled == 0
     assert await kafka.read_all(dst, timeout=2, idle=0.5) == []
+
+
+async def _trickle(kafka: KafkaIO, topic: str, n: int, every_s: float) -> set[bytes]:
+    sent = set()
+    for i in range(n):
+        value = f"t{i}".encode()
+        await kafka.produce(topic, [(value, value)])
+        sent.add(value)
+        await asyncio.sleep(every_s)
+    return sent
+
+
+async def test_records_arriving_one_by_one_share_transactions_within_the_commit_interval(
+    kafka: KafkaIO, topic_prefix: str
+):
+    """40 records, one every 25 ms onto 2 partitions: committing every poll takes about one
+    transaction per record; gathered for 500 ms they take a handful, and each is copied once."""
+    results = {}
+    for interval_ms in (0, 500):
+        p = f"{topic_prefix}i{interval_ms}-"
+        src = await kafka.create_topic(f"{p}src", partitions=2)
+        dst = await kafka.create_topic(f"{p}dst", partitions=2)
+        dlq = await kafka.create_topic(f"{p}dlq")
+        loop = TransactionalLoop(
+            _settings(kafka.bootstrap, f"{p}g", src, dlq, commit_interval_ms=interval_ms),
+            TransformStage("copy", copy_transform(dst, None)),
+        )
+        sent: set[bytes] = set()
+
+        async def produce_then_wait(loop=loop, src=src, sent=sent) -> bool:
+            if not sent:
+                sent |= await _trickle(kafka, src, 40, 0.025)
+            return loop.stats["out"] >= 40
+
+        await _run_until(loop, produce_then_wait)
+        got = await kafka.read_all(dst, expect=40, timeout=30)
+        assert sorted(r.value for r in got) == sorted(sent), "every record copied exactly once"
+        results[interval_ms] = loop.stats["committed"]
+    assert results[0] >= 20, results  # one transaction per poll that found a record
+    assert results[500] <= 8, results  # 1 s of records in windows of 500 ms, per partition
+    assert results[500] * 3 <= results[0], results
+
+
+async def test_a_partition_commits_once_it_holds_commit_max_records(kafka: KafkaIO, topic_prefix: str):
+    """The size bound closes a transaction long before the interval: 1,000 records in
+    transactions of 100 to 129 records (polls of up to 30), with an interval of a minute."""
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=1)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=1)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    await kafka.produce(src, ((f"r{i}".encode(), f"r{i}".encode()) for i in range(1000)))
+    loop = TransactionalLoop(
+        _settings(
+            kafka.bootstrap, f"{topic_prefix}g", src, dlq, commit_interval_ms=60_000, commit_max_records=100, max_batch=30
+        ),
+        TransformStage("copy", copy_transform(dst, None)),
+    )
+
+    async def copied() -> bool:  # the last < 100 records wait for the interval: the stop commits them
+        return loop.stats["out"] >= 900
+
+    await _run_until(loop, copied, timeout=50)  # never waits for the minute
+    got = await kafka.read_all(dst, expect=1000, timeout=30)
+    assert len({r.value for r in got}) == len(got) == 1000
+    assert 9 <= loop.stats["committed"] <= 11, loop.stats  # 100–129 records each (polls of 30), then the rest
+
+
+async def test_a_stop_commits_what_was_gathered(kafka: KafkaIO, topic_prefix: str):
+    """Records waiting for a long commit interval are committed when the loop stops, not dropped:
+    a new member of the group starts after them."""
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=2)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=2)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    await kafka.produce(src, ((f"r{i}".encode(), f"r{i}".encode()) for i in range(50)))
+    settings = _settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq, commit_interval_ms=600_000)
+    loop = TransactionalLoop(settings, TransformStage("copy", copy_transform(dst, None)))
+
+    async def gathered() -> bool:
+        return sum(len(v) for v in loop._pending.values()) >= 50  # noqa: SLF001 - what waits for the interval
+
+    await _run_until(loop, gathered)  # stops as soon as all 50 are gathered, none committed yet
+    assert loop.stats["committed"] in (1, 2), loop.stats  # one transaction per partition, at the stop
+    got = await kafka.read_all(dst, expect=50, timeout=30)
+    assert len({r.value for r in got}) == len(got) == 50
+
+    again = TransactionalLoop(settings, TransformStage("copy", copy_transform(dst, None)))
+
+    async def settled() -> bool:
+        return again._joined  # noqa: SLF001
+
+    await _run_until(again, settled)
+    await asyncio.sleep(0)
+    assert again.stats["in"] == 0, "the next member starts after the committed records"
