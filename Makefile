@@ -91,11 +91,15 @@ kafka-up: kafka-jars
 kafka-down: install
 	$(PY) -m devkit kafka down
 
+# every benchmark, about 10 minutes in all; each ends with a summary table (docs: README "Benchmarks")
 bench: kafka-jars
 	$(PY) bench/loop_throughput.py --records 100000 --rounds 2
 	$(PY) bench/processor_throughput.py --events 50000 --rounds 2
+	$(PY) bench/processor_scaling.py --events 60000
 	$(PY) bench/ingest_webhooks.py
 	$(PY) bench/end_to_end_latency.py --rate 50 --seconds 20
+	$(PY) bench/end_to_end_latency.py --rate 200 --seconds 20
+	$(PY) bench/retry_efficiency.py --calls 100
 
 clean:
 	rm -rf .run .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist

@@ -1,19 +1,21 @@
-"""Ingest: CloudTalk call-ended webhooks per second with a durable ack, and latency at 1,000/s.
+"""Ingest: CloudTalk call-ended webhooks per second with a durable ack, and latency at 1,000/s, at
+the default log level (INFO) and at WARNING.
 
     python bench/ingest_webhooks.py [--requests 20000] [--concurrency 64] [--rate 1000] [--seconds 10]
 
-Uses ``KAFKA_BOOTSTRAP`` when set, otherwise starts a local broker. Two servers, each a separate
-process (so each uses at most one core), measured the same way in the same run:
+Uses ``KAFKA_BOOTSTRAP`` when set, otherwise starts a local broker. Three servers, each a
+separate process (so each uses at most one core), measured the same way in the same run:
 
 * baseline: a bare aiohttp app that reads the body and answers 202 — the HTTP floor;
 * ingest: ``pipeline ingest`` — shared-secret check, 256 KiB limit, JSON and schema check,
-  envelope, publish with ``acks=all`` and answer 202 only after the broker acknowledged.
+  envelope, publish with ``acks=all`` and answer 202 only after the broker acknowledged — once
+  at the default log level (``LOG_LEVEL=INFO``) and once at ``WARNING``.
 
 Two measurements per server: (1) throughput — ``--requests`` POSTs over ``--concurrency``
 connections; (2) latency — an open loop at ``--rate`` requests/s for ``--seconds`` (each latency
 counted from the request's scheduled time, so a stall is not hidden). The load generator runs in
 this process and the broker on the same machine: on 2 cores the three share the CPU, so the
-absolute numbers are a floor. Nothing is asserted.
+absolute numbers are a floor. Ends with a summary table. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 
-from bench.common import kafka, percentile_ms  # noqa: E402
+from bench.common import Row, kafka, percentile_ms, print_summary, ratio  # noqa: E402
 from bench.processor_throughput import call_envelope  # noqa: E402
-from devkit.net import free_port
+from devkit.net import free_port  # noqa: E402
 from devkit.stack import Stack  # noqa: E402
-from pipeline.kafka.lag import read_topic  # noqa: E402
+from pipeline.kafka.reading import read_topic  # noqa: E402
 from pipeline.kafka.topics import Topics, ensure_topics  # noqa: E402
 
 SECRET = "bench-webhook-secret"
@@ -59,35 +62,32 @@ def bodies(n: int, offset: int) -> list[bytes]:
     return [orjson.dumps(call_envelope(offset + i, rng).payload) for i in range(n)]
 
 
-async def throughput(url: str, payloads: list[bytes], concurrency: int) -> tuple[float, int]:
+async def throughput(url: str, payloads: list[bytes], concurrency: int, answers: Counter[int]) -> float:
+    """Webhooks/s; every answer's status is counted in ``answers``."""
     headers = {"Content-Type": "application/json", "X-Pipeline-Secret": SECRET}
-    failures = 0
     queue = iter(payloads)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
 
         async def worker() -> None:
-            nonlocal failures
             for body in queue:
                 async with http.post(url, data=body, headers=headers) as r:
                     await r.read()
-                    failures += r.status != 202
+                    answers[r.status] += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(payloads) / (time.perf_counter() - started), failures
+        return len(payloads) / (time.perf_counter() - started)
 
 
-async def latency(url: str, payloads: list[bytes], rate: float) -> tuple[list[float], int]:
+async def latency(url: str, payloads: list[bytes], rate: float, answers: Counter[int]) -> list[float]:
     headers = {"Content-Type": "application/json", "X-Pipeline-Secret": SECRET}
     out: list[float] = []
-    failures = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as http:
 
         async def one(body: bytes, due: float) -> None:
-            nonlocal failures
             async with http.post(url, data=body, headers=headers) as r:
                 await r.read()
-                failures += r.status != 202
+                answers[r.status] += 1
             out.append(time.perf_counter() - due)
 
         t0 = time.perf_counter() + 0.05
@@ -99,21 +99,24 @@ async def latency(url: str, payloads: list[bytes], rate: float) -> tuple[list[fl
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(body, due)))
         await asyncio.gather(*tasks)
-    return out, failures
+    return out
 
 
 pct = percentile_ms
 
 
 async def measure(name: str, url: str, args: argparse.Namespace, offset: int) -> dict[str, float]:
-    warm = bodies(500, offset)
-    await throughput(url, warm, args.concurrency)
-    rps, failed = await throughput(url, bodies(args.requests, offset + 1_000_000), args.concurrency)
-    lat, failed2 = await latency(url, bodies(int(args.rate * args.seconds), offset + 2_000_000), args.rate)
-    result = {"rps": rps, "p50": pct(lat, 50), "p99": pct(lat, 99), "failed": failed + failed2}
+    answers: Counter[int] = Counter()
+    await throughput(url, bodies(500, offset), args.concurrency, answers)
+    rps = await throughput(url, bodies(args.requests, offset + 1_000_000), args.concurrency, answers)
+    lat = await latency(url, bodies(int(args.rate * args.seconds), offset + 2_000_000), args.rate, answers)
+    failed = sum(n for status, n in answers.items() if status != 202)
+    result = {"rps": rps, "p50": pct(lat, 50), "p99": pct(lat, 99), "failed": failed, "acknowledged": answers[202]}
+    others = ", ".join(f"{n} x {status}" for status, n in sorted(answers.items()) if status != 202)
+    others = f" ({others})" if others else ""
     print(
-        f"{name:9} {rps:8,.0f} webhooks/s (x{args.concurrency} connections)   at {args.rate:,.0f}/s: "
-        f"p50 {result['p50']:6.1f} ms  p99 {result['p99']:6.1f} ms   non-202: {result['failed']}",
+        f"{name:15} {rps:8,.0f} webhooks/s (x{args.concurrency} connections)   at {args.rate:,.0f}/s: "
+        f"p50 {result['p50']:6.1f} ms  p99 {result['p99']:6.1f} ms   non-202: {failed}{others}",
         flush=True,
     )
     return result
@@ -156,13 +159,17 @@ async def run(bootstrap: str, args: argparse.Namespace) -> None:
             "INGEST_RATE_PER_S": "0",  # the benchmark measures throughput, not the rate limit
         },
     )
-    ports = {"baseline": free_port(), "ingest": free_port()}
+    ports = {"baseline": free_port(), "INFO": free_port(), "WARNING": free_port()}
     baseline_script = work / "baseline_app.py"
     baseline_script.write_text(BASELINE_APP)
     try:
-        stack.add(
-            "ingest", ["ingest", "--port", str(ports["ingest"])], health=f"http://127.0.0.1:{ports['ingest']}/readyz"
-        )
+        for level in ("INFO", "WARNING"):
+            stack.add(
+                f"ingest-{level}",
+                ["ingest", "--port", str(ports[level])],
+                {"LOG_LEVEL": level},
+                health=f"http://127.0.0.1:{ports[level]}/readyz",
+            )
         await stack.wait_ready(timeout=60)
         baseline = await asyncio.create_subprocess_exec(sys.executable, str(baseline_script), str(ports["baseline"]))
         await asyncio.sleep(1.5)
@@ -173,18 +180,66 @@ async def run(bootstrap: str, args: argparse.Namespace) -> None:
         )
         path = "/ingest/cloudtalk/support/call-ended"
         base = await measure("baseline", f"http://127.0.0.1:{ports['baseline']}{path}", args, 0)
-        ing = await measure("ingest", f"http://127.0.0.1:{ports['ingest']}{path}", args, 10_000_000)
+        info = await measure("ingest INFO", f"http://127.0.0.1:{ports['INFO']}{path}", args, 10_000_000)
+        warning = await measure("ingest WARNING", f"http://127.0.0.1:{ports['WARNING']}{path}", args, 20_000_000)
         stored = len(await read_topic(bootstrap, topics.raw_calls))
-        sent = 500 + args.requests + int(args.rate * args.seconds)
-        print(f"stored in {topics.raw_calls}: {stored:,} of {sent:,} acknowledged webhooks")
+        sent = info["acknowledged"] + warning["acknowledged"]
+        print(f"stored in {topics.raw_calls}: {stored:,} of {sent:,} acknowledged (202) webhooks")
         print(
-            f"ratio ingest/baseline: throughput {ing['rps'] / base['rps']:.2f}; "
-            f"p99 at {args.rate:,.0f}/s {ing['p99']:.1f} ms vs {base['p99']:.1f} ms"
+            f"ratio ingest/baseline: throughput at INFO {info['rps'] / base['rps']:.2f}, at WARNING "
+            f"{warning['rps'] / base['rps']:.2f}; p99 at {args.rate:,.0f}/s {info['p99']:.1f} ms (INFO) vs "
+            f"{base['p99']:.1f} ms"
         )
         baseline.terminate()
         await baseline.wait()
     finally:
         stack.stop_all()
+    failed = info["failed"] + warning["failed"]
+    print_summary(
+        "ingest webhooks",
+        [
+            Row(
+                "ingest webhooks/s at INFO (default)",
+                f"{info['rps']:,.0f}/s",
+                f"{base['rps']:,.0f}/s (bare aiohttp)",
+                ratio(info["rps"], base["rps"]),
+                ">= 5k/s",
+                info["rps"] >= 5000,
+            ),
+            Row(
+                "ingest webhooks/s at WARNING",
+                f"{warning['rps']:,.0f}/s",
+                f"{base['rps']:,.0f}/s (bare aiohttp)",
+                ratio(warning["rps"], base["rps"]),
+                "—",
+                None,
+            ),
+            Row(
+                "ingest at INFO vs at WARNING",
+                f"{info['rps']:,.0f}/s",
+                f"{warning['rps']:,.0f}/s",
+                ratio(info["rps"], warning["rps"]),
+                "—",
+                None,
+            ),
+            Row(
+                f"ingest p99 at {args.rate:,.0f}/s, INFO",
+                f"{info['p99']:.1f} ms",
+                f"{base['p99']:.1f} ms",
+                ratio(info["p99"], base["p99"]),
+                "<= 50 ms",
+                info["p99"] <= 50,
+            ),
+            Row(
+                "acknowledged (202) webhooks stored",
+                f"{stored:,} of {sent:,} ({failed} answered non-202)",
+                "—",
+                "—",
+                "every acknowledged one stored",
+                stored == sent,
+            ),
+        ],
+    )
 
 
 if __name__ == "__main__":

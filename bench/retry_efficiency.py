@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 
-from bench.common import kafka  # noqa: E402
+from bench.common import Row, kafka, print_summary  # noqa: E402
 from devkit.net import free_port  # noqa: E402
 from devkit.stack import Stack  # noqa: E402
 from pipeline.kafka.clients import new_producer  # noqa: E402
@@ -230,10 +230,27 @@ async def main() -> None:
         Scenario(f"{args.fault_rate:.0%} 503", args.fault_rate, {}),
         Scenario(f"{args.fault_rate:.0%} 503, as unknown", args.fault_rate, {"SINK_UNPROCESSED_STATUSES": ""}),
     ]
+    results = []
     async with kafka() as (bootstrap, _pid):
         print(f"{args.calls} calls over {args.numbers} existing customers per scenario", flush=True)
         for scenario in scenarios:
-            print(report(await run(bootstrap, scenario, args)), flush=True)
+            results.append(await run(bootstrap, scenario, args))
+            print(report(results[-1]), flush=True)
+    rows = []
+    for r in results:
+        creates = r.per_call(lambda m, k, s: m == "POST" and k in ("conversations", "notes"))
+        floor = 2 / (1 - r.scenario.fault_rate)
+        rows.append(
+            Row(
+                f"Kustomer create requests per call, {r.scenario.name}",
+                f"{creates:.2f}",
+                f"{floor:.2f} (floor: 2 / (1 - fault rate))",
+                f"{creates / floor:.2f}",
+                "one conversation and one note per call",
+                r.conversations == r.notes == r.calls and not r.duplicates,
+            )
+        )
+    print_summary("retry efficiency", rows)
 
 
 if __name__ == "__main__":
