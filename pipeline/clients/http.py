@@ -47,7 +47,7 @@ import aiohttp
 import orjson
 from tenacity import (
     AsyncRetrying,
-    RetryError,
+    RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -409,6 +409,14 @@ class HttpExecutor:
         self.default_headers = dict(default_headers or {})
         if basic_auth is not None:
             self.default_headers["Authorization"] = aiohttp.encode_basic_auth(*basic_auth)
+        # the retry policy, built once for every request (each keeps its own attempt state: request)
+        self._retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Transient),
+            wait=wait_random_exponential(multiplier=self.policy.initial_s, max=self.policy.max_backoff_s),
+            stop=stop_after_attempt(self.policy.max_attempts) | stop_after_delay(self.policy.deadline_s),
+            before_sleep=self._before_sleep,
+            sleep=self._backoff,
+        )
         m = metrics()
         self._remaining_gauge = m.ratelimit_remaining.labels(target, account)
         self._retry_rate = m.http_retries.labels(target, "rate_limited")
@@ -432,28 +440,50 @@ class HttpExecutor:
         status of ``policy.unprocessed_statuses``; failures before it was sent (no connection) and
         429s are retried as usual. Inside a :func:`wait_budget` any wait that would outlast it
         raises :class:`DeferredError` (nothing in flight)."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_Transient),
-            wait=wait_random_exponential(multiplier=self.policy.initial_s, max=self.policy.max_backoff_s),
-            stop=stop_after_attempt(self.policy.max_attempts) | stop_after_delay(self.policy.deadline_s),
-            before_sleep=self._before_sleep,
-            sleep=self._backoff,
-        )
-        unprocessed = self.policy.unprocessed_statuses
+        # The policy's steps after a transient failure, as tenacity takes them: the wait, the stop
+        # check (attempts, time since the first attempt), the retry log line, the backoff. The
+        # attempt state is this request's own (lanes share the executor), and it is only made
+        # once an attempt failed: a request answered at once costs one call.
+        policy = self._retrying
+        started = time.monotonic()
+        state: RetryCallState | None = None
+        while True:
+            try:
+                return await self._attempt(method, url, op, json, params, accept, idempotent)
+            except _Transient as exc:
+                failure = exc
+            if state is None:
+                state = RetryCallState(policy, None, (), {})
+                state.start_time = started
+            state.set_exception((type(failure), failure, failure.__traceback__))
+            state.upcoming_sleep = policy.wait(state)
+            if policy.stop(state):
+                raise RetryExhaustedError(
+                    self.target, op, failure.status, f"gave up after retries: {failure}"
+                ) from None
+            state.idle_for += state.upcoming_sleep
+            self._before_sleep(state)
+            state.prepare_for_next_attempt()
+            await self._backoff(state.upcoming_sleep)
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        op: str,
+        body: Any,
+        params: Mapping[str, Any] | None,
+        accept: tuple[int, ...],
+        idempotent: bool,
+    ) -> ApiResponse:
+        """One attempt (its 429 waits included); a transient failure of a create that may have
+        been performed is ambiguous, not retried."""
         try:
-            async for attempt in retrying:
-                with attempt:
-                    try:
-                        return await self._until_not_rate_limited(method, url, op, json, params, accept)
-                    except _Transient as exc:
-                        if not idempotent and exc.sent and exc.status not in unprocessed:
-                            raise AmbiguousOutcomeError(self.target, op, exc.status, str(exc), exc.sent_at) from None
-                        raise
-        except RetryError as exc:
-            last = exc.last_attempt.exception()
-            status = last.status if isinstance(last, _Transient) else None
-            raise RetryExhaustedError(self.target, op, status, f"gave up after retries: {last}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await self._until_not_rate_limited(method, url, op, body, params, accept)
+        except _Transient as exc:
+            if not idempotent and exc.sent and exc.status not in self.policy.unprocessed_statuses:
+                raise AmbiguousOutcomeError(self.target, op, exc.status, str(exc), exc.sent_at) from None
+            raise
 
     def _before_sleep(self, state: Any) -> None:
         self._retry_transient.inc()

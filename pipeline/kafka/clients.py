@@ -47,6 +47,7 @@ from aiokafka.errors import (
 
 from pipeline.core.observability import get_logger
 from pipeline.core.settings import KafkaSecurity, SettingsError, env_float
+from pipeline.kafka.partitioner import partitioner
 
 log = get_logger(__name__)
 
@@ -222,7 +223,9 @@ class _Admin(AIOKafkaAdminClient):
 
 
 def new_producer(*, security: KafkaSecurity | None = None, **options: Any) -> AIOKafkaProducer:
-    """``AIOKafkaProducer(**options)`` with the connection settings."""
+    """``AIOKafkaProducer(**options)`` with the connection settings and the product's partitioner
+    (the Java client's partitions, computed faster; ``partitioner=`` overrides it)."""
+    options.setdefault("partitioner", partitioner)
     return _Producer(security, **options)
 
 

@@ -68,7 +68,6 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ProducerFenced
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from pipeline.core.observability import get_logger, metrics
@@ -80,6 +79,7 @@ from pipeline.kafka.clients import (
     stop_quietly,
     transactional_producer,
 )
+from pipeline.kafka.partitioner import partitioner
 from pipeline.kafka.reading import stop_consumer
 from pipeline.kafka.records import BatchResult, OutRecord, Transform, dead_letter
 
@@ -143,9 +143,6 @@ class TransformStage:
         return self.transform(records)
 
 
-_PARTITIONER = DefaultPartitioner()
-
-
 async def _send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord]) -> None:
     """Send records as one batch per partition and wait until every batch is acknowledged.
 
@@ -163,7 +160,7 @@ async def _send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord]) ->
             parts = partitions.get(r.topic)
             if parts is None:
                 parts = partitions[r.topic] = sorted(await producer.partitions_for(r.topic))
-            partition = _PARTITIONER(r.key, parts, parts)
+            partition = partitioner(r.key, parts, parts)
         slot = (r.topic, partition)
         builder = builders.get(slot)
         if builder is None:

@@ -33,12 +33,48 @@ NOTE_LIMIT = limits.KUSTOMER_NOTE_BODY  # Kustomer's note body limit, in charact
 Lines = Sequence[tuple[str, tuple[str, ...]]]
 
 
+_EMPTY: tuple[Any, ...] = (None, "", [])  # a placeholder with one of these values leaves its line out
+_BODY_FORMATS = 256  # body format strings kept per template (one per set of lines left out)
+
+
+class _ParsedTemplate:
+    """A template parsed once: its lines (the marker first) with the placeholders each needs, the
+    lines each placeholder is in (as bits: line ``i`` is ``1 << i``), and the format string of the
+    whole body for each set of lines left out — a note is then one ``format_map``."""
+
+    __slots__ = ("_bodies", "lines", "lines_of")
+
+    def __init__(self, template: tuple[str, ...], marker: str) -> None:
+        lines = [line for line in template if line != marker]
+        lines.insert(0, marker)
+        self.lines = tuple((line, tuple(placeholders(line))) for line in lines)
+        lines_of: dict[str, int] = {}
+        for i, (_, names) in enumerate(self.lines):
+            for name in names:
+                lines_of[name] = lines_of.get(name, 0) | 1 << i
+        self.lines_of = tuple(lines_of.items())
+        self._bodies: dict[int, str] = {}
+
+    def kept(self, left_out: int) -> Lines:
+        return [line for i, line in enumerate(self.lines) if not left_out >> i & 1]
+
+    def body_format(self, left_out: int) -> str:
+        """The lines not in ``left_out`` joined into one format string; a line without
+        placeholders is text as it stands (its braces escaped), as :func:`_join` writes it."""
+        body = self._bodies.get(left_out)
+        if body is None:
+            body = "\n".join(
+                line if names else line.replace("{", "{{").replace("}", "}}") for line, names in self.kept(left_out)
+            )
+            if len(self._bodies) < _BODY_FORMATS:
+                self._bodies[left_out] = body
+        return body
+
+
 @lru_cache(maxsize=256)
-def _compiled(template: tuple[str, ...], marker: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Each line with the placeholders it needs, parsed once per template; the marker first."""
-    lines = [line for line in template if line != marker]
-    lines.insert(0, marker)
-    return tuple((line, tuple(placeholders(line))) for line in lines)
+def _compiled(template: tuple[str, ...], marker: str) -> _ParsedTemplate:
+    """The template parsed, once per template and marker."""
+    return _ParsedTemplate(template, marker)
 
 
 def _join(lines: Lines, values: Mapping[str, Any]) -> str:
@@ -100,14 +136,17 @@ def fit_at_end(body: str, limit: int) -> str:
 
 def render(template: Sequence[str], values: Mapping[str, Any], marker: str, limit: int = NOTE_LIMIT) -> str:
     """The note body of ``template`` with ``values``, at most ``limit`` long (see the module)."""
-    lines = [
-        (line, names)
-        for line, names in _compiled(tuple(template), marker)
-        if not any(values.get(n) in (None, "", []) for n in names)  # a line without a value is left out
-    ]
-    body = _join(lines, values)
+    parsed = _compiled(tuple(template), marker)
+    left_out = 0  # a line with a placeholder without value is left out
+    get = values.get
+    for name, lines_of_name in parsed.lines_of:
+        value = get(name)
+        if not value and value in _EMPTY:  # (0 and False are values)
+            left_out |= lines_of_name
+    body = parsed.body_format(left_out).format_map(values)
     if limits.fits(body, limit):
         return body
+    lines = parsed.kept(left_out)
     fitted = _fit_free_text(lines, values, limit)
     if fitted is not None:
         return fitted

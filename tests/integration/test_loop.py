@@ -355,7 +355,13 @@ async def test_a_partition_commits_once_it_holds_commit_max_records(kafka: Kafka
     await kafka.produce(src, ((f"r{i}".encode(), f"r{i}".encode()) for i in range(1000)))
     loop = TransactionalLoop(
         _settings(
-            kafka.bootstrap, f"{topic_prefix}g", src, dlq, commit_interval_ms=60_000, commit_max_records=100, max_batch=30
+            kafka.bootstrap,
+            f"{topic_prefix}g",
+            src,
+            dlq,
+            commit_interval_ms=60_000,
+            commit_max_records=100,
+            max_batch=30,
         ),
         TransformStage("copy", copy_transform(dst, None)),
     )
