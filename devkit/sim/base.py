@@ -1,10 +1,11 @@
 """What both platform simulators share.
 
-* :class:`RequestLog`   every request the simulator served (method, path, status, body, effect)
+* :class:`RequestLog`   every request the simulator served (method, path, status, body, effect;
+                        ``items`` for bulk requests: one result per item with its own effect)
                         so tests count requests and distinct effects.
 * :class:`FaultPlan`    per-endpoint faults by probability or script: HTTP statuses (500, 503,
                         429 bursts), added latency, timeouts (never answers in time), connection
-                        resets.
+                        resets; ``item`` faults fail single items of a bulk request.
 * :class:`FixedWindow`  a fixed per-window request budget with the platform's header semantics.
 * :func:`inspection_routes` the ``/_sim/`` routes every simulator has: faults, requests, reset.
 * :class:`SimServer`    runs an aiohttp app on a port (CLI and in-process pytest fixtures).
@@ -98,6 +99,7 @@ class LoggedRequest:
     body: Any = None
     effect: str | None = None  # e.g. "conversation.create 65f1...", set by handlers that change state
     fault: str | None = None
+    items: list[dict[str, Any]] | None = None  # bulk requests: one result per item, each with its "effect"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +112,7 @@ class LoggedRequest:
             "body": self.body,
             "effect": self.effect,
             "fault": self.fault,
+            "items": self.items,
         }
 
 
@@ -135,7 +138,8 @@ class RequestLog:
 # Faults
 # --------------------------------------------------------------------------------------------
 
-FAULT_KINDS = ("status", "latency", "timeout", "reset")
+FAULT_KINDS = ("status", "latency", "timeout", "reset", "item")
+REQUEST_FAULT_KINDS = ("status", "latency", "timeout", "reset")
 
 
 @dataclass
@@ -144,7 +148,10 @@ class FaultRule:
 
     ``kind``: ``status`` (answer ``status`` without touching state), ``latency`` (delay the
     real answer by ``latency_ms``), ``timeout`` (hold the request ``latency_ms``, default 30 s,
-    then drop the connection), ``reset`` (drop the connection at once).
+    then drop the connection), ``reset`` (drop the connection at once), ``item`` (bulk requests
+    only: one item is answered with ``status`` and not applied, the others are; the rule is
+    consulted once per item, so ``probability`` is the failing fraction and ``script`` goes item
+    by item).
     Fires with ``probability``, or, when ``script`` is given, follows it request by request
     (``true`` = fault, ``false`` = pass) and then stops. ``times`` caps how often it fires.
     """
@@ -211,8 +218,16 @@ class FaultPlan:
         return rule
 
     def pick(self, method: str, path: str) -> FaultRule | None:
+        """The request-level fault for this request, if one fires (``item`` rules are skipped)."""
         for rule in self.rules:
-            if rule.applies(method, path, self.rng):
+            if rule.kind in REQUEST_FAULT_KINDS and rule.applies(method, path, self.rng):
+                return rule
+        return None
+
+    def pick_item(self, method: str, path: str) -> FaultRule | None:
+        """The ``item`` fault for one item of a bulk request, if one fires."""
+        for rule in self.rules:
+            if rule.kind == "item" and rule.applies(method, path, self.rng):
                 return rule
         return None
 
@@ -235,8 +250,9 @@ class WindowState:
 class FixedWindow:
     """A fixed window of ``limit`` requests per ``window_s`` seconds, per key.
 
-    ``take`` consumes one request and says whether it was allowed; ``peek`` reports the state
-    for headers without consuming.
+    ``take`` consumes ``cost`` requests (default one) and says whether they were allowed: all of
+    them or none, a refused take consumes nothing; ``peek`` reports the state for headers
+    without consuming.
     """
 
     def __init__(self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:
@@ -250,11 +266,11 @@ class FixedWindow:
             start, used = now, 0
         return start, used
 
-    def take(self, key: str = "") -> tuple[bool, WindowState]:
+    def take(self, key: str = "", cost: int = 1) -> tuple[bool, WindowState]:
         start, used = self._current(key)
-        allowed = used < self.limit
+        allowed = used + cost <= self.limit
         if allowed:
-            used += 1
+            used += cost
         self._windows[key] = (start, used)
         return allowed, WindowState(self.limit, max(self.limit - used, 0), start + self.window_s)
 
@@ -271,11 +287,18 @@ class FixedWindow:
 # --------------------------------------------------------------------------------------------
 
 EFFECT = web.RequestKey("sim_effect", str)
+ITEMS = web.RequestKey("sim_items", list)
 
 
 def set_effect(request: web.Request, effect: str) -> None:
     """Handlers call this when a request changed state, so the log shows distinct effects."""
     request[EFFECT] = effect
+
+
+def set_items(request: web.Request, items: list[dict[str, Any]]) -> None:
+    """Bulk handlers call this with one result dict per item (each with its own ``effect``); the
+    log keeps the same list, so results filled in later (asynchronous bulks) show there too."""
+    request[ITEMS] = items
 
 
 def make_middleware(log: RequestLog, faults: FaultPlan) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -324,9 +347,11 @@ def make_middleware(log: RequestLog, faults: FaultPlan) -> Callable[..., Awaitab
         except web.HTTPException as exc:
             entry.status = exc.status
             entry.effect = request.get(EFFECT)
+            entry.items = request.get(ITEMS)
             log.add(entry)
             raise
         entry.effect = request.get(EFFECT)
+        entry.items = request.get(ITEMS)
         log.add(entry)
         return response
 

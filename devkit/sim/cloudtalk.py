@@ -14,6 +14,7 @@ API routes (all but ``/api/ai/…`` answer the ``{"responseData": …}`` envelop
     GET    /api/contacts/attributes.json
     PUT    /api/contacts/addTags/{id}.json    {"tags": ["name", …]}  (tags created on demand)
     DELETE /api/contacts/removeTags/{id}.json {"tags": ["name", …]}
+    POST   /api/bulk/contacts.json            array of ≤10 {"action", "command_id", "data"} (below)
     GET    /api/countries/index.json          plain list of {"Country": …}
     GET    /api/agents/index.json             id, associated_number, page, limit
     GET    /api/numbers/index.json            id, country_code, area_code, connected_to, is_free, page, limit
@@ -58,6 +59,47 @@ Choices where the reference is silent (documented here, several are settings):
   ``https://my.cloudtalk.io/pub/r/<base64 of id>/<token>.wav`` in ``call.ended``; once a recording
   is uploaded (``/_sim/calls/{id}/recording``) both show the uploaded link.
 * A call's ``Ratings`` hold at most one agent rating (``type`` ``agent``).
+* Bulk (§3.4 gives only the path, the ≤10 limit and the actions): the answer format above; the
+  target of ``edit_*``/``delete_*`` is ``data.id`` and the contact of ``add_note``/``add_activity``
+  is ``data.contact_id`` (a missing or non-integer one is a 406 naming that key); commands are
+  independent (a partial failure is still a 200); ``command_id`` must be unique in the request.
+* Bulk rate accounting (setting ``bulk_counts_per_item``): by default a bulk request takes one
+  operation per command from the company's window of 60 (the cautious reading of "60 operations
+  per minute", §3.3), otherwise one per request. When the window cannot take the whole request it
+  is refused with 429 and nothing is applied nor taken; a body refused as malformed costs one.
+* Contact notes and activities have no routes of their own here (the notes index's filters and
+  shapes are not documented); they are written through the bulk endpoint, shown in
+  ``/_sim/state`` (``contact_notes``, ``activities``) and removed with their contact. ``user_id``
+  of a note must be an agent of the company; ``activity_date`` takes the call-history formats.
+
+Bulk (``POST /api/bulk/contacts.json``, §3.4): a JSON array of 1 to 10 commands ``{"action",
+"command_id", "data"}``. Actions and their ``data``: ``add_contact`` (the add body),
+``edit_contact`` (``id`` + the edit body), ``delete_contact`` (``id``), ``add_note`` (``contact_id``,
+``note`` (required), ``user_id``), ``edit_note`` (``id``, ``note``, ``user_id``), ``delete_note``
+(``id``), ``add_activity`` (``contact_id``, ``name`` (required), ``type``, ``activity_date``,
+``description``, ``activity_author``, ``external_id``, ``external_url``), ``edit_activity`` (``id``
++ those fields), ``delete_activity`` (``id``). Each command is validated and applied exactly as its
+single endpoint (same 404/406 rules, same workflows fire) in array order, on its own. The answer
+is 200 with one result per command, in order; a result is the single endpoint's ``responseData``
+plus the ``command_id``::
+
+    {"responseData": {"status": 200, "data": [
+        {"command_id": "c1", "status": 201, "data": {"id": "1451646001"}},
+        {"command_id": "c2", "status": 200},
+        {"command_id": "c3", "status": 404, "message": "Not found."},
+        {"command_id": "c4", "status": 406, "message": "Invalid input data.", "data": {"name": [...]}}]}}
+
+A body that is not such an array (not an array, empty, more than 10 commands, a command that is not
+an object, an unknown ``action``, a missing or repeated ``command_id``, ``data`` not an object) is a
+406 with messages under ``body`` or ``<index>.<key>``, and nothing is applied; unparseable JSON is a
+400 as everywhere. The request log keeps one entry per bulk request, its ``items`` holding per
+command ``{"command_id", "action", "status", "effect", "fault"}`` with the same effect strings as the
+single writes (``contact.add <id>``, ``contact.edit <id>``, ``note.add <id> contact=<id>``, …); the
+entry's own ``effect`` is ``bulk.contacts applied=<n> commands=<m>`` when anything was applied.
+Request faults (``/_sim/faults``: status, latency, timeout, reset) hit the bulk route like any other;
+an ``item`` fault rule (``{"match": "POST /api/bulk", "kind": "item", "status": 500,
+"probability": 0.3}`` or a ``script``) answers single commands with that status and the CloudTalk
+error message, not applied, while the other commands are applied.
 
 Conversation intelligence (``/api/ai/calls/{callId}/…``): authenticated, rate-limited and logged
 like every other API route (401/429/405 keep the ``responseData`` envelope), but answers carry no
@@ -75,7 +117,8 @@ Inspection routes (no auth; ``?company=<key id>`` selects a company, default the
     GET    /_sim/requests  DELETE /_sim/requests      request log (base)
     GET    /_sim/faults    POST   /_sim/faults   DELETE /_sim/faults   fault plan (base)
     POST   /_sim/reset                                 back to the start state (seed, workflows)
-    GET    /_sim/state                                 contacts, calls, sms, deliveries, workflows, …
+    GET    /_sim/state                                 contacts, contact_notes, activities, calls, sms,
+                                                       deliveries, workflows, …
     POST   /_sim/seed       {"contacts":[…], "agents":[…], "numbers":[…], "tags":[…],
                              "attributes":[…], "workflows":[…]}   (no workflows fire)
     POST   /_sim/calls      end a call: {"direction", "status", "internal_number",
@@ -141,6 +184,8 @@ Settings (:class:`CloudTalkSimSettings`; CLI flag; runtime via ``POST /_sim/sett
     window_seconds           60.0   rate window length                          --window-seconds
     rate_headers_always      true   X-CloudTalkAPI-* on every response [ASSUMPTION §3.3]; false =
                                     only on 429                                 --rate-headers always|429
+    bulk_counts_per_item     true   a bulk request takes one operation per command from the window
+                                    [ASSUMPTION §3.3]; false = one per request  --bulk-counts-per-request
     page_size                30     default `limit` [ASSUMPTION §3.2]           --page-size
     keyword_fields           name,number,email   what `keyword` searches [ASSUMPTION §3.4]
                                     (numbers match with or without '+')         --keyword-fields
@@ -202,6 +247,7 @@ from devkit.sim.base import (
     make_middleware,
     now_iso_ms,
     set_effect,
+    set_items,
 )
 
 log = get_logger(__name__)
@@ -328,6 +374,8 @@ class CloudTalkSimSettings:
     rate_limit: int = 60  # [--rate-limit] requests per window per company (§3.3)
     window_seconds: float = 60.0  # [--window-seconds] rate window length
     rate_headers_always: bool = True  # [--rate-headers always|429] [ASSUMPTION §3.3]
+    bulk_counts_per_item: bool = True  # [--bulk-counts-per-request] [ASSUMPTION §3.3/§3.4] a bulk
+    # request takes one operation per command from the window (False: one per request)
     page_size: int = 30  # [--page-size] default `limit` [ASSUMPTION §3.2]
     keyword_fields: tuple[str, ...] = ("name", "number", "email")  # [--keyword-fields] [ASSUMPTION §3.4]
     keyword_substring: bool = True  # [--keyword-exact] substring vs whole-value match
@@ -645,6 +693,58 @@ class Call:
 
 
 @dataclass
+class ContactNote:
+    """A note on a contact (§3.4 ``notes/add``); written here through the bulk endpoint."""
+
+    id: int
+    contact_id: int
+    note: str
+    user_id: int | None
+    created: float
+    modified: float
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "contact_id": str(self.contact_id),
+            "note": self.note,
+            "user_id": _sid(self.user_id),
+            "created": iso(self.created),
+            "modified": iso(self.modified),
+        }
+
+
+ACTIVITY_TEXT_FIELDS = ("type", "name", "description", "activity_author", "external_id", "external_url")
+
+
+@dataclass
+class ContactActivity:
+    """An activity on a contact (§3.4 ``activity/add``); written here through the bulk endpoint."""
+
+    id: int
+    contact_id: int
+    name: str
+    created: float
+    modified: float
+    type: str = ""
+    description: str = ""
+    activity_author: str = ""
+    external_id: str = ""
+    external_url: str = ""
+    activity_date: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "contact_id": str(self.contact_id),
+            **{key: getattr(self, key) for key in ACTIVITY_TEXT_FIELDS},
+            "activity_date": iso(self.activity_date),
+            "created": iso(self.created),
+            "modified": iso(self.modified),
+        }
+
+
+@dataclass
 class Sms:
     id: int
     direction: str
@@ -723,9 +823,19 @@ class Company:
     sms: list[Sms] = field(default_factory=list)
     workflows: list[Workflow] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
+    contact_notes: dict[int, ContactNote] = field(default_factory=dict)
+    activities: dict[int, ContactActivity] = field(default_factory=dict)
 
     def clear(self) -> None:
-        for store in (self.contacts, self.tags, self.attributes, self.agents, self.numbers):
+        for store in (
+            self.contacts,
+            self.tags,
+            self.attributes,
+            self.agents,
+            self.numbers,
+            self.contact_notes,
+            self.activities,
+        ):
             store.clear()
         for seq in (self.calls, self.sms, self.workflows, self.deliveries):
             seq.clear()
@@ -962,6 +1072,138 @@ def find_merge_target(company: Company, changes: ContactChanges, rule: str) -> C
         ):
             return contact
     return None
+
+
+def _required_id(data: dict[str, Any], key: str) -> int:
+    """The id under ``key`` of a bulk command's ``data``; 406 naming ``key`` when absent or bad."""
+    if data.get(key) in (None, ""):
+        raise InvalidInput({key: ["This field is required."]})
+    value = _as_id(data[key])
+    if value is None:
+        raise InvalidInput({key: ["Must be an integer id."]})
+    return value
+
+
+def _text(body: dict[str, Any], key: str, errors: _Errors) -> str | None:
+    """A string field (``None`` reads as ``""``; numbers as their text); None when invalid."""
+    value = body[key]
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        errors.add(key, "Must be a string.")
+        return None
+    return value
+
+
+def parse_note_body(body: Any, company: Company, *, partial: bool) -> dict[str, Any]:
+    """``{note (required on add), user_id}`` → the sent keys, validated; raise :class:`InvalidInput`."""
+    if not isinstance(body, dict):
+        raise InvalidInput({"body": ["Request body must be a JSON object."]})
+    errors = _Errors()
+    changes: dict[str, Any] = {}
+    if "note" in body or not partial:
+        text = _text(body, "note", errors) if "note" in body else ""
+        if text is not None and not text.strip():
+            errors.add("note", "This field is required.")
+        changes["note"] = text
+    if "user_id" in body:
+        uid = None
+        if body["user_id"] not in (None, ""):
+            uid = _as_id(body["user_id"])
+            if uid is None or uid not in company.agents:
+                errors.add("user_id", "Agent does not exist.")
+        changes["user_id"] = uid
+    errors.raise_if_any()
+    return changes
+
+
+def parse_activity_body(body: Any, *, partial: bool) -> dict[str, Any]:
+    """``{type, name (required on add), activity_date, description, activity_author, external_id,
+    external_url}`` → the sent keys, validated; raise :class:`InvalidInput`."""
+    if not isinstance(body, dict):
+        raise InvalidInput({"body": ["Request body must be a JSON object."]})
+    errors = _Errors()
+    changes: dict[str, Any] = {}
+    for key in ACTIVITY_TEXT_FIELDS:
+        if key in body:
+            value = _text(body, key, errors)
+            if value is not None:
+                changes[key] = value
+    if (not partial or "name" in body) and "name" not in errors.errors and not changes.get("name", "").strip():
+        errors.add("name", "This field is required.")
+    if "activity_date" in body:
+        when = None
+        if body["activity_date"] not in (None, ""):
+            when = parse_time(body["activity_date"])
+            if when is None:
+                errors.add("activity_date", "Must be a date and time, e.g. 2017-12-24 12:22:00.")
+        changes["activity_date"] = when
+    errors.raise_if_any()
+    return changes
+
+
+BULK_PATH = "/bulk/contacts.json"
+BULK_MAX_COMMANDS = 10  # §3.4
+BULK_ACTIONS = (
+    "add_contact",
+    "edit_contact",
+    "delete_contact",
+    "add_activity",
+    "edit_activity",
+    "delete_activity",
+    "add_note",
+    "edit_note",
+    "delete_note",
+)
+
+
+@dataclass
+class BulkCommand:
+    action: str
+    command_id: str | int
+    data: dict[str, Any]
+
+
+def parse_bulk_body(body: Any) -> list[BulkCommand]:
+    """The commands of a bulk request; :class:`InvalidInput` (406, nothing applied) when the body is
+    not an array of 1..10 ``{action, command_id, data}`` objects with known actions and distinct
+    command ids. The ``data`` of each command is validated later, command by command."""
+    if not isinstance(body, list) or not body:
+        raise InvalidInput({"body": ["Request body must be a JSON array of commands."]})
+    if len(body) > BULK_MAX_COMMANDS:
+        raise InvalidInput({"body": [f"At most {BULK_MAX_COMMANDS} commands per request."]})
+    errors = _Errors()
+    commands: list[BulkCommand] = []
+    seen: set[str] = set()
+    for index, item in enumerate(body):
+        if not isinstance(item, dict):
+            errors.add(str(index), "Every command must be an object {action, command_id, data}.")
+            continue
+        action, command_id, data = item.get("action"), item.get("command_id"), item.get("data")
+        if action not in BULK_ACTIONS:
+            errors.add(f"{index}.action", f"action must be one of {', '.join(BULK_ACTIONS)}.")
+        if isinstance(command_id, bool) or not isinstance(command_id, (str, int)) or command_id == "":
+            errors.add(f"{index}.command_id", "command_id is required (a string or an integer).")
+        elif str(command_id) in seen:
+            errors.add(f"{index}.command_id", f"command_id {command_id!r} is used twice.")
+        else:
+            seen.add(str(command_id))
+        if not isinstance(data, dict):
+            errors.add(f"{index}.data", "data must be an object.")
+        if isinstance(data, dict) and action in BULK_ACTIONS and isinstance(command_id, (str, int)):
+            commands.append(BulkCommand(action, command_id, data))
+    errors.raise_if_any()
+    return commands
+
+
+def bulk_request_cost(body: Any, per_item: bool) -> int:
+    """What a bulk request takes from the company's window: one per command (``per_item``) or one;
+    a body that will be refused as malformed costs one, like any other refused request."""
+    if per_item and isinstance(body, list) and 1 <= len(body) <= BULK_MAX_COMMANDS:
+        return len(body)
+    return 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -1414,6 +1656,8 @@ class CloudTalkSim:
                 ("call", 1002409001),
                 ("sms", 88231001),
                 ("note", 21),
+                ("contact_note", 31001),
+                ("activity", 7001),
                 ("rating", 9),
                 ("workflow", 1),
                 ("delivery", 1),
@@ -1643,9 +1887,108 @@ class CloudTalkSim:
         company = company or self.company
         contact = self.get_contact(contact_id, company)
         del company.contacts[contact_id]
+        for store in (company.contact_notes, company.activities):
+            for item_id in [i for i, item in store.items() if item.contact_id == contact_id]:
+                del store[item_id]
         body = {"event": "contact.deleted", "contact_id": contact.id, "name": contact.name, "modified_at": now_iso_ms()}
         self.fire(company, "contact.deleted", body)
         return contact
+
+    # ---- contact notes and activities (reachable through the bulk endpoint) -------------------
+
+    def add_note(self, contact_id: int, body: Any, company: Company | None = None) -> ContactNote:
+        company = company or self.company
+        self.get_contact(contact_id, company)  # 404 before 406, as the contact routes do
+        changes = parse_note_body(body, company, partial=False)
+        now = time.time()
+        note = ContactNote(self.next_id("contact_note"), contact_id, changes["note"], changes.get("user_id"), now, now)
+        company.contact_notes[note.id] = note
+        return note
+
+    def edit_note(self, note_id: int, body: Any, company: Company | None = None) -> ContactNote:
+        company = company or self.company
+        note = company.contact_notes.get(note_id)
+        if note is None:
+            raise NotFound(note_id)
+        for key, value in parse_note_body(body, company, partial=True).items():
+            setattr(note, key, value)
+        note.modified = time.time()
+        return note
+
+    def delete_note(self, note_id: int, company: Company | None = None) -> ContactNote:
+        company = company or self.company
+        note = company.contact_notes.pop(note_id, None)
+        if note is None:
+            raise NotFound(note_id)
+        return note
+
+    def add_activity(self, contact_id: int, body: Any, company: Company | None = None) -> ContactActivity:
+        company = company or self.company
+        self.get_contact(contact_id, company)
+        changes = parse_activity_body(body, partial=False)
+        now = time.time()
+        activity = ContactActivity(self.next_id("activity"), contact_id, changes.pop("name"), now, now, **changes)
+        company.activities[activity.id] = activity
+        return activity
+
+    def edit_activity(self, activity_id: int, body: Any, company: Company | None = None) -> ContactActivity:
+        company = company or self.company
+        activity = company.activities.get(activity_id)
+        if activity is None:
+            raise NotFound(activity_id)
+        for key, value in parse_activity_body(body, partial=True).items():
+            setattr(activity, key, value)
+        activity.modified = time.time()
+        return activity
+
+    def delete_activity(self, activity_id: int, company: Company | None = None) -> ContactActivity:
+        company = company or self.company
+        activity = company.activities.pop(activity_id, None)
+        if activity is None:
+            raise NotFound(activity_id)
+        return activity
+
+    # ---- bulk -------------------------------------------------------------------------------
+
+    def run_bulk_command(self, company: Company, command: BulkCommand) -> tuple[dict[str, Any], str | None]:
+        """Apply one command as its single endpoint would: (its ``responseData``, its effect or None)."""
+        data, action = command.data, command.action
+        try:
+            if action == "add_contact":
+                contact = self.create_contact(data, company, via="api")
+                return {"status": 201, "data": {"id": str(contact.id)}}, f"contact.add {contact.id}"
+            if action in ("add_note", "add_activity"):
+                contact_id = _required_id(data, "contact_id")
+                body = {k: v for k, v in data.items() if k != "contact_id"}
+                if action == "add_note":
+                    note = self.add_note(contact_id, body, company)
+                    return {"status": 201, "data": {"id": str(note.id)}}, f"note.add {note.id} contact={contact_id}"
+                activity = self.add_activity(contact_id, body, company)
+                effect = f"activity.add {activity.id} contact={contact_id}"
+                return {"status": 201, "data": {"id": str(activity.id)}}, effect
+            target = _required_id(data, "id")
+            body = {k: v for k, v in data.items() if k != "id"}
+            verb, noun = action.split("_", 1)
+            if action == "edit_contact":
+                self.edit_contact(target, body, company)
+            elif action == "delete_contact":
+                self.delete_contact(target, company)
+            elif action == "edit_note":
+                self.edit_note(target, body, company)
+            elif action == "delete_note":
+                self.delete_note(target, company)
+            elif action == "edit_activity":
+                self.edit_activity(target, body, company)
+            else:
+                self.delete_activity(target, company)
+            return {"status": 200}, f"{noun}.{verb} {target}"
+        except InvalidInput as exc:
+            return {"status": 406, "message": MESSAGES[406], "data": exc.errors}, None
+        except NotFound:
+            return {"status": 404, "message": MESSAGES[404]}, None
+        except Exception:
+            log.exception("cloudtalk_sim_bulk_command_failed", action=action, command_id=command.command_id)
+            return {"status": 500, "message": MESSAGES[500]}, None
 
     def change_tags(
         self, contact_id: int, names: Any, *, add: bool, company: Company | None = None
@@ -2037,6 +2380,8 @@ class CloudTalkSim:
             ],
             "calls": [render_call(c, company, self.settings) for c in company.calls],
             "sms": [sms_body(s) for s in company.sms],
+            "contact_notes": [n.public() for n in company.contact_notes.values()],
+            "activities": [a.public() for a in company.activities.values()],
             "deliveries": [d.public() for d in company.deliveries],
             "workflows": [w.public() for w in company.workflows],
             "tags": [{"id": tid, "name": name} for tid, name in sorted(company.tags.items())],
@@ -2063,7 +2408,7 @@ class CloudTalkSim:
         company = self.authenticate(request)
         if company is None:
             return error_response(401)
-        allowed, state = self.window.take(str(company.id))
+        allowed, state = self.window.take(str(company.id), await self._request_cost(request))
         headers = self.rate_headers(state) if (self.settings.rate_headers_always or not allowed) else {}
         if not allowed:
             return error_response(429, headers=headers)
@@ -2083,6 +2428,16 @@ class CloudTalkSim:
             response = error_response(500)
         response.headers.update(headers)
         return response
+
+    async def _request_cost(self, request: web.Request) -> int:
+        """Operations a request takes from the company's window: one, or one per bulk command."""
+        if request.method != "POST" or request.path != API_PREFIX + BULK_PATH:
+            return 1
+        try:
+            body = orjson.loads(await request.read() or b"null")
+        except orjson.JSONDecodeError:
+            return 1
+        return bulk_request_cost(body, self.settings.bulk_counts_per_item)
 
     async def fault_response(self, request: web.Request, status: int) -> web.StreamResponse:
         company = self.authenticate(request)
@@ -2108,6 +2463,7 @@ class CloudTalkSim:
         r.add_get(api + "/contacts/attributes.json", self.h_attributes)
         r.add_put(api + r"/contacts/addTags/{id:\d+}.json", self.h_add_tags)
         r.add_delete(api + r"/contacts/removeTags/{id:\d+}.json", self.h_remove_tags)
+        r.add_post(api + BULK_PATH, self.h_bulk_contacts)
         r.add_get(api + "/countries/index.json", self.h_countries)
         r.add_get(api + "/agents/index.json", self.h_agents)
         r.add_get(api + "/numbers/index.json", self.h_numbers)
@@ -2201,6 +2557,35 @@ class CloudTalkSim:
 
     async def h_remove_tags(self, request: web.Request) -> web.Response:
         return await self._tags_change(request, add=False)
+
+    async def h_bulk_contacts(self, request: web.Request) -> web.Response:
+        """Commands run in order, each on its own (a failed one leaves the others applied)."""
+        company: Company = request[COMPANY]
+        commands = parse_bulk_body(await read_json(request))
+        results: list[dict[str, Any]] = []
+        logged: list[dict[str, Any]] = []
+        for command in commands:
+            rule = self.faults.pick_item(request.method, request.path)
+            if rule is not None:
+                result: dict[str, Any] = {"status": rule.status, "message": MESSAGES.get(rule.status, "Error.")}
+                effect = None
+            else:
+                result, effect = self.run_bulk_command(company, command)
+            results.append({"command_id": command.command_id, **result})
+            logged.append(
+                {
+                    "command_id": command.command_id,
+                    "action": command.action,
+                    "status": result["status"],
+                    "effect": effect,
+                    "fault": rule.kind if rule is not None else None,
+                }
+            )
+        set_items(request, logged)
+        applied = sum(1 for item in logged if item["effect"])
+        if applied:
+            set_effect(request, f"bulk.contacts applied={applied} commands={len(commands)}")
+        return ok({"status": 200, "data": results})
 
     async def h_countries(self, _request: web.Request) -> web.Response:
         return ok(
@@ -2534,6 +2919,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="always",
         help="send X-CloudTalkAPI-* headers on every response or only on 429 (default always)",
     )
+    a(
+        "--bulk-counts-per-request",
+        action="store_true",
+        help="a bulk request takes one operation from the rate window (default: one per command)",
+    )
     a("--page-size", type=int, default=d.page_size, help="default page size when limit is omitted (default 30)")
     a(
         "--keyword-fields",
@@ -2588,6 +2978,7 @@ def settings_from_args(args: argparse.Namespace) -> CloudTalkSimSettings:
         rate_limit=args.rate_limit,
         window_seconds=args.window_seconds,
         rate_headers_always=args.rate_headers == "always",
+        bulk_counts_per_item=not args.bulk_counts_per_request,
         page_size=args.page_size,
         keyword_fields=tuple(f.strip() for f in args.keyword_fields.split(",") if f.strip()),
         keyword_substring=not args.keyword_exact,

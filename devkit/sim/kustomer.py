@@ -18,6 +18,7 @@ API routes (``Authorization: Bearer <key>``; JSON:API envelopes of §2.1)::
     POST   /v1/conversations · GET /v1/conversations · GET|PUT|PATCH /v1/conversations/{id}
     GET    /v1/conversations/{id}/notes · POST /v1/conversations/{id}/notes ([ASSUMPTION] legacy form)
     POST   /v1/notes · GET|PUT|PATCH /v1/notes/{id}    body 1–10,240 chars, userMentions ≤ 20
+    POST   /v1/notes/bulk                              array of note bodies (+ ``_clientRef``); 202, async
     POST|GET /v1/outbound-webhooks · GET|DELETE /v1/outbound-webhooks/{id} · GET /v1/outbound-webhooks/events
 
 Behaviour:
@@ -34,6 +35,23 @@ Behaviour:
   ([ASSUMPTION], setting), 429 ``too_many_requests`` when spent; 120 conversation creates and 120
   note creates per minute per customer (``importedAt`` exempts conversations); search 100/min per
   key. A rejected request changes nothing.
+* Bulk notes (§2.2 says only: ``POST /v1/notes/bulk``, items may carry ``_clientRef``, async).
+  [ASSUMPTION] the body is a JSON array of 1 to ``bulk_max_items`` (100) ``POST /v1/notes`` bodies
+  (``conversation`` required), each with an optional string ``_clientRef``; an invalid item refuses
+  the whole request with 400 pointing at ``/data/<index>/…``. Accepted: 202
+  ``{"data": {"type": "bulk", "id", "attributes": {"status": "queued", "count", "createdAt"}}}``;
+  there is no route to poll the job (none is documented): a client finds the notes with
+  ``GET /v1/conversations/{id}/notes``, where each carries ``attributes._clientRef``. The notes are
+  created ``bulk_delay_s`` (0.5 s) after the 202, in array order. The request counts once in the
+  org window; each item counts once against its customer's note window (120/min), charged at
+  acceptance: when a customer's window cannot take all of its items the request is a 429 and
+  nothing is queued. The request log has one entry (effect ``notes.bulk <job id> items=<n>``) whose
+  ``items`` fill in as the job runs: ``{"index", "_clientRef", "conversation", "status"
+  (``queued``, then 201 / 404 / a fault's status), "id", "effect" (``note.create <id>
+  conversation=<id>``, as for single creates), "fault"}``. Request faults hit the route like any
+  other; an ``item`` fault rule matched against ``POST /v1/notes/bulk`` fails single items (not
+  created) while the rest are. ``/_sim/state`` lists ``bulk_jobs``; ``KustomerSim.wait_bulk()``
+  waits for them. No bulk conversations route: §2.2 lists none.
 * Outbound webhooks (§2.10, §2.11): ``kustomer.customer.create|update`` for API writes
   (``client: api-gw``) and agent edits (``client: web``), with ``changes`` on updates, header
   ``X-Kustomer-Webhook-Event`` and ``X-Kustomer-Webhook-Signature`` = lowercase hex HMAC-SHA256 of
@@ -44,7 +62,8 @@ Behaviour:
 
 Inspection routes (no auth)::
 
-    GET  /_sim/state                 customers, companies, users, conversations, notes, webhooks, deliveries
+    GET  /_sim/state                 customers, companies, users, conversations, notes, bulk_jobs, webhooks,
+                                     deliveries
     POST /_sim/seed                  {"customers": [...], "companies": [...], "users": [...]} (no webhooks fire)
     POST /_sim/keys                  {"key", "roles": [...], "name"?}
     POST /_sim/customers             an agent creates a customer: {"attributes": {...}, "user"?, "company"?} → webhook
@@ -92,6 +111,7 @@ from devkit.sim.base import (
     now_iso_ms,
     phone_key,
     set_effect,
+    set_items,
 )
 
 log = get_logger(__name__)
@@ -151,6 +171,8 @@ class KustomerSimSettings:
     max_page_size: int = 100
     search_max_page_size: int = 500
     note_max_length: int = 10_240
+    bulk_max_items: int = 100  # [--bulk-max-items] [ASSUMPTION §2.2] notes per bulk request
+    bulk_delay_s: float = 0.5  # [--bulk-delay] [ASSUMPTION §2.2] a bulk's notes exist this long after the 202
     webhook_allow_http: bool = False  # [--webhook-allow-http] the API demands https
     webhook_attempts: int = 6  # [--webhook-attempts] tries per event
     webhook_base_delay_s: float = 0.5  # [--webhook-base-delay] backoff base * 2**(n-1)
@@ -171,6 +193,10 @@ class KustomerSimSettings:
             problems.append("unique_phones must be exact or e164")
         if self.webhook_attempts < 1:
             problems.append("webhook_attempts must be >= 1")
+        if self.bulk_max_items < 1:
+            problems.append("bulk_max_items must be >= 1")
+        if self.bulk_delay_s < 0:
+            problems.append("bulk_delay_s must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -266,6 +292,19 @@ class Webhook:
 
 
 @dataclass
+class BulkJob:
+    """An accepted ``POST /v1/notes/bulk``: its notes are created ``bulk_delay_s`` later."""
+
+    id: str
+    created_at: float
+    items: list[dict[str, Any]]  # the request log's items: index, _clientRef, conversation, status, id, effect
+    status: str = "queued"  # queued | done
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "createdAt": _iso(self.created_at), "items": self.items}
+
+
+@dataclass
 class Delivery:
     event_id: str
     webhook_id: str
@@ -307,6 +346,7 @@ class KustomerSim:
         self.lookup: dict[tuple[str, str], str] = {}  # (kind, normalized value) -> customer id (first holder)
         self.conversations: dict[str, dict[str, Any]] = {}
         self.notes: dict[str, dict[str, Any]] = {}
+        self.bulk_jobs: dict[str, BulkJob] = {}
         self.webhooks: dict[str, Webhook] = {}
         self.deliveries: list[Delivery] = []
         self.org_window = FixedWindow(self.settings.rate_limit, self.settings.window_seconds)
@@ -764,17 +804,20 @@ class KustomerSim:
         }
 
     def note_resource(self, n: dict[str, Any]) -> dict[str, Any]:
+        attrs = {
+            "body": n["body"],
+            "userMentions": n["userMentions"],
+            "createdAt": _iso(n["createdAt"]),
+            "updatedAt": _iso(n["updatedAt"]),
+            "modifiedAt": _iso(n["updatedAt"]),
+            "createdByTeams": [],
+        }
+        if "clientRef" in n:
+            attrs["_clientRef"] = n["clientRef"]
         return {
             "type": "note",
             "id": n["id"],
-            "attributes": {
-                "body": n["body"],
-                "userMentions": n["userMentions"],
-                "createdAt": _iso(n["createdAt"]),
-                "updatedAt": _iso(n["updatedAt"]),
-                "modifiedAt": _iso(n["updatedAt"]),
-                "createdByTeams": [],
-            },
+            "attributes": attrs,
             "relationships": {
                 "conversation": self._rel("conversation", n["conversation"], "conversations"),
                 "customer": self._rel("customer", n["customer"], "customers"),
@@ -838,11 +881,15 @@ class KustomerSim:
             raise ApiError(400, "userMentions must be an array of at most 20 entries.", "/data/attributes/userMentions")
         return body
 
-    def create_note(self, conversation_id: str, body: dict[str, Any], author: str) -> dict[str, Any]:
+    def create_note(
+        self, conversation_id: str, body: dict[str, Any], author: str, *, charge_window: bool = True
+    ) -> dict[str, Any]:
+        """``charge_window=False``: the per-customer note window was charged already (bulk)."""
         conv = self.conversations[conversation_id]
-        allowed, _ = self.note_windows.take(conv["customer"])
-        if not allowed:
-            raise ApiError(429, "Too many notes for this customer; try again later.")
+        if charge_window:
+            allowed, _ = self.note_windows.take(conv["customer"])
+            if not allowed:
+                raise ApiError(429, "Too many notes for this customer; try again later.")
         now = time.time()
         created = _parse_time(body["createdAt"]) if isinstance(body.get("createdAt"), str) else None
         nid = self.new_id()
@@ -856,9 +903,89 @@ class KustomerSim:
             "updatedAt": now,
             "createdBy": author,
         }
+        if isinstance(body.get("_clientRef"), str):
+            note["clientRef"] = body["_clientRef"]
         self.notes[nid] = note
         conv["updatedAt"] = now
         return note
+
+    # -- bulk notes ------------------------------------------------------------------------------
+    def _validate_bulk_notes(self, body: Any) -> list[dict[str, Any]]:
+        """An array of 1..bulk_max_items ``POST /v1/notes`` bodies, each with an optional string
+        ``_clientRef``; any invalid item refuses the whole request (400 pointing at the item)."""
+        limit = self.settings.bulk_max_items
+        if not isinstance(body, list) or not body:
+            raise ApiError(400, "Invalid request body or parameters: expected a non-empty array of notes.", "/data")
+        if len(body) > limit:
+            raise ApiError(400, f"At most {limit} notes per bulk request.", "/data")
+        for index, item in enumerate(body):
+            try:
+                self._validate_note(item, need_conversation=True)
+            except ApiError as exc:
+                pointer = f"/data/{index}" + (exc.pointer or "/data")[len("/data") :]
+                raise ApiError(exc.status, f"item {index}: {exc.detail}", pointer) from None
+            ref = item.get("_clientRef")
+            if ref is not None and (not isinstance(ref, str) or not ref):
+                detail = f"item {index}: _clientRef must be a non-empty string."
+                raise ApiError(400, detail, f"/data/{index}/_clientRef")
+        return body
+
+    def accept_bulk_notes(self, items: list[dict[str, Any]], author: str, fault_key: tuple[str, str]) -> BulkJob:
+        """Charge every item to its customer's note window (all or nothing: 429 and nothing queued),
+        then queue the job; its notes are created ``bulk_delay_s`` later, in order."""
+        per_customer: dict[str, int] = {}
+        for item in items:
+            customer = self.conversations[item["conversation"]]["customer"]
+            per_customer[customer] = per_customer.get(customer, 0) + 1
+        for customer, count in per_customer.items():
+            if self.note_windows.peek(customer).remaining < count:
+                raise ApiError(429, "Too many notes for this customer; try again later.")
+        for customer, count in per_customer.items():
+            self.note_windows.take(customer, count)
+        job = BulkJob(
+            self.new_id(),
+            time.time(),
+            [
+                {
+                    "index": index,
+                    "_clientRef": item.get("_clientRef"),
+                    "conversation": item["conversation"],
+                    "status": "queued",
+                    "id": None,
+                    "effect": None,
+                    "fault": None,
+                }
+                for index, item in enumerate(items)
+            ],
+        )
+        self.bulk_jobs[job.id] = job
+        self._spawn(self._run_bulk_notes(job, items, author, fault_key))
+        return job
+
+    async def _run_bulk_notes(
+        self, job: BulkJob, items: list[dict[str, Any]], author: str, fault_key: tuple[str, str]
+    ) -> None:
+        await asyncio.sleep(self.settings.bulk_delay_s)
+        for result, item in zip(job.items, items, strict=True):
+            rule = self.faults.pick_item(*fault_key)
+            if rule is not None:
+                result.update(status=rule.status, fault=rule.kind)
+            elif item["conversation"] not in self.conversations:  # gone since (a reset)
+                result.update(status=404)
+            else:
+                note = self.create_note(item["conversation"], item, author, charge_window=False)
+                effect = f"note.create {note['id']} conversation={note['conversation']}"
+                result.update(status=201, id=note["id"], effect=effect)
+        job.status = "done"
+
+    async def wait_bulk(self, timeout: float = 10.0) -> bool:
+        """Until every accepted bulk job has run (tests)."""
+        deadline = time.monotonic() + timeout
+        while any(j.status != "done" for j in self.bulk_jobs.values()):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     # -- app -------------------------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -1001,6 +1128,7 @@ class _Routes:
         r.add_get("/v1/conversations/{id}/notes", self.conversation_notes)
         r.add_post("/v1/conversations/{id}/notes", self.create_legacy_note)
         r.add_post("/v1/notes", self.create_note)
+        r.add_post("/v1/notes/bulk", self.create_notes_bulk)
         r.add_get("/v1/notes/{id}", self.get_note)
         r.add_put("/v1/notes/{id}", self.update_note)
         r.add_patch("/v1/notes/{id}", self.update_note)
@@ -1360,6 +1488,15 @@ class _Routes:
         set_effect(request, f"note.create {note['id']} conversation={note['conversation']}")
         return json_response({"data": self.sim.note_resource(note)}, self.sim.settings.create_status)
 
+    @route(*R_NOTE_WRITE)
+    async def create_notes_bulk(self, request: web.Request) -> web.Response:
+        items = self.sim._validate_bulk_notes(await _json_body(request))
+        job = self.sim.accept_bulk_notes(items, request[SIM_KEY].user_id, (request.method, request.path))
+        set_items(request, job.items)
+        set_effect(request, f"notes.bulk {job.id} items={len(items)}")
+        attrs = {"status": "queued", "count": len(items), "createdAt": _iso(job.created_at)}
+        return json_response({"data": {"type": "bulk", "id": job.id, "attributes": attrs}}, 202)
+
     @route(*R_NOTE_READ)
     async def conversation_notes(self, request: web.Request) -> web.Response:
         conv = self._conversation_or_404(request.match_info["id"])
@@ -1475,6 +1612,7 @@ class _Routes:
                 "keys": [{"name": k.name, "roles": list(k.roles), "user": k.user_id} for k in sim.keys.values()],
                 "conversations": [sim.conversation_resource(c) for c in sim.conversations.values()],
                 "notes": [sim.note_resource(n) for n in sim.notes.values()],
+                "bulk_jobs": [j.public() for j in sim.bulk_jobs.values()],
                 "webhooks": [self.webhook_resource(h) for h in sim.webhooks.values()],
                 "deliveries": [self._delivery(d) for d in sim.deliveries],
             }
@@ -1614,6 +1752,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--no-patch-customers", action="store_true")
     a("--no-legacy-notes", action="store_true")
+    a("--bulk-max-items", type=int, default=d.bulk_max_items, help="notes per POST /v1/notes/bulk (default 100)")
+    a("--bulk-delay", type=float, default=d.bulk_delay_s, help="seconds until a bulk's notes exist (default 0.5)")
     a("--webhook-allow-http", action="store_true", help="accept http:// webhook URLs (local runs)")
     a("--webhook-attempts", type=int, default=d.webhook_attempts)
     a("--webhook-base-delay", type=float, default=d.webhook_base_delay_s)
@@ -1635,6 +1775,8 @@ def app_from_args(args: argparse.Namespace) -> web.Application:
         unique_phones=args.unique_phones,
         patch_customers=not args.no_patch_customers,
         legacy_notes_route=not args.no_legacy_notes,
+        bulk_max_items=args.bulk_max_items,
+        bulk_delay_s=args.bulk_delay,
         webhook_allow_http=args.webhook_allow_http,
         webhook_attempts=args.webhook_attempts,
         webhook_base_delay_s=args.webhook_base_delay,
