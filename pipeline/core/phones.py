@@ -51,8 +51,12 @@ def _normalize(text: str) -> str | None:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
+@lru_cache(maxsize=131_072, typed=True)  # typed: True is not the number 1
 def normalize_e164(value: int | str | None) -> str | None:
-    """``447700900123`` / ``"+44 7700 900123"`` / ``"whatsapp:+44…"`` → ``"+447700900123"``; None if impossible."""
+    """``447700900123`` / ``"+44 7700 900123"`` / ``"whatsapp:+44…"`` → ``"+447700900123"``; None if impossible.
+
+    Cached by the value as given: a call names its CloudTalk line and, mostly, a caller seen before.
+    """
     if value is None:
         return None
     text = _candidate(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,9 @@ def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics:
     m = metrics()
     filtered: dict[tuple[str, str], Any] = {}
     emitted: dict[str, Any] = {}
+    # counted per batch, added to the metrics once per batch
+    emitted_n: Counter[str] = Counter()
+    filtered_n: Counter[tuple[str, str]] = Counter()
 
     def one(record: ConsumerRecord, at: str, out: list[OutRecord], config: PipelineConfig, version: str | None) -> None:
         try:
@@ -99,16 +103,10 @@ def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics:
                     )
                 )
                 trail.append(decision(d.integration, "emitted", command_id=d.command_id))
-                c = emitted.get(ctype)
-                if c is None:
-                    c = emitted[ctype] = m.commands_out.labels(flow.target, ctype)
-                c.inc()
+                emitted_n[ctype] += 1
             else:
                 trail.append(decision(d.integration, "dropped", d.rule, d.detail or None))
-                c = filtered.get((d.integration, d.rule))
-                if c is None:
-                    c = filtered[(d.integration, d.rule)] = m.events_filtered.labels(d.integration, d.rule)
-                c.inc()
+                filtered_n[(d.integration, d.rule)] += 1
         out.append(audit_record(audit, event_id=env.id, stage=stage, at=at, decisions=trail, config=version))
 
     def transform(records: Sequence[ConsumerRecord]) -> BatchResult:
@@ -130,7 +128,22 @@ def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics:
                 result.rejections.append(Rejection(record, type(exc).__name__, str(exc)))
                 continue
             result.outputs.extend(out)
+        count_decisions()
         return result
+
+    def count_decisions() -> None:
+        for ctype, n in emitted_n.items():
+            c = emitted.get(ctype)
+            if c is None:
+                c = emitted[ctype] = m.commands_out.labels(flow.target, ctype)
+            c.inc(n)
+        for key, n in filtered_n.items():
+            c = filtered.get(key)
+            if c is None:
+                c = filtered[key] = m.events_filtered.labels(*key)
+            c.inc(n)
+        emitted_n.clear()
+        filtered_n.clear()
 
     return transform
 
