@@ -560,6 +560,12 @@ class Metrics:
         self.commands = Counter(
             "pipeline_commands_total", "Commands finished by sinks, by outcome", ["target", "op", "outcome"], registry=r
         )
+        self.kustomer_customers = Counter(
+            "pipeline_kustomer_customers_total",
+            "How the Kustomer sink found a number's customer: remembered, looked_up, refused (a remembered one gone)",
+            ["result"],
+            registry=r,
+        )
         self.http_seconds = Histogram(
             "pipeline_http_request_seconds",
             "Target API request latency",

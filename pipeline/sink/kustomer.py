@@ -3,9 +3,15 @@
 ``kustomer.log_conversation`` (calls and SMS) — for a call, the details its note states are kept
 in the ledger's index (:func:`call_key`):
 
-1. customer — the ledger's id, else ``GET /v1/customers/phone={phone}``, else create it (when
-   the command allows); a 409 (someone else created it meanwhile) is resolved by the lookup.
-   Commands for one number share a lane, so several events for a new number create it once.
+1. customer — the ledger's id, else the one the index remembers for the number
+   (:func:`customer_key`), else ``GET /v1/customers/phone={phone}``, else create it (when the
+   command allows); a 409 (someone else created it meanwhile) is resolved by the lookup.
+   Commands for one number share a lane (and a ledger partition), so several events for a new
+   number create it once, and a known number costs no lookup: a logged call is a conversation and
+   a note. A remembered customer Kustomer refuses (the conversation's create or search answers 400
+   or 404: deleted, merged into another) is looked up again within the command, and the index
+   follows; one remembered longer than ``customer_recheck_s`` is looked up again too (a number
+   moved to another customer).
 2. conversation — externalId ``cloudtalk-call-{id}`` / ``cloudtalk-sms-{id}``. When the command
    was started before, the customer's conversations are searched for that externalId first.
 3. note — the marker line (``CloudTalk call {id}``) identifies it; when the conversation was
@@ -34,16 +40,27 @@ so commands of other orgs — and of other customers — go on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.clients.http import ApiClient, DeferredError, KeyedLimiter, RejectedError, create_or_find
 from pipeline.clients.kustomer import ConflictError
 from pipeline.core.call_details import changed
+from pipeline.core.observability import get_logger, metrics
 from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
 from pipeline.sink.ledger import LedgerEntry, must_reconcile
 from pipeline.sink.ports import KustomerApi
+
+log = get_logger(__name__)
+
+# A remembered customer is looked up again after this long: a number an agent moved to another
+# customer (or a merge Kustomer still answers for) follows within a day.
+CUSTOMER_RECHECK_S = 24 * 3600.0
+# What Kustomer answers a conversation create or search for a customer it no longer has (the
+# simulator: 400 "customer … does not exist" on a create, 404 on a search)
+CUSTOMER_GONE_STATUSES = frozenset({400, 404})
 
 
 class KustomerEffects:
@@ -60,9 +77,11 @@ class KustomerEffects:
         per_customer_per_minute: int = 120,
         settle_s: float = 20.0,
         reread_secrets: Callable[[], bool] | None = None,
+        customer_recheck_s: float = CUSTOMER_RECHECK_S,
     ) -> None:
         self.clients = clients  # may change between commands (a reloaded integrations file)
         self.settle_s = settle_s
+        self.customer_recheck_s = customer_recheck_s
         # a 401: read the integrations file and its secrets again (a rotated key rebuilds the client)
         self.reread_secrets = reread_secrets
         self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
@@ -106,7 +125,7 @@ class KustomerEffects:
         if command["type"] in ("kustomer.log_conversation", "kustomer.update_call_details"):
             try:
                 if command["type"] == "kustomer.log_conversation":
-                    return await self.log_conversation(command, prior, steps)
+                    return await self.log_conversation(command, prior, steps, index)
                 return await self.update_call_details(command, prior, index, steps)
             except DeferredError as exc:
                 exc.steps = steps  # parked with what was written so far
@@ -115,42 +134,35 @@ class KustomerEffects:
 
     # -- calls and SMS -------------------------------------------------------------------------
     async def log_conversation(
-        self, command: dict[str, Any], prior: LedgerEntry | None, steps: dict[str, Any] | None = None
+        self,
+        command: dict[str, Any],
+        prior: LedgerEntry | None,
+        steps: dict[str, Any] | None = None,
+        index: Mapping[str, Any] | None = None,
     ) -> Done:
-        """``steps`` (the prior's by default) is filled in as effects are written."""
+        """``steps`` (the prior's by default) is filled in as effects are written; ``index`` is the
+        ledger's (the customers remembered per number, the calls logged)."""
         client = self.client(command)
         steps = (dict(prior.steps) if prior else {}) if steps is None else steps
+        index = {} if index is None else index
         reconcile = must_reconcile(prior)
         outcome = "created"
         integration = command["integration"]
+        wanted = command["customer"]
+        ckey = customer_key(integration, wanted["phone"])
 
         # 1. customer
         customer_id = steps.get("customer_id")
+        looked_up = False  # in this attempt: a refusal of it is not a stale memory
         if not customer_id:
-            wanted = command["customer"]
-            found = await client.find_customer_by_phone(wanted["phone"])
-            if found is not None:
-                customer_id = found["id"]
-            elif wanted["create"]:
-                attributes = {
-                    "name": wanted.get("name") or wanted["phone"],
-                    "phones": [{"type": "mobile", "phone": wanted["phone"]}],
-                }
-                try:
-                    customer, found_it = await create_or_find(
-                        lambda: client.create_customer(attributes),
-                        lambda: client.find_customer_by_phone(wanted["phone"]),
-                        settle_s=self.settle_s,
-                    )
-                    customer_id = customer["id"]
-                    steps["customer_created"] = not found_it
-                except ConflictError:
-                    found = await client.find_customer_by_phone(wanted["phone"])
-                    if found is None:
-                        raise
-                    customer_id = found["id"]
+            customer_id = remembered_customer(index, ckey, time.time(), self.customer_recheck_s)
+            if customer_id:
+                metrics().kustomer_customers.labels("remembered").inc()
             else:
-                return Done(steps, "skipped:customer_not_found")
+                customer_id, looked_up = await self._find_or_create_customer(client, wanted, steps), True
+                metrics().kustomer_customers.labels("looked_up").inc()
+            if not customer_id:
+                return Done(steps, "skipped:customer_not_found", forget(index, ckey))
             steps["customer_id"] = customer_id
 
         # 2. conversation
@@ -160,27 +172,35 @@ class KustomerEffects:
         # reconciled (it was started again, or parked after a note create with an unknown outcome)
         look_for_note = bool(conversation_id) and reconcile
         found_existing = False
-        if not conversation_id and reconcile:
-            conversation_id = await self._find_conversation(client, customer_id, conv["externalId"])
-            found_existing = conversation_id is not None
         if not conversation_id:
-            await self.conversation_limit.acquire(f"{integration}|{customer_id}")
-            body = {
-                "customer": customer_id,
-                "name": conv["name"],
-                "status": conv["status"],
-                "direction": conv["direction"],
-                "externalId": conv["externalId"],
-            }
-
-            async def find_conversation() -> dict[str, Any] | None:
-                cid = await self._find_conversation(client, customer_id, conv["externalId"])
-                return {"id": cid} if cid else None
-
-            created, found_existing = await create_or_find(
-                lambda: client.create_conversation(body), find_conversation, settle_s=self.settle_s
-            )
-            conversation_id = created["id"]
+            try:
+                conversation_id, found_existing = await self._conversation(
+                    client, integration, customer_id, conv, reconcile
+                )
+            except RejectedError as exc:
+                if looked_up or exc.status not in CUSTOMER_GONE_STATUSES:
+                    raise
+                # the customer the index (or an earlier attempt) gave may be gone: deleted, or merged
+                # into another. The refused request did not happen; the number is looked up again.
+                stale = customer_id
+                metrics().kustomer_customers.labels("refused").inc()
+                del steps["customer_id"]
+                customer_id = await self._find_or_create_customer(client, wanted, steps)
+                log.info(
+                    "kustomer_customer_refused",
+                    integration=integration,
+                    customer_id=stale,
+                    status=exc.status,
+                    now=customer_id,
+                )
+                if not customer_id:
+                    return Done(steps, "skipped:customer_not_found", forget(index, ckey))
+                if customer_id == stale:  # the customer is there: the refusal stands
+                    raise
+                steps["customer_id"] = customer_id
+                conversation_id, found_existing = await self._conversation(
+                    client, integration, customer_id, conv, reconcile
+                )
         steps["conversation_id"] = conversation_id
         if found_existing:
             steps["conversation_found"] = True  # kept if the note parks the command: still reconciled
@@ -196,11 +216,75 @@ class KustomerEffects:
             if found_note:
                 outcome = "reconciled"
         steps["note_id"] = note_id
+        updates = self._remember(index, ckey, customer_id)
         if "details" not in command:
-            return Done(steps, outcome)
+            return Done(steps, outcome, updates)
         # a call: what its note states, for the changes that come later
         known = {"customer_id": customer_id, "conversation_id": conversation_id, "details": command["details"]}
-        return Done(steps, outcome, {call_key(integration, conv["externalId"]): known})
+        return Done(steps, outcome, {**updates, call_key(integration, conv["externalId"]): known})
+
+    def _remember(self, index: Mapping[str, Any], key: str, customer_id: str) -> dict[str, Any]:
+        """The index update that makes ``customer_id`` the number's remembered customer; none when
+        the index holds it already (and it is not due for a look-up)."""
+        if remembered_customer(index, key, time.time(), self.customer_recheck_s) == customer_id:
+            return {}
+        return {key: {"id": customer_id, "at": round(time.time(), 3)}}
+
+    async def _find_or_create_customer(
+        self, client: KustomerApi, wanted: dict[str, Any], steps: dict[str, Any]
+    ) -> str | None:
+        """The number's customer: looked up, else created when the command allows it (None when
+        it does not)."""
+        found = await client.find_customer_by_phone(wanted["phone"])
+        if found is not None:
+            return found["id"]
+        if not wanted["create"]:
+            return None
+        attributes = {
+            "name": wanted.get("name") or wanted["phone"],
+            "phones": [{"type": "mobile", "phone": wanted["phone"]}],
+        }
+        try:
+            customer, found_it = await create_or_find(
+                lambda: client.create_customer(attributes),
+                lambda: client.find_customer_by_phone(wanted["phone"]),
+                settle_s=self.settle_s,
+            )
+            steps["customer_created"] = not found_it
+            return customer["id"]
+        except ConflictError:
+            found = await client.find_customer_by_phone(wanted["phone"])
+            if found is None:
+                raise
+            return found["id"]
+
+    async def _conversation(
+        self, client: KustomerApi, integration: str, customer_id: str, conv: dict[str, Any], reconcile: bool
+    ) -> tuple[str, bool]:
+        """The customer's conversation with ``conv["externalId"]``: looked up first when the command
+        must be reconciled, else created (paced, an unknown outcome looked up rather than
+        repeated). Returns its id and whether it was found rather than created."""
+        if reconcile:
+            found = await self._find_conversation(client, customer_id, conv["externalId"])
+            if found:
+                return found, True
+        await self.conversation_limit.acquire(f"{integration}|{customer_id}")
+        body = {
+            "customer": customer_id,
+            "name": conv["name"],
+            "status": conv["status"],
+            "direction": conv["direction"],
+            "externalId": conv["externalId"],
+        }
+
+        async def find_conversation() -> dict[str, Any] | None:
+            cid = await self._find_conversation(client, customer_id, conv["externalId"])
+            return {"id": cid} if cid else None
+
+        created, found_it = await create_or_find(
+            lambda: client.create_conversation(body), find_conversation, settle_s=self.settle_s
+        )
+        return created["id"], found_it
 
     async def update_call_details(
         self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any], steps: dict[str, Any]
@@ -211,6 +295,7 @@ class KustomerEffects:
         integration, external_id = command["integration"], command["conversation"]["externalId"]
         key = call_key(integration, external_id)
         known = index.get(key)
+        updates: dict[str, Any] = {}
         if known is not None:
             customer_id, conversation_id, stated = known["customer_id"], known["conversation_id"], known["details"]
         else:
@@ -218,17 +303,16 @@ class KustomerEffects:
             customer_id = steps.get("customer_id")
             conversation_id = steps.get("conversation_id")
             if not conversation_id:
-                customer = await client.find_customer_by_phone(command["customer"]["phone"])
-                if customer is not None:
-                    customer_id = customer["id"]
-                    conversation_id = await self._find_conversation(client, customer_id, external_id)
+                customer_id, conversation_id, updates = await self._find_call(
+                    client, integration, command["customer"]["phone"], external_id, index
+                )
             if not conversation_id:
-                return Done({}, "skipped:call_not_logged")
+                return Done({}, "skipped:call_not_logged", updates)
             steps["customer_id"], steps["conversation_id"] = customer_id, conversation_id
             stated = {}
         differs = changed(stated, command["details"])
         if not differs:
-            return Done({"conversation_id": conversation_id}, "skipped:unchanged")
+            return Done({"conversation_id": conversation_id}, "skipped:unchanged", updates)
         steps["conversation_id"] = conversation_id
         note_id = steps.get("note_id")
         outcome = "updated"
@@ -240,7 +324,31 @@ class KustomerEffects:
         steps["note_id"] = note_id
         steps["changed"] = sorted(differs)
         now = {"customer_id": customer_id, "conversation_id": conversation_id, "details": {**stated, **differs}}
-        return Done(steps, outcome, {key: now})
+        return Done(steps, outcome, {**updates, key: now})
+
+    async def _find_call(
+        self, client: KustomerApi, integration: str, phone: str, external_id: str, index: Mapping[str, Any]
+    ) -> tuple[str | None, str | None, dict[str, Any]]:
+        """A logged call's customer and conversation, by the number's customer (the remembered one
+        first, then a lookup when that is gone or does not have it), with the index updates."""
+        ckey = customer_key(integration, phone)
+        remembered = remembered_customer(index, ckey, time.time(), self.customer_recheck_s)
+        if remembered:
+            try:
+                conversation_id = await self._find_conversation(client, remembered, external_id)
+            except RejectedError as exc:
+                if exc.status not in CUSTOMER_GONE_STATUSES:
+                    raise
+                conversation_id = None
+            if conversation_id:
+                return remembered, conversation_id, {}
+        customer = await client.find_customer_by_phone(phone)
+        if customer is None:
+            return None, None, forget(index, ckey)
+        updates = self._remember(index, ckey, customer["id"])
+        if customer["id"] == remembered:  # searched already
+            return remembered, None, updates
+        return customer["id"], await self._find_conversation(client, customer["id"], external_id), updates
 
     async def _note(
         self,
@@ -291,6 +399,29 @@ class KustomerEffects:
 def call_key(integration: str, external_id: str) -> str:
     """The index key of a logged call: its customer, conversation and the details its notes state."""
     return f"k|{integration}|call|{external_id}"
+
+
+def customer_key(integration: str, phone: str) -> str:
+    """The index key of the customer a number (E.164) was found or created as:
+    ``{"id": customer id, "at": Unix seconds it was found}``."""
+    return f"k|{integration}|customer|{phone}"
+
+
+def remembered_customer(index: Mapping[str, Any], key: str, now: float, recheck_s: float) -> str | None:
+    """The customer id the index remembers at ``key``, unless it is older than ``recheck_s``
+    (then it is looked up again) or forgotten."""
+    entry = index.get(key)
+    if not isinstance(entry, dict) or not entry.get("id"):
+        return None
+    at = entry.get("at")
+    if not isinstance(at, int | float) or now - at >= recheck_s:
+        return None
+    return str(entry["id"])
+
+
+def forget(index: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """The index update that forgets a number's customer (a tombstone), when it holds one."""
+    return {key: None} if index.get(key) is not None else {}
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ class Ledger:
     Besides one entry per command, a partition holds *index* records (key ``index|…``): what a
     sink needs to find its earlier effects — e.g. which CloudTalk contact a Kustomer customer
     became, which contact holds a phone, the version last applied. They are written in the same
-    transactions as the command entries.
+    transactions as the command entries. An update to ``None`` removes a key (a tombstone).
     """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
@@ -197,10 +197,17 @@ class Ledger:
         return self.indexes.setdefault(partition, {})
 
     def index_record(self, partition: int, key: str, value: Any) -> OutRecord:
-        return OutRecord(self.topic, orjson.dumps(value), (INDEX_PREFIX + key).encode(), partition=partition)
+        """The record of an index update; ``None`` forgets the key (a tombstone: compacted away)."""
+        raw = None if value is None else orjson.dumps(value)
+        return OutRecord(self.topic, raw, (INDEX_PREFIX + key).encode(), partition=partition)
 
     def apply_index(self, partition: int, updates: dict[str, Any]) -> None:
-        self.index(partition).update(updates)
+        index = self.index(partition)
+        for key, value in updates.items():
+            if value is None:
+                index.pop(key, None)
+            else:
+                index[key] = value
 
     def get(self, partition: int, command_id: str) -> LedgerEntry | None:
         return self.partitions.get(partition, {}).get(command_id)

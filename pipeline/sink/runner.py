@@ -53,6 +53,7 @@ async def build_kustomer_stage(
         per_customer_per_minute=env_int(os.environ, "KUSTOMER_PER_CUSTOMER_PER_MINUTE", 120, minimum=1),
         settle_s=settle_s,
         reread_secrets=live.reload,
+        customer_recheck_s=env_float(os.environ, "KUSTOMER_CUSTOMER_RECHECK_S", 86_400.0, minimum=0.0),
     )
     return SinkStage(
         "sink-kustomer",
