@@ -126,6 +126,9 @@ class LocalKafka:
     port_given: bool = False  # the ports were chosen (argument or environment), not defaults
     controller_port_given: bool = False
     sasl_ssl_port: int | None = None  # also a SASL_SSL listener (TLS + SCRAM-SHA-512) on this port
+    # free ports picked for a test session: another process may bind one before the broker does,
+    # then the start is tried again on other free ports (a fresh state directory)
+    ephemeral_ports: bool = False
 
     @classmethod
     def from_env(
@@ -159,6 +162,7 @@ class LocalKafka:
             port_given=True,
             controller_port_given=True,
             sasl_ssl_port=free_port() if sasl_ssl else None,
+            ephemeral_ports=True,
         )
 
     # -- paths ---------------------------------------------------------------------------------
@@ -419,6 +423,29 @@ class LocalKafka:
             return self.bootstrap
         self._choose_ports(say)
         ensure_jars(quiet=quiet)
+        # a first start on free ports may lose one to another process; a restart keeps its ports
+        fresh = self.ephemeral_ports and not (self.data_dir / "meta.properties").exists()
+        for attempt in range(1, 4):
+            try:
+                return self._start(timeout_s, quiet)
+            except LocalKafkaError:
+                if not (fresh and attempt < 3 and self._lost_a_port()):
+                    raise
+            self.log_file.rename(self.log_file.with_name(f"server.log.port-taken-{attempt}"))
+            self.port, self.controller_port = free_port(), free_port()
+            if self.sasl_ssl_port is not None:
+                self.sasl_ssl_port = free_port()
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lost_a_port(self) -> bool:
+        """The last start failed because another process had bound one of its ports meanwhile."""
+        try:
+            return "Address already in use" in self.log_file.read_text(errors="replace")[-200_000:]
+        except OSError:
+            return False
+
+    def _start(self, timeout_s: float, quiet: bool) -> str:
         self._write_config()
         self._format()
         # A development broker lives for minutes on a small shared machine: C1 only (C2's compile
