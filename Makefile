@@ -100,6 +100,7 @@ bench: kafka-jars
 	$(PY) bench/end_to_end_latency.py --rate 50 --seconds 20
 	$(PY) bench/end_to_end_latency.py --rate 200 --seconds 20
 	$(PY) bench/retry_efficiency.py --calls 100
+	$(PY) bench/import_pace.py --customers 1000 --scale 100
 
 clean:
 	rm -rf .run .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist
