@@ -242,7 +242,7 @@ class KafkaSettings:
     topic_prefix: str = ""
     max_batch: int = 1000
     poll_timeout_ms: int = 200
-    commit_interval_ms: int = 100
+    commit_interval_ms: int = 200
     commit_max_records: int = 1000
     transaction_timeout_ms: int = 60_000
     client_id: str = "ctk-pipeline"

@@ -201,7 +201,7 @@ class LoopSettings:
     max_batch: int = 1000  # records per poll
     poll_timeout_ms: int = 200
     commit_max_records: int = 1000  # a partition's pending batch is processed at this size ...
-    commit_interval_ms: int = 100  # ... or once its first record has waited this long
+    commit_interval_ms: int = 200  # ... or once its first record has waited this long
     transaction_timeout_ms: int = 60_000
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 10_000
