@@ -73,7 +73,7 @@ async def metric_sum(url: str, name: str, **labels: str) -> float:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of a benchmark's summary: what was measured against what, and the issue's aim."""
+    """One line of a benchmark's summary: what was measured against what, and its aim."""
 
     measure: str
     result: str

@@ -31,7 +31,7 @@ first call to the end of the drain):
   calls of known customers whose customer was already used once in the run (the steady state; the
   floor is 2: the conversation and the note).
 
-Ends with a summary table (the issue's aims apply at 50 and 200 calls/s). Nothing is asserted.
+Ends with a summary table (the aims apply at 50 and 200 calls/s). Nothing is asserted.
 """
 
 from __future__ import annotations

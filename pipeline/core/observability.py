@@ -566,6 +566,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.cloudtalk_index_decisions = Counter(
+            "pipeline_cloudtalk_index_decisions_total",
+            "How the CloudTalk sink's contacts index answered a lookup: hit, miss (create without asking),"
+            " asked (CloudTalk searched), refreshed (the listing's tail or all of it read first)",
+            ["result"],
+            registry=r,
+        )
+        self.cloudtalk_index_contacts = Gauge(
+            "pipeline_cloudtalk_index_contacts",
+            "CloudTalk contacts in the sink's contacts index: complete, or incomplete (first number and e-mail only)",
+            ["state"],
+            registry=r,
+        )
         self.http_seconds = Histogram(
             "pipeline_http_request_seconds",
             "Target API request latency",

@@ -14,6 +14,7 @@ settings differ from the catalogue — it never changes an existing topic.
 | cloudtalk.commands     | integration                   | contact create / edit                  |
 | kustomer.ledger        | command id (compacted)        | sink bookkeeping, co-partitioned       |
 | cloudtalk.ledger       | command id (compacted)        | sink bookkeeping, co-partitioned       |
+| cloudtalk.contacts.index | contact id (compacted)      | the CloudTalk sink's contacts index    |
 | poller.cursors         | poller name (compacted)       | where each poller stopped              |
 | audit                  | event id                      | why an event went where it went        |
 | deadletter             | original key                  | records that could not be processed    |
@@ -51,6 +52,7 @@ KUSTOMER_COMMANDS = "kustomer.commands"
 CLOUDTALK_COMMANDS = "cloudtalk.commands"
 KUSTOMER_LEDGER = "kustomer.ledger"
 CLOUDTALK_LEDGER = "cloudtalk.ledger"
+CONTACTS_INDEX = "cloudtalk.contacts.index"
 CURSORS = "poller.cursors"
 AUDIT = "audit"
 DEADLETTER = "deadletter"
@@ -64,6 +66,7 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec(CLOUDTALK_COMMANDS, 3, _RAW, "commands for the CloudTalk sink"),
     TopicSpec(KUSTOMER_LEDGER, 6, _COMPACT, "Kustomer sink ledger (co-partitioned with kustomer.commands)"),
     TopicSpec(CLOUDTALK_LEDGER, 3, _COMPACT, "CloudTalk sink ledger (co-partitioned with cloudtalk.commands)"),
+    TopicSpec(CONTACTS_INDEX, 1, _COMPACT, "the CloudTalk sink's index of the company's contacts"),
     TopicSpec(CURSORS, 1, _COMPACT, "poller cursors"),
     TopicSpec(AUDIT, 3, {"cleanup.policy": "delete", "retention.ms": str(14 * DAY_MS)}, "audit trail"),
     TopicSpec(DEADLETTER, 1, {"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)}, "dead letters"),
@@ -102,6 +105,7 @@ _ATTR_TO_BASE = {
     "cloudtalk_commands": CLOUDTALK_COMMANDS,
     "kustomer_ledger": KUSTOMER_LEDGER,
     "cloudtalk_ledger": CLOUDTALK_LEDGER,
+    "contacts_index": CONTACTS_INDEX,
     "cursors": CURSORS,
     "audit": AUDIT,
     "deadletter": DEADLETTER,

@@ -14,7 +14,14 @@
    stays a CloudTalk contact whose own edits keep exporting); else a contact of an earlier import that
    matches the integration's merge key (ledger index); else a CloudTalk contact found by keyword
    lookup + exact match — one carrying this customer's link (left by a crash before the ledger
-   commit), then one matching the merge key;
+   commit), then one matching the merge key. With the contacts index
+   (:mod:`pipeline.sink.contact_index`) a command that is not reconciled decides that last step
+   from the index: a contact it names is shown (the edit needs its lists) and merged into; a
+   customer it knows nobody holds is created without a search; only a value it cannot decide
+   (a number an incomplete contact could hold as a second one; an index that is not fresh and
+   cannot be refreshed) is searched for. A reconciled command (found ``started``, parked with
+   ``reconcile``, replayed) and an ambiguous create always search, as before: the index does not
+   record links. Every show and every write of the sink teaches the index;
 4. the contact's content: every source customer's phones and e-mails (union, with what the
    contact already has — CloudTalk's edit replaces whole lists, so nothing is ever dropped), and
    the newest source's value of every other field; company name, favorite agent
@@ -34,9 +41,19 @@ from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
 from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find
 from pipeline.core import limits
 from pipeline.core.config import PipelineConfig
+from pipeline.core.observability import get_logger
 from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done
-from pipeline.sink.ledger import LedgerEntry
+from pipeline.sink.contact_index import (
+    ContactIndexStore,
+    decide,
+    deleted,
+    entry_from_item,
+    entry_from_show,
+    holds,
+    make_entry,
+)
+from pipeline.sink.ledger import LedgerEntry, must_reconcile
 from pipeline.sink.merge import (
     contact_body,
     ikey,
@@ -46,6 +63,8 @@ from pipeline.sink.merge import (
     name_key,
 )
 from pipeline.sink.ports import CloudTalkApi, KustomerLookups
+
+log = get_logger(__name__)
 
 
 def is_exported(command: Mapping[str, Any]) -> bool:
@@ -64,8 +83,10 @@ class CloudTalkEffects:
         kustomer: Mapping[str, KustomerLookups],
         refresh_s: float = 600.0,
         settle_s: float = 20.0,
+        index: ContactIndexStore | None = None,
     ) -> None:
         self.ct, self.kustomer = cloudtalk, kustomer
+        self.index = index
         self.settle_s = settle_s
         self.refresh_s = refresh_s
         self._own_users: dict[str, str | None] = {}
@@ -158,15 +179,85 @@ class CloudTalkEffects:
         }
 
     # -- finding the contact -----------------------------------------------------------------------
+    async def _learn(self, contact_id: int | str, shown: ContactShow | None) -> None:
+        """Teach the contacts index what a show said (the contact, or that it is gone)."""
+        if self.index is not None:
+            fact = deleted(contact_id, time.time()) if shown is None else entry_from_show(shown, time.time())
+            await self.index.learn([fact])
+
     async def _candidates(self, keyword: str, accept: Callable[..., bool]) -> list[ContactShow]:
         """Contacts found by ``keyword`` whose show ``responseData`` passes ``accept`` (oldest first)."""
         page = await self.ct.list_contacts(keyword=keyword, limit=100)
         out: list[ContactShow] = []
         for item in sorted(page.get("data") or [], key=lambda x: int(x["Contact"]["id"])):
             shown = await self.ct.get_contact(item["Contact"]["id"])
+            await self._learn(item["Contact"]["id"], shown)
             if shown is not None and accept(shown):
                 out.append(shown)
         return out
+
+    async def _index_ready(self) -> bool:
+        """The contacts index is loaded (the first call loads it); False: decide as without it."""
+        if self.index is None:
+            return False
+        try:
+            await self.index.start()
+        except Exception as exc:  # noqa: BLE001 - without the index the sink asks CloudTalk, as before
+            log.warning("contact_index_unavailable", error=f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    async def _ask(self, probe: tuple[str, str], need_complete: bool) -> None:
+        """Search CloudTalk for one value the index cannot decide; show every candidate the index
+        does not know to hold that exact value (``need_complete``: known in full), so the index
+        is exact for it afterwards."""
+        assert self.index is not None
+        fetched = time.time()
+        page = await self.ct.list_contacts(keyword=probe[1], limit=100)
+        items = sorted(page.get("data") or [], key=lambda x: int(x["Contact"]["id"]))
+        await self.index.learn(entry_from_item(item, fetched) for item in items)
+        for item in items:
+            cid = item["Contact"]["id"]
+            entry = self.index.view.get(cid)
+            if holds(entry, probe) and (not need_complete or (entry or {}).get("complete")):
+                continue
+            await self._learn(cid, await self.ct.get_contact(cid))
+
+    async def find_by_index(
+        self, merge_key: str, contact: Mapping[str, Any]
+    ) -> tuple[str | None, str, ContactShow | None]:
+        """The contact a customer merges into, decided from the contacts index (asking CloudTalk
+        only what it cannot decide): ``(id, "merged", its show)`` or ``(None, "created", None)``."""
+        assert self.index is not None
+        index = self.index
+        phones = list(contact["phones"])
+        emails = [e.lower() for e in contact["emails"]]
+        name = contact.get("name")
+        asked: set[tuple[str, str]] = set()
+        refreshed = False
+        for _ in range(2 * (len(phones) + len(emails)) + 6):
+            d = decide(index.view, merge_key, phones, emails, name, fresh=index.fresh(), asked=asked)
+            if d.kind == "miss":
+                index.decisions.labels("miss").inc()
+                return None, "created", None
+            if d.kind == "hit" and d.contact_id is not None and d.probe is not None:
+                shown = await self.ct.get_contact(d.contact_id)
+                await self._learn(d.contact_id, shown)
+                if shown is not None and holds(entry_from_show(shown, 0.0), d.probe):
+                    index.decisions.labels("hit").inc()
+                    return d.contact_id, "merged", shown
+                continue  # the index was behind: decide again with what the show said
+            assert d.probe is not None
+            if d.stale and not refreshed:
+                refreshed = True
+                index.decisions.labels("refreshed").inc()
+                if await index.refresh(self.ct):
+                    continue
+            index.decisions.labels("asked").inc()
+            await self._ask(d.probe, need_complete=merge_key == "phone_and_email")
+            asked.add(d.probe)
+        target, how = await self.find_in_cloudtalk(merge_key, contact, None)
+        return target, how, None
 
     async def find_in_cloudtalk(
         self, merge_key: str, contact: Mapping[str, Any], link: str | None
@@ -242,9 +333,13 @@ class CloudTalkEffects:
             how = "merged" if target else ""
         link = (contact.get("external_url") or {}).get("url")
         if not target:
-            target, how = await self.find_in_cloudtalk(command["merge_key"], contact, link)
+            if not must_reconcile(prior) and await self._index_ready():
+                target, how, current = await self.find_by_index(command["merge_key"], contact)
+            else:  # a command that may have run before: look for a contact carrying its link
+                target, how = await self.find_in_cloudtalk(command["merge_key"], contact, link)
         if target and current is None:
             current = await self.ct.get_contact(target)
+            await self._learn(target, current)
             if current is None:  # deleted in CloudTalk meanwhile: create it again
                 target, how = None, "created"
         # 4. content
@@ -265,11 +360,14 @@ class CloudTalkEffects:
             )
             target = str(new_id)
             outcome = "reconciled" if found else "created"
+            if not found:
+                await self._learn_write(target, body, None)
         elif body:
             # a contact was shown, so ``target`` is its id (static types cannot see it)
             if not await self.ct.edit_contact(cast(str, target), cast(ContactBody, body)):
                 raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
             outcome = how or "updated"
+            await self._learn_write(cast(str, target), body, current)
         else:
             outcome = "skipped:unchanged" if how != "reconciled" else "reconciled"
         updates: dict[str, Any] = {
@@ -285,6 +383,30 @@ class CloudTalkEffects:
         if merged.get("name"):
             updates[ikey(integration, "name", name_key(merged["name"]))] = target
         return Done({"contact_id": target, "customers": sorted(sources), "sent": sorted(body)}, outcome, updates)
+
+    async def _learn_write(self, target: str, body: Mapping[str, Any], current: ContactShow | None) -> None:
+        """Teach the contacts index what the sink wrote: the add's body, or the contact as shown
+        with the edit applied (an edit sends whole lists), complete either way."""
+        if self.index is None:
+            return
+        cur: Mapping[str, Any] = cast(Mapping[str, Any], current["Contact"]) if current else {}
+        numbers = (
+            [x["public_number"] for x in body["ContactNumber"]]
+            if "ContactNumber" in body
+            else list(cur.get("contact_numbers") or [])
+        )
+        emails = [x["email"] for x in body["ContactEmail"]] if "ContactEmail" in body else cur.get("contact_emails")
+        entry = make_entry(
+            target,
+            body.get("name") or cur.get("name"),
+            body.get("company") or cur.get("company"),
+            numbers,
+            list(emails or []),
+            complete=True,
+            v=time.time(),
+            src="write",
+        )
+        await self.index.learn([entry])
 
 
 def cloudtalk_sink_client(

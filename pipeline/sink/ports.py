@@ -73,10 +73,13 @@ class KustomerLookups(Protocol):
 
 
 class CloudTalkApi(Protocol):
-    """CloudTalk as the CloudTalk sink sees it: contacts found by keyword and shown in full,
-    added or edited; agents and countries to resolve a favorite agent and a country id."""
+    """CloudTalk as the CloudTalk sink sees it: contacts listed (a page of the listing, for the
+    contacts index) or found by keyword and shown in full, added or edited; agents and countries
+    to resolve a favorite agent and a country id."""
 
-    async def list_contacts(self, *, keyword: str | None = ..., limit: int | None = ...) -> Page[ContactIndexItem]: ...
+    async def list_contacts(
+        self, *, keyword: str | None = ..., page: int = ..., limit: int | None = ...
+    ) -> Page[ContactIndexItem]: ...
 
     async def get_contact(self, contact_id: int | str) -> ContactShow | None: ...
 

@@ -7,7 +7,9 @@ Kustomer org share one rate window (integrations on the same org share its budge
 The two sinks are separate processes: CloudTalk's company-wide budget and the Kustomer orgs'
 budgets never hold each other's commands. Inside a sink, a batch waits on a target for at most
 ``SINK_BATCH_BUDGET_S``; what would wait longer is parked (see :mod:`pipeline.sink.base`) and a
-:class:`~pipeline.sink.wake.Waker` brings its partition back when it is due.
+:class:`~pipeline.sink.wake.Waker` brings its partition back when it is due. The CloudTalk sink
+keeps the company's contacts index (:mod:`pipeline.sink.contact_index`; loaded with its first
+command, ``CLOUDTALK_INDEX_REFRESH_S``, ``CLOUDTALK_INDEX_TAIL_S``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pipeline.kafka.service import run_loop_service, start_logging
 from pipeline.kafka.topics import Topics
 from pipeline.sink.base import SinkStage
 from pipeline.sink.cloudtalk import CloudTalkEffects, cloudtalk_sink_client
+from pipeline.sink.contact_index import ContactIndexStore
 from pipeline.sink.kustomer import KustomerEffects
 from pipeline.sink.ledger import Ledger
 from pipeline.sink.wake import Waker
@@ -74,8 +77,20 @@ async def build_cloudtalk_stage(
     policy = retry_policy_from_env()
     clients = KustomerClients(session, policy, live.current)
     window = RateWindow(reserve=0, fallback_per_minute=live.current.cloudtalk.rate_limit_per_minute)
+    index = (
+        None
+        if os.environ.get("CLOUDTALK_INDEX", "on").strip().lower() in ("off", "0", "false", "no")
+        else ContactIndexStore(
+            settings.kafka.bootstrap,
+            topics.contacts_index,
+            topics.raw_contacts,
+            client_id=f"{settings.kafka.client_id}-sink-cloudtalk",
+            refresh_s=env_float(os.environ, "CLOUDTALK_INDEX_REFRESH_S", 86_400.0, minimum=0.0),
+            tail_s=env_float(os.environ, "CLOUDTALK_INDEX_TAIL_S", 30.0, minimum=0.0),
+        )
+    )
     effects = CloudTalkEffects(
-        cloudtalk_sink_client(session, live.current, policy, window), clients.clients, settle_s=settle_s
+        cloudtalk_sink_client(session, live.current, policy, window), clients.clients, settle_s=settle_s, index=index
     )
 
     def changed(_old: PipelineConfig, new: PipelineConfig) -> None:
@@ -157,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if stage is not None and stage.waker is not None:
                 await stage.waker.close()
+            index = getattr(stage.effects, "index", None) if stage is not None else None
+            if isinstance(index, ContactIndexStore):
+                await index.close()
             await session.close()
 
     asyncio.run(main())
