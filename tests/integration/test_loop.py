@@ -319,8 +319,10 @@ async def test_records_arriving_one_by_one_share_transactions_within_the_commit_
     kafka: KafkaIO, topic_prefix: str
 ):
     """40 records, one every 25 ms onto 2 partitions: committing every poll takes about one
-    transaction per record; gathered for 500 ms they take a handful, and each is copied once."""
+    transaction per record; gathered for 500 ms they take one per partition and window of the
+    time they took to arrive (a loaded machine stretches it), and each is copied once."""
     results = {}
+    took: dict[int, float] = {}
     for interval_ms in (0, 500):
         p = f"{topic_prefix}i{interval_ms}-"
         src = await kafka.create_topic(f"{p}src", partitions=2)
@@ -332,9 +334,11 @@ async def test_records_arriving_one_by_one_share_transactions_within_the_commit_
         )
         sent: set[bytes] = set()
 
-        async def produce_then_wait(loop=loop, src=src, sent=sent) -> bool:
+        async def produce_then_wait(loop=loop, src=src, sent=sent, interval_ms=interval_ms) -> bool:
             if not sent:
+                started = time.monotonic()
                 sent |= await _trickle(kafka, src, 40, 0.025)
+                took[interval_ms] = time.monotonic() - started
             return loop.stats["out"] >= 40
 
         await _run_until(loop, produce_then_wait)
@@ -342,8 +346,9 @@ async def test_records_arriving_one_by_one_share_transactions_within_the_commit_
         assert sorted(r.value for r in got) == sorted(sent), "every record copied exactly once"
         results[interval_ms] = loop.stats["committed"]
     assert results[0] >= 20, results  # one transaction per poll that found a record
-    assert results[500] <= 8, results  # 1 s of records in windows of 500 ms, per partition
-    assert results[500] * 3 <= results[0], results
+    windows = 2 * (int(took[500] / 0.5) + 1)  # per partition: a window opens with its first record
+    assert results[500] <= windows, (results, took)
+    assert results[500] * 2 <= results[0], (results, took)
 
 
 async def test_a_partition_commits_once_it_holds_commit_max_records(kafka: KafkaIO, topic_prefix: str):
