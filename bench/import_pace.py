@@ -220,6 +220,20 @@ def integrations_yaml(ct: str, k: str, rate: int) -> str:
         """)
 
 
+async def import_outcomes(bootstrap: str, topics: Topics) -> dict[str, str]:
+    """Each imported customer's outcome, from the audit trail of the import's two stages."""
+    return await entity_outcomes(
+        bootstrap,
+        topics.raw_customers,
+        topics.audit,
+        INTEGRATION,
+        lambda p: p["data"]["id"],
+        "process-contacts-import",
+        "sink-cloudtalk",
+        via="import",
+    )
+
+
 async def fetch_log(http: aiohttp.ClientSession, url: str, since: int) -> list[dict[str, Any]]:
     """The simulator's request log after ``since`` (read as it grows: the log keeps 200,000)."""
     return (await sim(http, "GET", f"{url}/_sim/requests?since={since}"))["requests"]
@@ -284,16 +298,7 @@ async def run_variant(bootstrap: str, args: argparse.Namespace, model: ContactsM
             first_pass_s, last_request_at = await wait_done(http, bootstrap, topics, model, ct, ct_log, t0, args)
             k_log = await fetch_log(http, k, 0)
             ct_log += await fetch_log(http, ct, ct_log[-1]["seq"] if ct_log else 0)
-            imports = await entity_outcomes(
-                bootstrap,
-                topics.raw_customers,
-                topics.audit,
-                INTEGRATION,
-                lambda p: p["data"]["id"],
-                "process-contacts-import",
-                "sink-cloudtalk",
-                via="import",
-            )
+            imports = await import_outcomes(bootstrap, topics)
             ct_state = await sim(http, "GET", f"{ct}/_sim/state")
         checks = import_and_export_checks(model, imports, {}, Counter(), set(), ct_state, [], set(), LINK_PREFIX, TAG)
         rows = [r for r in checks.rows if r[0].startswith(CHECKED_SECTIONS) and "calls flow" not in r[1]]
@@ -353,16 +358,7 @@ async def wait_done(
         lag = {g: sum((await group_lag(bootstrap, g, t)).values()) for g, t in groups.items()}
         if first_pass is not None and time.monotonic() - outcome_at >= outcome_every:
             outcome_at = time.monotonic()
-            imports = await entity_outcomes(
-                bootstrap,
-                topics.raw_customers,
-                topics.audit,
-                INTEGRATION,
-                lambda p: p["data"]["id"],
-                "process-contacts-import",
-                "sink-cloudtalk",
-                via="import",
-            )
+            imports = await import_outcomes(bootstrap, topics)
             missing = sum(1 for c in seeded if imports.get(c, "no outcome") == "no outcome")
         if time.monotonic() - last_print >= 10:
             last_print = time.monotonic()
