@@ -27,6 +27,11 @@ wait (pacing, a hold, a 429, backoff, a per-customer limit, the settle time of a
 create) goes through :func:`pause`: inside a :func:`wait_budget` (a sink's batch) a wait that
 would outlast the budget raises :class:`DeferredError` instead of sleeping — nothing is in flight
 then — and a wait that fits gives the caller's concurrency slot to others while it sleeps.
+
+Live traffic first: inside :func:`leave_reserve` (a bulk command: an initial import, a
+reconciliation) a request may only go while the account's window has more than that many requests
+left; at the reserve it waits — or, in a sink's batch, defers (reason ``reserve``) — until the
+window resets, so the requests left stay for live work (a person's edit, a call's unknown number).
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ class DeferredError(Exception):
     trying again; ``reason`` says what is waited for: ``rate_limited`` (the account's window, a
     429), ``resource_limited`` (a narrower limit the target announced, e.g. one customer's),
     ``customer_limit`` (the local per-customer limiter), ``held`` (the account is held: a 429 or
-    an outage), ``pacing``, ``backoff`` (a transient failure), ``settle`` (an ambiguous create).
+    an outage), ``reserve`` (bulk work at the live reserve, :func:`leave_reserve`), ``pacing``,
+    ``backoff`` (a transient failure), ``settle`` (an ambiguous create).
 
     ``unsettled``: a create whose outcome is unknown was not resolved yet, so the effect must be
     looked up before it is created again. ``steps``: the command's progress, set by the effects
@@ -156,6 +162,18 @@ class WaitBudget:
 
 
 _BUDGET: ContextVar[WaitBudget | None] = ContextVar("pipeline_wait_budget", default=None)
+_RESERVE: ContextVar[int] = ContextVar("pipeline_live_reserve", default=0)
+
+
+@contextmanager
+def leave_reserve(requests: int) -> Iterator[None]:
+    """Within this block (bulk work) every request leaves ``requests`` of its account's window to
+    others: at that many left it waits for the window's reset (:meth:`RateWindow.acquire`)."""
+    token = _RESERVE.set(max(0, requests))
+    try:
+        yield
+    finally:
+        _RESERVE.reset(token)
 
 
 @contextmanager
@@ -290,19 +308,23 @@ class RateWindow:
             step = min(self.failures - self.outage_after, 16)
             self.hold(now + min(max_s, max(initial_s, 0.05) * 2**step) * random.uniform(0.5, 1.0))
 
-    def ready_at(self, now: float | None = None) -> float:
+    def ready_at(self, now: float | None = None, leave: int = 0) -> float:
         """When the next request may go at the earliest (Unix seconds), or 0 when it may go now:
-        the account is held, or only the reserve is left until the window resets."""
+        the account is held, or only the reserve (at least ``leave``: a bulk command's live
+        reserve) is left until the window resets."""
         now = time.time() if now is None else now
         at = self.hold_until if self.hold_until > now else 0.0
-        if (
-            self.remaining is not None
-            and self.reset_at is not None
-            and self.reset_at > now
-            and self.remaining - self.reserve <= 0
-        ):
+        if self.spare(now, leave) == 0:
             at = max(at, now + self.seconds_to_reset(now))
         return at
+
+    def spare(self, now: float | None = None, leave: int = 0) -> int | None:
+        """Requests left in the current window above the reserve (at least ``leave``), or None when
+        the window is not known (no headers yet, or it has reset since the last answer)."""
+        now = time.time() if now is None else now
+        if self.remaining is None or self.reset_at is None or self.reset_at <= now:
+            return None
+        return max(0, self.remaining - max(self.reserve, leave))
 
     def delay_before_next(self, now: float | None = None) -> float:
         """How long to wait before the next request (0 = send now)."""
@@ -327,6 +349,10 @@ class RateWindow:
         successive times. Raises :class:`DeferredError` — having taken nothing — when the wait
         would outlast the caller's budget."""
         now = time.time()
+        leave = _RESERVE.get()
+        if leave and self.spare(now, leave) == 0:  # bulk work: the rest of the window is live traffic's
+            await pause(self.seconds_to_reset(now) + random.uniform(0.0, 0.05), "reserve")
+            now = time.time()
         delay = self.delay_before_next(now)
         if delay > 0:
             reason = "held" if self.hold_until > now else "pacing"

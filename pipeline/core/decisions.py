@@ -48,10 +48,17 @@ class Reject(Exception):
 
 
 def decision(
-    integration: str, what: str, rule: str | None = None, detail: str | None = None, command_id: str | None = None
+    integration: str,
+    what: str,
+    rule: str | None = None,
+    detail: str | None = None,
+    command_id: str | None = None,
+    priority: str | None = None,
 ) -> dict[str, Any]:
     """One entry of an audit record: the integration, what happened (``emitted``, ``dropped``,
-    ``done``, ``skipped``, ``dead_lettered``), the rule or outcome, and the command id."""
+    ``done``, ``skipped``, ``dead_lettered``), the rule or outcome, the command id, and — for bulk
+    work (an initial import, a reconciliation) — the command's ``priority`` (``pipeline status``
+    counts an import's progress by it)."""
     d: dict[str, Any] = {"integration": integration, "decision": what}
     if rule:
         d["rule"] = rule
@@ -59,4 +66,6 @@ def decision(
         d["detail"] = detail
     if command_id:
         d["command_id"] = command_id
+    if priority:
+        d["priority"] = priority
     return d

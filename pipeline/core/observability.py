@@ -556,6 +556,13 @@ class Metrics:
         self.commands_out = Counter(
             "pipeline_commands_emitted_total", "Commands emitted by processors", ["target", "op"], registry=r
         )
+        self.import_commands = Counter(
+            "pipeline_import_commands_total",
+            "Bulk commands (initial import, reconciliation; priority bulk) by integration: emitted by the"
+            " processor; done, skipped, dead_lettered or parked (each time, e.g. at the live reserve) by the sink",
+            ["integration", "outcome"],
+            registry=r,
+        )
         # sinks
         self.commands = Counter(
             "pipeline_commands_total", "Commands finished by sinks, by outcome", ["target", "op", "outcome"], registry=r

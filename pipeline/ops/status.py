@@ -8,6 +8,13 @@
   partitions assigned, and lag in records (:func:`pipeline.kafka.lag.group_lag`: data records
   after the committed offsets, transaction markers not counted).
 * **Dead letters** — how many the topic holds, how many came after the last replay.
+* **Imports** — for each integration with bulk work (an initial import, a reconciliation: commands
+  with ``priority: bulk``) in the audit tail: commands done (the CloudTalk sink's ``done``,
+  ``skipped`` or ``dead_lettered``), remaining (emitted by the processor and not finished yet —
+  parked at the live reserve or not read yet), the rate (finished per minute over the last
+  ``RATE_WINDOW_S``) and the ETA at that rate. Counted from the audit records read (``--tail``
+  per partition): an import larger than the tail shows only its part in it. Customers the poller
+  has not published, or the processor not decided yet, are not counted (see the processors' lag).
 * **Rate-limit budget** — requests left in each target's window, from the services' ``/metrics``
   (``--metrics URL``, repeatable: the sinks' and pollers'); Kafka does not record it, so without
   ``--metrics`` it says ``n/a``.
@@ -49,6 +56,61 @@ GROUPS: dict[str, str] = {
 }
 RAW_TOPICS = ("raw_calls", "raw_sms", "raw_contacts", "raw_customers")
 DEFAULT_TAIL = 5000
+RATE_WINDOW_S = 300  # import rate: finished commands per minute over the last five minutes
+FINISHED = ("done", "skipped", "dead_lettered")
+
+
+@dataclass
+class ImportProgress:
+    """One integration's bulk commands (``priority: bulk``) in the audit tail."""
+
+    emitted: set[str] = field(default_factory=set)  # command ids a processor emitted
+    finished: dict[str, int] = field(default_factory=dict)  # command id -> when a sink finished it (ms)
+
+    @property
+    def done(self) -> int:
+        return len(self.finished)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.emitted - self.finished.keys())
+
+    def rate_per_min(self, now: datetime) -> float:
+        """Finished per minute over the last ``RATE_WINDOW_S`` (over the time since the first of
+        them when that is shorter, at least a minute)."""
+        now_ms = now.timestamp() * 1000
+        recent = [t for t in self.finished.values() if now_ms - t <= RATE_WINDOW_S * 1000]
+        if not recent:
+            return 0.0
+        span_min = max(1.0, (now_ms - min(recent)) / 60_000)
+        return len(recent) / span_min
+
+    def eta_s(self, now: datetime) -> float | None:
+        """Seconds until the remaining commands are done at the current rate (None: no rate)."""
+        rate = self.rate_per_min(now)
+        if not self.remaining:
+            return 0.0
+        return self.remaining / rate * 60 if rate else None
+
+    def to_dict(self, now: datetime) -> dict[str, Any]:
+        eta = self.eta_s(now)
+        return {
+            "emitted": len(self.emitted),
+            "done": self.done,
+            "remaining": self.remaining,
+            "rate_per_min": round(self.rate_per_min(now), 1),
+            "eta_s": None if eta is None else round(eta),
+        }
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -79,6 +141,7 @@ class IntegrationStatus:
     last_out: Seen | None = None
     dead_letters: int = 0
     budget: dict[str, float] = field(default_factory=dict)
+    imports: ImportProgress = field(default_factory=ImportProgress)
 
 
 @dataclass
@@ -116,6 +179,7 @@ class Status:
                     "last_effect_out": i.last_out.to_dict() if i.last_out else None,
                     "dead_letters": i.dead_letters,
                     "ratelimit_remaining": budget_for(i),
+                    "import": i.imports.to_dict(self.at) if i.imports.emitted or i.imports.finished else None,
                 }
                 for name, i in self.integrations.items()
             },
@@ -175,6 +239,20 @@ class Status:
         ]
         if not rows:
             out.append("  none found")
+        irows = [
+            [
+                name,
+                str(i.imports.done),
+                str(i.imports.remaining),
+                f"{i.imports.rate_per_min(now):.1f}/min",
+                duration(i.imports.eta_s(now)),
+            ]
+            for name, i in self.integrations.items()
+            if i.imports.emitted or i.imports.finished
+        ]
+        if irows:
+            out += ["", "imports (bulk commands: initial import, reconciliation; from the same audit records)"]
+            out += ["  " + line for line in table(irows, ["integration", "done", "remaining", "rate", "eta"])]
         out += ["", "events in (newest record per raw topic)"]
         out += [
             "  " + line for line in table([[t, "—" if ts is None else moment(ts)] for t, ts in self.raw_last.items()])
@@ -280,6 +358,11 @@ async def collect(
             if i is None:
                 continue
             seen = Seen(r.timestamp, str(audit.get("event_id")), stage, str(d.get("decision")), d.get("rule"))
+            if d.get("priority") == "bulk" and d.get("command_id"):
+                if stage.startswith("process") and d.get("decision") == "emitted":
+                    i.imports.emitted.add(str(d["command_id"]))
+                elif stage.startswith("sink") and d.get("decision") in FINISHED:
+                    i.imports.finished[str(d["command_id"])] = r.timestamp
             if stage.startswith("process") and (i.last_in is None or r.timestamp >= i.last_in.timestamp):
                 i.last_in = seen
             if (

@@ -17,6 +17,12 @@ Text over a CloudTalk field's limit is cut and ends in ``…``; a website or an 
 its limit is left out instead (a cut one would be broken).
 All commands of one integration share one lane (CloudTalk allows 60 requests a minute per
 company), which makes merging by phone or name safe.
+
+Each command says whose work it is (``priority``): ``bulk`` for a customer an initial import, a
+reconciliation pass, a backfill or a replay published (the envelope's ``via``), ``live`` for a
+webhook (a person's edit, a customer the calls or SMS flow created for an unknown number). The
+CloudTalk sink leaves ``CLOUDTALK_LIVE_RESERVE`` requests of each window to live commands, and
+a live command passes the bulk commands parked for it in its lane (:mod:`pipeline.sink.base`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ RULE_IMPORT_DISABLED = "import_disabled"
 RULE_NO_PHONE = "no_phone"
 RULE_NO_VALID_PHONE = "no_valid_phone"
 RULE_SHARED_OR_WHATSAPP = "shared_or_whatsapp"
+LIVE_VIAS = frozenset({"webhook"})  # the rest (import, poller, backfill, replay) is bulk work
+
+
+def priority_of(env: Envelope) -> str:
+    """``live`` for what a webhook brought, ``bulk`` for what a poller, a backfill or a replay did."""
+    return "live" if env.via in LIVE_VIAS else "bulk"
+
 
 LIMITS = limits.CLOUDTALK_CONTACT_FIELDS
 
@@ -161,6 +174,7 @@ def decide(env: Envelope, integration: Integration) -> Decision:
             "version": {"rev": attrs.get("rev"), "updated_at": attrs.get("updatedAt") or env.occurred_at},
             "merge_key": settings.merge_key,
             "contact": contact,
+            "priority": priority_of(env),
         },
     )
 

@@ -71,6 +71,7 @@ def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics:
     # counted per batch, added to the metrics once per batch
     emitted_n: Counter[str] = Counter()
     filtered_n: Counter[tuple[str, str]] = Counter()
+    imports_n: Counter[str] = Counter()  # bulk commands (an import, a reconciliation) per integration
 
     def one(record: ConsumerRecord, at: str, out: list[OutRecord], config: PipelineConfig, version: str | None) -> None:
         try:
@@ -102,8 +103,13 @@ def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics:
                         ),
                     )
                 )
-                trail.append(decision(d.integration, "emitted", command_id=d.command_id))
+                bulk = d.body.get("priority") == "bulk"
+                trail.append(
+                    decision(d.integration, "emitted", command_id=d.command_id, priority="bulk" if bulk else None)
+                )
                 emitted_n[ctype] += 1
+                if bulk:
+                    imports_n[d.integration] += 1
             else:
                 trail.append(decision(d.integration, "dropped", d.rule, d.detail or None))
                 filtered_n[(d.integration, d.rule)] += 1
@@ -142,8 +148,11 @@ def decisions_transform(flow: Flow, config: PipelineConfig | LiveConfig, topics:
             if c is None:
                 c = filtered[key] = m.events_filtered.labels(*key)
             c.inc(n)
+        for integration, n in imports_n.items():
+            m.import_commands.labels(integration, "emitted").inc(n)
         emitted_n.clear()
         filtered_n.clear()
+        imports_n.clear()
 
     return transform
 

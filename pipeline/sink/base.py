@@ -31,10 +31,10 @@ never holds the batch — nor, through the loop, the other partitions — for lo
    pending, and duplicates inside the batch. A command found ``started`` (its instance died
    mid-command) is planned with that entry as ``prior``: it will be reconciled. A command that
    cannot start now — its target account is held (:meth:`Effects.ready_at`: a 429's reset, an
-   outage), or it was parked until later — or whose lane waits behind such a command, is
-   *parked* at once: nothing is sent, no intent is written, and nothing waits for it (a waiting
-   batch would hold the loop's other partitions too). So is a command found ``started`` whose
-   settle time ends after the budget. No I/O.
+   outage; for bulk work also the live reserve), or it was parked until later — or whose lane
+   waits behind such a command, is *parked* at once: nothing is sent, no intent is written, and
+   nothing waits for it (a waiting batch would hold the loop's other partitions too). So is a
+   command found ``started`` whose settle time ends after the budget. No I/O.
 3. ``record_intents`` — commit ``started`` ledger entries for the planned commands that will run
    and are not started yet, in a transaction of their own on the lane's producer, *before* any
    effect — so a crash later is always detectable — then make them visible in the local ledger.
@@ -49,7 +49,9 @@ never holds the batch — nor, through the loop, the other partitions — for lo
    performing at a time; a lane that waits holds no slot); each sees the ledger index plus what
    earlier commands of the batch added. A ``RejectedError`` (the target refused for good) is that
    command's result. A ``DeferredError`` (a wait on the target would outlast the budget: nothing
-   in flight) parks the command with its progress, and the rest of its lane behind it. Any other
+   in flight) parks the command with its progress, and the rest of its lane behind it — only the
+   rest of its bulk work when it is bulk work with nothing unknown (``priority: bulk``, e.g. at
+   the live reserve, :func:`blocks_only_bulk`): live commands of the lane go on. Any other
    exception leaves the command *unfinished* (the target kept failing past the retry deadline)
    and stops its lane: later commands of the same key wait for it.
    No exception of ``perform`` leaves ``handle``; only a cancellation does (the task is cancelled):
@@ -234,6 +236,22 @@ class SinkSteps(Protocol):
     def report(self, rejections: Sequence[Rejection], outcomes: Outcomes) -> BatchResult: ...
 
 
+LIVE, BULK = "live", "bulk"  # a command's ``priority``: whose work it is (absent: live)
+
+
+def is_bulk(command: Mapping[str, Any]) -> bool:
+    """Bulk work (an initial import, a reconciliation): it uses what live work leaves."""
+    return command.get("priority") == BULK
+
+
+def blocks_only_bulk(command: Mapping[str, Any], reconcile: bool) -> bool:
+    """Whether a parked command holds back only the bulk commands behind it in its lane: it is
+    bulk work with nothing unknown (nothing of it in flight, nothing to look up first). A live
+    command may then go first: versions of one customer still apply in order (the sink skips an
+    older one), and the lane's commands still run one at a time, so merges stay safe."""
+    return is_bulk(command) and not reconcile
+
+
 def _epoch(iso: str) -> float:
     try:
         return parse_time(iso).timestamp()
@@ -292,6 +310,7 @@ class SinkStage:
         }
         m = metrics()
         self._commands = m.commands
+        self._imports = m.import_commands
         self._e2e = m.end_to_end_seconds
         self._lanes: dict[int, TopicPartition] = {}
 
@@ -332,12 +351,14 @@ class SinkStage:
         """When the partition's next pending command can start (Unix seconds), or None when none
         is pending: the earliest start of a lane's first pending command (the later ones of a lane
         wait for it)."""
-        heads: dict[str | None, float] = {}
+        heads: dict[tuple[str | None, bool], float] = {}  # (lane, blocks bulk commands only)
         now = time.time()
         for entry in self.ledger.pending(partition):
             key = (entry.source or {}).get("key")
-            if key not in heads:
-                heads[key] = max(self._start_at(entry.command or {}, entry, now)[0], now)
+            only_bulk = blocks_only_bulk(entry.command or {}, must_reconcile(entry))
+            if (key, False) in heads or (only_bulk and (key, True) in heads):
+                continue  # behind the lane's head
+            heads[(key, only_bulk)] = max(self._start_at(entry.command or {}, entry, now)[0], now)
         return min(heads.values()) if heads else None
 
     # -- one batch ---------------------------------------------------------------------------
@@ -389,6 +410,13 @@ class SinkStage:
         start = max(held, settled)
         return (start, held <= now) if start > now else (0.0, True)
 
+    def _held_reason(self, command: dict[str, Any], now: float) -> str:
+        """Why a command that may not start now is held: ``reserve`` when it is bulk work and a
+        live command would go now (only the live reserve is left), else ``held``."""
+        if is_bulk(command) and self.effects.ready_at({**command, "priority": LIVE}) <= now:
+            return "reserve"
+        return "held"
+
     def plan(self, partition: int, decoded: Sequence[Decoded], deadline: float | None = None) -> list[Planned]:
         """Step 2: the commands to perform, each with its ledger entry from before this batch.
 
@@ -408,17 +436,31 @@ class SinkStage:
         horizon = now + (self.budget_s if deadline is None else deadline - time.monotonic())
         planned: list[Planned] = []
         seen: set[str] = set()
-        blocked: dict[bytes | None, float] = {}  # lanes waiting behind a command that is not due
+        # lanes waiting behind a command that is not due: until when, and whether only bulk
+        # commands wait (the one ahead is bulk work with nothing unknown: live ones pass it)
+        blocked: dict[bytes | None, tuple[float, bool]] = {}
 
         def waits(start: float, settling_only: bool) -> bool:
             return start > (horizon if settling_only else now)
+
+        def ahead(key: bytes | None, command: dict[str, Any]) -> float | None:
+            """When the command's lane is free for it, or None when nothing stands in its way."""
+            b = blocked.get(key)
+            return None if b is None or (b[1] and not is_bulk(command)) else b[0]
+
+        def block(key: bytes | None, until: float, command: dict[str, Any], reconcile: bool) -> None:
+            before = blocked.get(key)
+            only_bulk = blocks_only_bulk(command, reconcile)
+            if before is not None:
+                until, only_bulk = max(before[0], until), before[1] and only_bulk
+            blocked[key] = (until, only_bulk)
 
         for entry in self.ledger.pending(partition):
             seen.add(entry.command_id)
             key = record_key(entry)
             start, settling_only = self._start_at(entry.command or {}, entry, now)
-            if key in blocked or waits(start, settling_only):
-                blocked[key] = max(blocked.get(key, 0.0), start)
+            if ahead(key, entry.command or {}) is not None or waits(start, settling_only):
+                block(key, start, entry.command or {}, must_reconcile(entry))
                 continue
             planned.append(Planned(record_of(entry), entry.command or {}, entry, entry.attempt, start, pending=True))
         for d in decoded:
@@ -438,11 +480,15 @@ class SinkStage:
             attempt = prior.attempt + (0 if prior.state in (STARTED, PARKED) else 1) if prior else 1
             start, settling_only = self._start_at(command, prior, now)
             p = Planned(record, command, prior, attempt, start)
-            if record.key in blocked or waits(start, settling_only):
-                not_before = max(start, blocked.get(record.key, 0.0))
-                blocked[record.key] = not_before
-                reason = "lane" if not waits(start, settling_only) else ("settle" if settling_only else "held")
+            lane_free_at = ahead(record.key, command)
+            if lane_free_at is not None or waits(start, settling_only):
+                not_before = max(start, lane_free_at or 0.0)
+                if not waits(start, settling_only):
+                    reason = "lane"
+                else:
+                    reason = "settle" if settling_only else self._held_reason(command, now)
                 p.park = self._parked(p, reason, not_before)
+                block(record.key, not_before, command, p.park.reconcile)
             planned.append(p)
         return planned
 
@@ -528,13 +574,24 @@ class SinkStage:
 
         async def perform_lane(indexes: list[int]) -> None:
             waiting: Parked | None = None  # the lane waits behind this
+            bulk_waiting: Parked | None = None  # the lane's bulk commands wait behind this
+
+            def hold_lane(parked: Parked, command: dict[str, Any]) -> None:
+                nonlocal waiting, bulk_waiting
+                if blocks_only_bulk(command, parked.reconcile):
+                    bulk_waiting = parked
+                else:
+                    waiting = parked
+
             for i in indexes:
                 p = planned[i]
                 if p.park is not None:
-                    results[i] = waiting = p.park
+                    results[i] = p.park
+                    hold_lane(p.park, p.command)
                     continue
-                if waiting is not None:
-                    results[i] = self._parked(p, "lane", waiting.not_before)
+                before = waiting or (bulk_waiting if is_bulk(p.command) else None)
+                if before is not None:
+                    results[i] = self._parked(p, "lane", before.not_before)
                     continue
                 try:
                     await self.settle(p)  # 4
@@ -544,7 +601,8 @@ class SinkStage:
                 except RejectedError as exc:
                     results[i] = exc
                 except DeferredError as exc:
-                    results[i] = waiting = self._parked(p, exc.reason, exc.until, exc.steps, exc.unsettled)
+                    results[i] = parked = self._parked(p, exc.reason, exc.until, exc.steps, exc.unsettled)
+                    hold_lane(parked, p.command)
                 except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
                     results[i] = exc
                     log.warning(
@@ -576,9 +634,16 @@ class SinkStage:
             cid, ctype = p.command["command_id"], p.command["type"]
             result = results.get(i)
             event_id, integration = p.command.get("event_id", cid), p.command.get("integration", "")
+            bulk = BULK if is_bulk(p.command) else None
 
-            def audit(entry: dict[str, Any], event_id: str = event_id) -> OutRecord:
+            def audit(entry: dict[str, Any], event_id: str = event_id, bulk: str | None = bulk) -> OutRecord:
+                if bulk:
+                    entry["priority"] = bulk
                 return audit_record(self.audit_topic, event_id=event_id, stage=self.name, at=at, decisions=[entry])
+
+            def count_import(outcome: str, bulk: str | None = bulk, integration: str = integration) -> None:
+                if bulk:
+                    self._imports.labels(integration, outcome).inc()
 
             if isinstance(result, Done):
                 entry = LedgerEntry(cid, DONE, attempt=p.attempt, steps=result.steps, outcome=result.outcome)
@@ -588,6 +653,7 @@ class SinkStage:
                     self.stats["reconciled"] += 1
                 self._commands.labels(self.effects.target, ctype, result.outcome.split(":")[0]).inc()
                 what = "skipped" if result.outcome.startswith("skipped") else "done"
+                count_import(what)
                 out.outputs.append(
                     audit(decision(integration, what, result.outcome, orjson.dumps(result.steps).decode(), cid))
                 )
@@ -606,6 +672,7 @@ class SinkStage:
                 )
                 self.stats["failed"] += 1
                 self._commands.labels(self.effects.target, ctype, "rejected").inc()
+                count_import("dead_lettered")
                 out.rejections.append(Rejection(p.record, TARGET_REJECTED, str(result)))
                 out.outputs.append(
                     audit(decision(integration, "dead_lettered", f"http_{result.status}", str(result)[:500], cid))
@@ -624,6 +691,7 @@ class SinkStage:
                 )
                 self.stats["parked"] += 1
                 self._commands.labels(self.effects.target, ctype, "parked").inc()
+                count_import("parked")
                 log.info(
                     "command_parked",
                     command_id=cid,

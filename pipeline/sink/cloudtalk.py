@@ -27,6 +27,13 @@
    the newest source's value of every other field; company name, favorite agent
    ("Created by" user → CloudTalk agent with the same e-mail) and country id are resolved once;
 5. add the contact, or edit only the keys that differ; nothing differs → no request.
+
+**Live first**: a bulk command (``priority: bulk`` — an initial import, a reconciliation) may only
+take a request while the company's window has more than ``live_reserve`` requests left
+(``CLOUDTALK_LIVE_RESERVE``): :meth:`CloudTalkEffects.ready_at` says so before it starts, and
+every request it makes leaves the reserve (:func:`~pipeline.clients.http.leave_reserve`); at the
+reserve it is parked until the window resets (reason ``reserve``), and live commands — a person's
+edit, a customer the calls or SMS flow created — take what is left within seconds.
 """
 
 from __future__ import annotations
@@ -38,12 +45,12 @@ from typing import Any, cast
 import aiohttp
 
 from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
-from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find
+from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find, leave_reserve
 from pipeline.core import limits
 from pipeline.core.config import PipelineConfig
 from pipeline.core.observability import get_logger
 from pipeline.core.phones import normalize_e164
-from pipeline.sink.base import Done
+from pipeline.sink.base import Done, is_bulk
 from pipeline.sink.contact_index import (
     ContactIndexStore,
     decide,
@@ -84,8 +91,10 @@ class CloudTalkEffects:
         refresh_s: float = 600.0,
         settle_s: float = 20.0,
         index: ContactIndexStore | None = None,
+        live_reserve: int = 10,
     ) -> None:
         self.ct, self.kustomer = cloudtalk, kustomer
+        self.live_reserve = live_reserve  # requests of each window bulk commands leave to live ones
         self.index = index
         self.settle_s = settle_s
         self.refresh_s = refresh_s
@@ -97,9 +106,12 @@ class CloudTalkEffects:
         self._countries: dict[str, int] | None = None
 
     def ready_at(self, command: dict[str, Any]) -> float:
-        """When the CloudTalk company's window takes requests again (Unix seconds; 0 = now). A
-        Kustomer org that is held makes only the commands that need it wait (when they ask)."""
-        return self.ct.executor.window.ready_at() if isinstance(self.ct, ApiClient) else 0.0
+        """When the CloudTalk company's window takes the command's requests again (Unix seconds;
+        0 = now): held, or spent — for a bulk command, down to the live reserve. A Kustomer org
+        that is held makes only the commands that need it wait (when they ask)."""
+        if not isinstance(self.ct, ApiClient):
+            return 0.0
+        return self.ct.executor.window.ready_at(leave=self.live_reserve if is_bulk(command) else 0)
 
     def forget(self, integration: str) -> None:
         """Drop what is cached about ``integration``'s Kustomer org (its client was rebuilt)."""
@@ -300,6 +312,12 @@ class CloudTalkEffects:
 
     # -- the effect ----------------------------------------------------------------------------
     async def perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
+        if not is_bulk(command):
+            return await self._perform(command, prior, index)
+        with leave_reserve(self.live_reserve):  # at the reserve: DeferredError("reserve"), parked
+            return await self._perform(command, prior, index)
+
+    async def _perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
         integration, customer_id = command["integration"], command["customer_id"]
         version, contact = command["version"], command["contact"]
         if integration not in self.kustomer:

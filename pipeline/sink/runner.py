@@ -90,7 +90,11 @@ async def build_cloudtalk_stage(
         )
     )
     effects = CloudTalkEffects(
-        cloudtalk_sink_client(session, live.current, policy, window), clients.clients, settle_s=settle_s, index=index
+        cloudtalk_sink_client(session, live.current, policy, window),
+        clients.clients,
+        settle_s=settle_s,
+        index=index,
+        live_reserve=env_int(os.environ, "CLOUDTALK_LIVE_RESERVE", 10, minimum=0),
     )
 
     def changed(_old: PipelineConfig, new: PipelineConfig) -> None:
