@@ -57,6 +57,19 @@ def env_float(env: Mapping[str, str], name: str, default: float, minimum: float 
     return value
 
 
+_ON, _OFF = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def env_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``on``/``off`` (also true/false, yes/no, 1/0, any case); anything else is a SettingsError."""
+    raw = _get(env, name, "on" if default else "off").strip().lower()
+    if raw in _ON:
+        return True
+    if raw in _OFF:
+        return False
+    raise SettingsError(f"{name}: expected on or off, got {raw!r}")
+
+
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _SASL_VARS = ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_USERNAME_FILE", "KAFKA_SASL_PASSWORD_FILE")

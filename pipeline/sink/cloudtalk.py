@@ -73,6 +73,8 @@ from pipeline.sink.ports import CloudTalkApi, KustomerLookups
 
 log = get_logger(__name__)
 
+INDEX_RETRY_S = 60.0  # a contacts index that could not be loaded is tried again after this long
+
 
 def is_exported(command: Mapping[str, Any]) -> bool:
     """The customer was exported from a CloudTalk contact: the export writes the contact id, all
@@ -96,6 +98,7 @@ class CloudTalkEffects:
         self.ct, self.kustomer = cloudtalk, kustomer
         self.live_reserve = live_reserve  # requests of each window bulk commands leave to live ones
         self.index = index
+        self._index_retry_at = 0.0  # after a failed load: when to try loading the index again
         self.settle_s = settle_s
         self.refresh_s = refresh_s
         self._own_users: dict[str, str | None] = {}
@@ -209,13 +212,15 @@ class CloudTalkEffects:
         return out
 
     async def _index_ready(self) -> bool:
-        """The contacts index is loaded (the first call loads it); False: decide as without it."""
-        if self.index is None:
+        """The contacts index is loaded (the first call loads it); False: decide as without it.
+        A load that failed is tried again after ``INDEX_RETRY_S``, not for every command."""
+        if self.index is None or time.monotonic() < self._index_retry_at:
             return False
         try:
             await self.index.start()
         except Exception as exc:  # noqa: BLE001 - without the index the sink asks CloudTalk, as before
-            log.warning("contact_index_unavailable", error=f"{type(exc).__name__}: {exc}")
+            self._index_retry_at = time.monotonic() + INDEX_RETRY_S
+            log.warning("contact_index_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=INDEX_RETRY_S)
             return False
         return True
 

@@ -26,7 +26,7 @@ from pipeline.clients.kustomer import KustomerClients
 from pipeline.core.config import PipelineConfig, Secret
 from pipeline.core.live_config import LiveConfig
 from pipeline.core.observability import get_logger
-from pipeline.core.settings import ServiceSettings, env_float, env_int
+from pipeline.core.settings import ServiceSettings, env_float, env_int, env_switch
 from pipeline.kafka.loop import LoopSettings, TransactionalLoop
 from pipeline.kafka.service import run_loop_service, start_logging
 from pipeline.kafka.topics import Topics
@@ -79,7 +79,7 @@ async def build_cloudtalk_stage(
     window = RateWindow(reserve=0, fallback_per_minute=live.current.cloudtalk.rate_limit_per_minute)
     index = (
         None
-        if os.environ.get("CLOUDTALK_INDEX", "on").strip().lower() in ("off", "0", "false", "no")
+        if not env_switch(os.environ, "CLOUDTALK_INDEX", True)
         else ContactIndexStore(
             settings.kafka.bootstrap,
             topics.contacts_index,

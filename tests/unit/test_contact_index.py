@@ -414,3 +414,31 @@ async def test_an_index_that_is_behind_is_corrected_by_the_show_before_merging(s
         await s.learn([entry_from_show(await ct.get_contact(cid), 1.0)])  # an old show: ignored
     done = await effects.perform(command(1, "Customer", ["+421905300001"], merge_key="phone"), None, {})
     assert done.outcome == ("created" if stale_number else "merged")
+
+
+async def test_an_index_that_cannot_be_loaded_leaves_the_import_to_search_and_is_tried_again_later(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """The index topic missing (or the broker away for it): the import decides as without the
+    index — by asking CloudTalk — and the load is not tried again for every command."""
+    ct = FakeCloudTalk()
+    s = ContactIndexStore("unused:9092", "idx", "raw")
+    loads = 0
+
+    async def failing_start() -> None:
+        nonlocal loads
+        loads += 1
+        raise RuntimeError("topic idx does not exist (pipeline topics ensure)")
+
+    monkeypatch.setattr(s, "start", failing_start)
+    effects = CloudTalkEffects(ct, {"support": NoKustomer()}, index=s)
+    outcomes = []
+    for n in range(3):
+        done = await effects.perform(command(n, f"Customer {n}", [f"+4219053{n:05d}"]), None, {})
+        outcomes.append(done.outcome)
+    assert outcomes == ["created"] * 3 and len(ct.contacts) == 3
+    assert any(r.startswith("index keyword=+4219053") for r in ct.requests), "searched, as without the index"
+    assert loads == 1, "one load attempt until the retry time has passed"
+    effects._index_retry_at = 0.0  # noqa: SLF001 - the retry time has passed
+    await effects.perform(command(9, "Customer 9", ["+421905399999"]), None, {})
+    assert loads == 2

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pipeline.core.progress import Progress, format_duration
-from pipeline.core.settings import SettingsError
+from pipeline.core.settings import SettingsError, env_switch
 from pipeline.ops.inspect import parse_when, table
 from pipeline.ops.status import GROUPS
 from pipeline.ops.trace import Step, in_order, parse_query
@@ -162,3 +162,11 @@ def test_status_looks_at_the_groups_the_services_join():
     expected = {f"process-{f.name}": f.input_base for f in FLOWS.values()}
     expected |= {f"sink-{target}": attr for target, (attr, _build) in SINKS.items()}
     assert expected == GROUPS
+
+
+def test_a_switch_takes_on_or_off_and_refuses_anything_else_by_name():
+    assert env_switch({}, "CLOUDTALK_INDEX", True) is True
+    assert env_switch({"CLOUDTALK_INDEX": "OFF"}, "CLOUDTALK_INDEX", True) is False
+    assert env_switch({"CLOUDTALK_INDEX": "yes"}, "CLOUDTALK_INDEX", False) is True
+    with pytest.raises(SettingsError, match=r"^CLOUDTALK_INDEX: expected on or off, got 'of'$"):
+        env_switch({"CLOUDTALK_INDEX": "of"}, "CLOUDTALK_INDEX", True)
