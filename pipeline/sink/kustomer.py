@@ -82,6 +82,8 @@ class KustomerEffects:
         self.clients = clients  # may change between commands (a reloaded integrations file)
         self.settle_s = settle_s
         self.customer_recheck_s = customer_recheck_s
+        found = metrics().kustomer_customers  # how a number's customer was found, by result
+        self._customers = {r: found.labels(r) for r in ("remembered", "looked_up", "refused")}
         # a 401: read the integrations file and its secrets again (a rotated key rebuilds the client)
         self.reread_secrets = reread_secrets
         self.conversation_limit = KeyedLimiter(per_customer_per_minute, 60.0)
@@ -157,10 +159,10 @@ class KustomerEffects:
         if not customer_id:
             customer_id = remembered_customer(index, ckey, time.time(), self.customer_recheck_s)
             if customer_id:
-                metrics().kustomer_customers.labels("remembered").inc()
+                self._customers["remembered"].inc()
             else:
                 customer_id, looked_up = await self._find_or_create_customer(client, wanted, steps), True
-                metrics().kustomer_customers.labels("looked_up").inc()
+                self._customers["looked_up"].inc()
             if not customer_id:
                 return Done(steps, "skipped:customer_not_found", forget(index, ckey))
             steps["customer_id"] = customer_id
@@ -183,7 +185,7 @@ class KustomerEffects:
                 # the customer the index (or an earlier attempt) gave may be gone: deleted, or merged
                 # into another. The refused request did not happen; the number is looked up again.
                 stale = customer_id
-                metrics().kustomer_customers.labels("refused").inc()
+                self._customers["refused"].inc()
                 del steps["customer_id"]
                 customer_id = await self._find_or_create_customer(client, wanted, steps)
                 log.info(
