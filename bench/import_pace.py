@@ -82,8 +82,10 @@ from pipeline.kafka.topics import Topics, ensure_topics  # noqa: E402
 # variant name -> environment given to the CloudTalk sink (one line per pipeline path); the
 # baseline is the import without the contacts index (keyword search per phone and name)
 VARIANTS: dict[str, dict[str, str]] = {
-    "search": {"CLOUDTALK_INDEX": "off"},
-    "index": {},
+    "search": {"CLOUDTALK_INDEX": "off", "CLOUDTALK_BULK_MAX": "1"},  # no index: keyword search and shows
+    "index": {"CLOUDTALK_BULK_MAX": "1", "CLOUDTALK_INDEX_COMPLETE": "0"},  # the index; one request per write
+    "bulk": {"CLOUDTALK_INDEX_COMPLETE": "0"},  # + bulk writes (asking about new numbers first)
+    "complete": {},  # the product's defaults: + a small CloudTalk's listed contacts shown once
 }
 BASELINE = "search"
 

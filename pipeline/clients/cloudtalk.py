@@ -24,6 +24,7 @@ import aiohttp
 
 from pipeline.clients.http import (
     CLOUDTALK_RATE_HEADERS,
+    AmbiguousOutcomeError,
     ApiClient,
     HttpExecutor,
     RateWindow,
@@ -171,6 +172,28 @@ class ContactBody(TypedDict, total=False):
     ContactEmail: list[ContactEmail] | str
     ContactsTag: list[ContactsTag] | str
     ContactAttribute: list[ContactAttributeValue] | str
+
+
+class BulkCommand(TypedDict):
+    """One command of ``POST /bulk/contacts.json``: ``add_contact`` (``data``: the add body),
+    ``edit_contact`` (``data``: ``id`` plus the edit body), …; ``command_id`` is echoed in its result."""
+
+    action: str
+    command_id: str
+    data: dict[str, Any]
+
+
+class BulkResult(TypedDict, total=False):
+    """One command's result in a bulk answer: the single endpoint's ``responseData`` (``status``,
+    ``data`` — an add's ``{"id"}``, a 406's messages per field —, ``message``) plus its ``command_id``."""
+
+    command_id: str
+    status: int
+    data: Any
+    message: str
+
+
+BULK_MAX = 10  # commands per bulk request, at most (§3.4)
 
 
 class Country(TypedDict):
@@ -403,6 +426,29 @@ class CloudTalkClient(ApiClient):
             "POST", f"/contacts/edit/{contact_id}.json", "contacts.edit", json=body, accept=(404,)
         )
         return response.status != 404
+
+    async def bulk_contacts(self, commands: Sequence[BulkCommand], *, cost: int = 1) -> list[BulkResult]:
+        """``POST /bulk/contacts.json`` with 1 to :data:`BULK_MAX` commands → one result per
+        command, in order (each applied on its own: a partial failure is still a 200). ``cost``:
+        the operations the request takes from the company's window (one per command under the
+        cautious reading). Not idempotent: an ambiguous failure raises ``AmbiguousOutcomeError``
+        for the whole request."""
+        if not 1 <= len(commands) <= BULK_MAX:
+            raise ValueError(f"a bulk request carries 1 to {BULK_MAX} commands, not {len(commands)}")
+        response = await self._call(
+            "POST", "/bulk/contacts.json", "contacts.bulk", json=list(commands), idempotent=False, cost=cost
+        )
+        results = _response_data(response.body).get("data")
+        if not isinstance(results, list) or len(results) != len(commands):  # applied or not: unknown
+            got = len(results) if isinstance(results, list) else "no"
+            raise AmbiguousOutcomeError(
+                TARGET,
+                "contacts.bulk",
+                response.status,
+                f"{got} results for {len(commands)} commands",
+                response.sent_at,
+            )
+        return [r if isinstance(r, dict) else {"status": 0} for r in results]  # type: ignore[misc]
 
     async def delete_contact(self, contact_id: int | str) -> bool:
         """``DELETE /contacts/delete/{id}.json``; False when it was already gone."""

@@ -319,11 +319,15 @@ class RateWindow:
         return at
 
     def spare(self, now: float | None = None, leave: int = 0) -> int | None:
-        """Requests left in the current window above the reserve (at least ``leave``), or None when
-        the window is not known (no headers yet, or it has reset since the last answer)."""
+        """Requests left in the current window above the reserve (at least ``leave``): once the
+        window has reset since the last answer, the whole limit; None when nothing is known yet."""
         now = time.time() if now is None else now
-        if self.remaining is None or self.reset_at is None or self.reset_at <= now:
+        if self.remaining is None or self.reset_at is None:
             return None
+        if self.reset_at <= now:
+            if self.limit is None:
+                return None
+            return max(0, self.limit - max(self.reserve, leave))
         return max(0, self.remaining - max(self.reserve, leave))
 
     def delay_before_next(self, now: float | None = None) -> float:
@@ -344,14 +348,17 @@ class RateWindow:
         gap = (self.reset_at - now) / left
         return max(0.0, self._last_sent + gap - now)
 
-    async def acquire(self) -> None:
+    async def acquire(self, cost: int = 1) -> None:
         """Take the next send time of this window (and wait for it): concurrent callers get
-        successive times. Raises :class:`DeferredError` — having taken nothing — when the wait
-        would outlast the caller's budget."""
+        successive times. ``cost``: the operations the request takes from the window (a bulk
+        request read as one per item); one the window can no longer take waits for its reset
+        rather than being refused as a whole. Raises :class:`DeferredError` — having taken
+        nothing — when the wait would outlast the caller's budget."""
         now = time.time()
         leave = _RESERVE.get()
-        if leave and self.spare(now, leave) == 0:  # bulk work: the rest of the window is live traffic's
-            await pause(self.seconds_to_reset(now) + random.uniform(0.0, 0.05), "reserve")
+        spare = self.spare(now, leave) if (leave or cost > 1) else None
+        if spare is not None and spare < cost:  # bulk work: the rest of the window is live traffic's
+            await pause(self.seconds_to_reset(now) + random.uniform(0.0, 0.05), "reserve" if leave else "pacing")
             now = time.time()
         delay = self.delay_before_next(now)
         if delay > 0:
@@ -361,7 +368,7 @@ class RateWindow:
                 raise exc
         self._last_sent = now + delay  # no await since the delay was computed: the time is ours
         if self.remaining is not None:
-            self.remaining -= 1  # optimistic; the response header corrects it
+            self.remaining -= cost  # optimistic; the response header corrects it
         if delay > 0:
             await _sleep(delay)
 
@@ -460,12 +467,15 @@ class HttpExecutor:
         params: Mapping[str, Any] | None = None,
         accept: tuple[int, ...] = (),
         idempotent: bool = True,
+        cost: int = 1,
     ) -> ApiResponse:
-        """``idempotent=False`` (creates): a failure after the request was sent raises
-        :class:`AmbiguousOutcomeError` instead of being retried — unless the target answered a
-        status of ``policy.unprocessed_statuses``; failures before it was sent (no connection) and
-        429s are retried as usual. Inside a :func:`wait_budget` any wait that would outlast it
-        raises :class:`DeferredError` (nothing in flight)."""
+        """``cost``: the operations the request takes from the account's window (a bulk request
+        read as one per item, :meth:`RateWindow.acquire`). ``idempotent=False`` (creates): a
+        failure after the request was sent raises :class:`AmbiguousOutcomeError` instead of being
+        retried — unless the target answered a status of ``policy.unprocessed_statuses``; failures
+        before it was sent (no connection) and 429s are retried as usual. Inside a
+        :func:`wait_budget` any wait that would outlast it raises :class:`DeferredError` (nothing
+        in flight)."""
         # The policy's steps after a transient failure, as tenacity takes them: the wait, the stop
         # check (attempts, time since the first attempt), the retry log line, the backoff. The
         # attempt state is this request's own (lanes share the executor), and it is only made
@@ -475,7 +485,7 @@ class HttpExecutor:
         state: RetryCallState | None = None
         while True:
             try:
-                return await self._attempt(method, url, op, json, params, accept, idempotent)
+                return await self._attempt(method, url, op, json, params, accept, idempotent, cost)
             except _Transient as exc:
                 failure = exc
             if state is None:
@@ -501,11 +511,12 @@ class HttpExecutor:
         params: Mapping[str, Any] | None,
         accept: tuple[int, ...],
         idempotent: bool,
+        cost: int = 1,
     ) -> ApiResponse:
         """One attempt (its 429 waits included); a transient failure of a create that may have
         been performed is ambiguous, not retried."""
         try:
-            return await self._until_not_rate_limited(method, url, op, body, params, accept)
+            return await self._until_not_rate_limited(method, url, op, body, params, accept, cost)
         except _Transient as exc:
             if not idempotent and exc.sent and exc.status not in self.policy.unprocessed_statuses:
                 raise AmbiguousOutcomeError(self.target, op, exc.status, str(exc), exc.sent_at) from None
@@ -525,11 +536,18 @@ class HttpExecutor:
             await pause(seconds, "backoff")
 
     async def _until_not_rate_limited(
-        self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None, accept: tuple[int, ...]
+        self,
+        method: str,
+        url: str,
+        op: str,
+        body: Any,
+        params: Mapping[str, Any] | None,
+        accept: tuple[int, ...],
+        cost: int = 1,
     ) -> ApiResponse:
         # A 429 waits for the reset the headers announce and is not a retry attempt.
         while True:
-            response = await self._send_once(method, url, op, body, params)
+            response = await self._send_once(method, url, op, body, params, cost)
             outcome = response.outcome
             if outcome is Outcome.RATE_LIMITED:
                 self.rate_limited += 1
@@ -551,9 +569,9 @@ class HttpExecutor:
             raise RejectedError(self.target, op, response.status, _error_message(response), response.body)
 
     async def _send_once(
-        self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None
+        self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None, cost: int = 1
     ) -> ApiResponse:
-        await self.window.acquire()
+        await self.window.acquire(cost)
         headers = dict(self.default_headers)
         data = None
         if body is not None:
@@ -631,6 +649,7 @@ class ApiClient:
         params: Mapping[str, Any] | None = None,
         accept: tuple[int, ...] = (),
         idempotent: bool = True,
+        cost: int = 1,
     ) -> ApiResponse:
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         try:
@@ -642,6 +661,7 @@ class ApiClient:
                 params=query or None,
                 accept=accept,
                 idempotent=idempotent,
+                cost=cost,
             )
         except RejectedError as exc:
             raise self._rejected(exc) from None

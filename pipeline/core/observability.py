@@ -567,6 +567,14 @@ class Metrics:
         self.commands = Counter(
             "pipeline_commands_total", "Commands finished by sinks, by outcome", ["target", "op", "outcome"], registry=r
         )
+        self.bulk_commands = Counter(
+            "pipeline_bulk_commands_total",
+            "Writes a sink sent in bulk requests, by how each settled: done, rejected (dead letter), retry"
+            " (parked, failed on its own), deferred (the request waited: parked), unknown (the answer was lost:"
+            " looked up first)",
+            ["target", "result"],
+            registry=r,
+        )
         self.kustomer_customers = Counter(
             "pipeline_kustomer_customers_total",
             "How the Kustomer sink found a number's customer: remembered, looked_up, refused (a remembered one gone)",
@@ -576,7 +584,8 @@ class Metrics:
         self.cloudtalk_index_decisions = Counter(
             "pipeline_cloudtalk_index_decisions_total",
             "How the CloudTalk sink's contacts index answered a lookup: hit, miss (create without asking),"
-            " asked (CloudTalk searched), refreshed (the listing's tail or all of it read first)",
+            " asked (CloudTalk searched), refreshed (the listing's tail or all of it read first), completed (a"
+            " contact known only from the listing shown in full, for bulk work)",
             ["result"],
             registry=r,
         )

@@ -6,7 +6,8 @@ The contract, in the spirit of Kafka Connect's ``SinkTask`` (``put`` / ``flush``
   effects exist at the target and returns :class:`Done` with the ids it wrote (Connect's ``put``,
   one command at a time). ``prior`` is the ledger entry when the command was started before (a
   crash between an HTTP call and the commit): the effects must then be *reconciled* — looked up
-  before anything is written again;
+  before anything is written again. A target that takes several writes in one request
+  implements :class:`BulkEffects` too: ``prepare`` a command up to its write, ``write`` a group;
 * :class:`SinkStage` does the bookkeeping around it — which commands to perform, durable intents
   before any effect, durable outcomes committed with the offsets, and how far the offsets may
   advance (Connect's ``preCommit``; the loop's transaction is the ``flush``). Its steps are
@@ -54,6 +55,16 @@ never holds the batch — nor, through the loop, the other partitions — for lo
    the live reserve, :func:`blocks_only_bulk`): live commands of the lane go on. Any other
    exception leaves the command *unfinished* (the target kept failing past the retry deadline)
    and stops its lane: later commands of the same key wait for it.
+   *In bulk* (effects that are :class:`BulkEffects`, e.g. CloudTalk's import): a lane's bulk work
+   is prepared one command at a time (every decision and read, no write) and its writes wait in a
+   group, sent as one request once ``bulk_max`` wait, a live command comes (it is performed at
+   once, after the group), the account's window would not take more (``room``) or the lane ends.
+   A command whose decisions read what a waiting write changes (``depends_on`` against the
+   writes' ``touches``) is prepared only after the group is sent; one whose write touches what a
+   waiting write touches is prepared again after it. Each write of the answer settles on its own,
+   as a performed command does; an unfinished one stops the lane (the group's other commands keep
+   their outcomes). The intents of step 3 cover the whole batch, so a crash between a bulk request
+   and the commit reconciles each of its commands on its own.
    No exception of ``perform`` leaves ``handle``; only a cancellation does (the task is cancelled):
    nothing is produced with the offsets, and as the intents are durable, whatever ran is
    reconciled when the batch is handled again (here, or by the partition's next owner).
@@ -92,7 +103,7 @@ import time
 from collections import ChainMap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from aiokafka import TopicPartition
@@ -160,6 +171,49 @@ class Effects(Protocol):
     def ready_at(self, command: dict[str, Any]) -> float:
         """When the command's target account takes requests again (Unix seconds; 0 = now)."""
         ...
+
+
+@dataclass(slots=True)
+class Write:
+    """One command's write, made ready by :meth:`BulkEffects.prepare` to share one bulk request
+    with the writes of the commands after it. ``item``: the request's entry for it, in the
+    target's format; ``touches``: what the write changes at the target (a contact id, its numbers,
+    e-mails, name), so a later command whose decisions read any of it is prepared only once the
+    write is made; ``context``: what the effects need to finish the command from its answer."""
+
+    command_id: str
+    item: dict[str, Any]
+    touches: frozenset[str]
+    context: Any = None
+
+
+class BulkEffects(Effects, Protocol):
+    """A target that writes several commands in one request (CloudTalk's bulk endpoint).
+
+    The stage asks it, per command of a lane: :meth:`wants_bulk` — may this command's write wait
+    for others?; :meth:`depends_on` — what its decisions read (compared with what the writes
+    waiting in the group touch); :meth:`prepare` — everything but the write: a :class:`Done`
+    when nothing needs writing, else a :class:`Write`; :meth:`room` — may one more write be
+    prepared before the group is sent (the account's window still takes the request)?;
+    :meth:`write` — one request for up to ``bulk_max`` writes, a result per write in their
+    order, each settled on its own: a :class:`Done`, a ``RejectedError`` (dead letter), a
+    ``DeferredError`` (parked; ``unsettled`` when the write may have happened) or another
+    exception (unfinished: the command's intent stays ``started`` and is reconciled).
+    ``prepare`` raises as :meth:`Effects.perform` does."""
+
+    bulk_max: int  # writes per request (≤ 1: every command is performed on its own)
+
+    def wants_bulk(self, command: dict[str, Any], prior: LedgerEntry | None) -> bool: ...
+
+    def depends_on(self, command: dict[str, Any]) -> frozenset[str]: ...
+
+    def room(self, waiting: int) -> bool: ...
+
+    async def prepare(
+        self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]
+    ) -> Done | Write: ...
+
+    async def write(self, writes: Sequence[Write]) -> list[Done | Exception]: ...
 
 
 @dataclass(slots=True)
@@ -252,6 +306,10 @@ def blocks_only_bulk(command: Mapping[str, Any], reconcile: bool) -> bool:
     return is_bulk(command) and not reconcile
 
 
+class _LaneStopped(Exception):
+    """A write sent in bulk is unfinished: the lane stops behind it (step 5)."""
+
+
 def _epoch(iso: str) -> float:
     try:
         return parse_time(iso).timestamp()
@@ -313,11 +371,21 @@ class SinkStage:
         self._imports = m.import_commands
         self._e2e = m.end_to_end_seconds
         self._lanes: dict[int, TopicPartition] = {}
+        # for the settle time of commands found ``started`` (:meth:`_start_at`): when this instance
+        # took each partition over, and when its own unfinished attempts ended (Unix seconds)
+        self._assigned_at: dict[int, float] = {}
+        self._attempted_at: dict[str, float] = {}
+        # the effects write several commands per request (BulkEffects with bulk_max > 1), or not
+        self._bulk: BulkEffects | None = (
+            cast(BulkEffects, effects) if int(getattr(effects, "bulk_max", 0) or 0) > 1 else None
+        )
 
     # -- partitions --------------------------------------------------------------------------
     async def on_assigned(self, lanes: Mapping[TopicPartition, Lane]) -> None:
         await self.ledger.load(sorted(tp.partition for tp in lanes))
+        now = time.time()
         for tp in lanes:
+            self._assigned_at[tp.partition] = now
             self._lanes[tp.partition] = tp
             self._wake(tp.partition)
 
@@ -325,6 +393,7 @@ class SinkStage:
         self.ledger.drop({tp.partition for tp in partitions})
         for tp in partitions:
             self._lanes.pop(tp.partition, None)
+            self._assigned_at.pop(tp.partition, None)
         if self.waker is not None:
             self.waker.forget(partitions)
 
@@ -332,6 +401,8 @@ class SinkStage:
         """The batch's transaction committed: its ledger entries and index updates are durable."""
         if result.context:
             entries, index_updates = result.context
+            for entry in entries:
+                self._attempted_at.pop(entry.command_id, None)
             self.ledger.apply(lane.tp.partition, entries)
             self.ledger.apply_index(lane.tp.partition, index_updates)
         self._lanes.setdefault(lane.tp.partition, lane.tp)
@@ -358,7 +429,7 @@ class SinkStage:
             only_bulk = blocks_only_bulk(entry.command or {}, must_reconcile(entry))
             if (key, False) in heads or (only_bulk and (key, True) in heads):
                 continue  # behind the lane's head
-            heads[(key, only_bulk)] = max(self._start_at(entry.command or {}, entry, now)[0], now)
+            heads[(key, only_bulk)] = max(self._start_at(entry.command or {}, entry, now, partition)[0], now)
         return min(heads.values()) if heads else None
 
     # -- one batch ---------------------------------------------------------------------------
@@ -399,14 +470,28 @@ class SinkStage:
             decoded.append(Decoded(record, command))
         return decoded, rejections
 
-    def _start_at(self, command: dict[str, Any], prior: LedgerEntry | None, now: float) -> tuple[float, bool]:
+    def _start_at(
+        self, command: dict[str, Any], prior: LedgerEntry | None, now: float, partition: int
+    ) -> tuple[float, bool]:
         """When a command may start (Unix seconds; 0 = now) — its account's hold, a parked
         command's ``not_before``, a ``started`` one's settle time — and whether only the settle
-        time stands in the way (a wait a batch may take; the others are never waited for)."""
+        time stands in the way (a wait a batch may take; the others are never waited for).
+
+        The settle time counts from the last moment a request of the command can have been sent:
+        its intent, or — as a batch's intents are all written before its first effect, and its
+        requests leave one after another — when this instance took the partition over (whoever
+        sent it had stopped by then), or when this instance's own attempt ended."""
         held = self.effects.ready_at(command) if command else 0.0
         if prior is not None and prior.state == PARKED:
             held = max(held, prior.not_before or 0.0)
-        settled = _epoch(prior.at) + self.settle_s if prior is not None and prior.state == STARTED else 0.0
+        settled = 0.0
+        if prior is not None and prior.state == STARTED:
+            sent_by = max(
+                _epoch(prior.at),
+                self._assigned_at.get(partition, 0.0),
+                self._attempted_at.get(prior.command_id, 0.0),
+            )
+            settled = sent_by + self.settle_s
         start = max(held, settled)
         return (start, held <= now) if start > now else (0.0, True)
 
@@ -458,7 +543,7 @@ class SinkStage:
         for entry in self.ledger.pending(partition):
             seen.add(entry.command_id)
             key = record_key(entry)
-            start, settling_only = self._start_at(entry.command or {}, entry, now)
+            start, settling_only = self._start_at(entry.command or {}, entry, now, partition)
             if ahead(key, entry.command or {}) is not None or waits(start, settling_only):
                 block(key, start, entry.command or {}, must_reconcile(entry))
                 continue
@@ -478,7 +563,7 @@ class SinkStage:
                 self._commands.labels(self.effects.target, command["type"], "duplicate").inc()
                 continue
             attempt = prior.attempt + (0 if prior.state in (STARTED, PARKED) else 1) if prior else 1
-            start, settling_only = self._start_at(command, prior, now)
+            start, settling_only = self._start_at(command, prior, now, partition)
             p = Planned(record, command, prior, attempt, start)
             lane_free_at = ahead(record.key, command)
             if lane_free_at is not None or waits(start, settling_only):
@@ -552,7 +637,8 @@ class SinkStage:
         before it. A ``RejectedError`` is recorded and the lane goes on. A ``DeferredError`` (no
         wait may end after ``deadline``, ``time.monotonic()``) parks the command and every later
         command of its lane. Any other exception is recorded and stops the lane (the commands
-        after it get no result: unfinished too).
+        after it get no result: unfinished too). With :class:`BulkEffects`, bulk work is prepared
+        and written in groups (module docstring, step 5); its outcomes follow the same rules.
         """
         deadline = time.monotonic() + self.budget_s if deadline is None else deadline
         results: dict[int, Result] = {}
@@ -562,6 +648,8 @@ class SinkStage:
         for i, p in enumerate(planned):
             lanes.setdefault(p.record.key, []).append(i)
         slots = asyncio.Semaphore(self.concurrency)
+        bulk = self._bulk
+        position = {id(p): i for i, p in enumerate(planned)}
 
         async def run_lane(indexes: list[int]) -> None:
             slot = _Slot(slots)
@@ -575,6 +663,8 @@ class SinkStage:
         async def perform_lane(indexes: list[int]) -> None:
             waiting: Parked | None = None  # the lane waits behind this
             bulk_waiting: Parked | None = None  # the lane's bulk commands wait behind this
+            group: list[tuple[int, Write]] = []  # prepared writes waiting for one bulk request
+            touched: set[str] = set()  # what the group's commands read and its writes change
 
             def hold_lane(parked: Parked, command: dict[str, Any]) -> None:
                 nonlocal waiting, bulk_waiting
@@ -582,6 +672,71 @@ class SinkStage:
                     bulk_waiting = parked
                 else:
                     waiting = parked
+
+            def settle_result(i: int, outcome: Done | Exception) -> bool:
+                """Record one command's outcome; False: it is unfinished and stops the lane."""
+                p = planned[i]
+                if isinstance(outcome, Done):
+                    results[i] = outcome
+                    overlay.update(outcome.index)
+                elif isinstance(outcome, RejectedError):
+                    results[i] = outcome
+                elif isinstance(outcome, DeferredError):
+                    results[i] = parked = self._parked(
+                        p, outcome.reason, outcome.until, outcome.steps, outcome.unsettled
+                    )
+                    hold_lane(parked, p.command)
+                else:  # unfinished: retried from the ledger
+                    results[i] = outcome
+                    log.warning(
+                        "command_unfinished",
+                        command_id=p.command["command_id"],
+                        error=f"{type(outcome).__name__}: {outcome}",
+                    )
+                    return False
+                return True
+
+            async def flush() -> bool:
+                """Send the group's writes in one request and settle each; False: one of them is
+                unfinished, so the lane stops (the others keep their own outcomes)."""
+                nonlocal touched
+                if not group or bulk is None:
+                    return True
+                writes = list(group)
+                group.clear()
+                touched = set()
+                try:
+                    outcomes = await bulk.write([w for _, w in writes])
+                except Exception as exc:  # noqa: BLE001 - the effects settle each write; a surprise leaves all unfinished
+                    outcomes = [exc] * len(writes)
+                go_on = True
+                for (i, _), outcome in zip(writes, outcomes, strict=True):
+                    go_on = settle_result(i, outcome) and go_on
+                return go_on
+
+            async def perform_one(p: Planned) -> Done | None:
+                """Perform ``p`` now, or add its write to the group (None)."""
+                nonlocal touched
+                if bulk is None or not bulk.wants_bulk(p.command, p.prior):
+                    if not await flush():
+                        raise _LaneStopped
+                    return await self.effects.perform(p.command, p.prior, index_view)
+                reads = bulk.depends_on(p.command)
+                if (touched & reads or not bulk.room(len(group))) and not await flush():
+                    raise _LaneStopped
+                prepared = await bulk.prepare(p.command, p.prior, index_view)
+                if isinstance(prepared, Write) and touched & prepared.touches:
+                    # it writes what a waiting write changes: make those first, then decide again
+                    if not await flush():
+                        raise _LaneStopped
+                    prepared = await bulk.prepare(p.command, p.prior, index_view)
+                if isinstance(prepared, Done):
+                    return prepared
+                group.append((position[id(p)], prepared))
+                touched |= reads | prepared.touches
+                if len(group) >= bulk.bulk_max and not await flush():
+                    raise _LaneStopped
+                return None
 
             for i in indexes:
                 p = planned[i]
@@ -596,23 +751,23 @@ class SinkStage:
                 try:
                     await self.settle(p)  # 4
                     # prior: the entry from before this batch (not this batch's intent)
-                    done = results[i] = await self.effects.perform(p.command, p.prior, index_view)
-                    overlay.update(done.index)
-                except RejectedError as exc:
-                    results[i] = exc
-                except DeferredError as exc:
-                    results[i] = parked = self._parked(p, exc.reason, exc.until, exc.steps, exc.unsettled)
-                    hold_lane(parked, p.command)
-                except Exception as exc:  # noqa: BLE001 - unfinished: retried from the ledger
-                    results[i] = exc
-                    log.warning(
-                        "command_unfinished",
-                        command_id=p.command["command_id"],
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
-                    return  # later commands of this lane wait for it
+                    done = await perform_one(p)
+                except _LaneStopped:
+                    return  # a write of the group is unfinished: later commands wait for it
+                except Exception as exc:  # noqa: BLE001 - RejectedError, DeferredError or unfinished
+                    if not settle_result(i, exc):
+                        await flush()
+                        return  # later commands of this lane wait for it
+                    continue
+                if done is not None:
+                    settle_result(i, done)
+            await flush()
 
         await asyncio.gather(*(run_lane(ix) for ix in lanes.values()))
+        ended = time.time()
+        for i, result in results.items():  # unfinished: a request of it may still be on its way
+            if isinstance(result, Exception) and not isinstance(result, RejectedError):
+                self._attempted_at[planned[i].command["command_id"]] = ended
         return results
 
     def record_outcomes(self, partition: int, planned: Sequence[Planned], results: Mapping[int, Result]) -> Outcomes:

@@ -26,7 +26,11 @@
    contact already has — CloudTalk's edit replaces whole lists, so nothing is ever dropped), and
    the newest source's value of every other field; company name, favorite agent
    ("Created by" user → CloudTalk agent with the same e-mail) and country id are resolved once;
-5. add the contact, or edit only the keys that differ; nothing differs → no request.
+5. add the contact, or edit only the keys that differ; nothing differs → no request. Bulk work
+   (``priority: bulk``, nothing to reconcile) is written through ``POST /bulk/contacts.json``,
+   up to ``bulk_max`` commands per request with the ledger's command ids as ``command_id``
+   (:class:`~pipeline.sink.base.BulkEffects`: :meth:`CloudTalkEffects.prepare` is steps 1–4,
+   :meth:`CloudTalkEffects.write` the request, each command settled on its own).
 
 **Live first**: a bulk command (``priority: bulk`` — an initial import, a reconciliation) may only
 take a request while the company's window has more than ``live_reserve`` requests left
@@ -39,18 +43,36 @@ edit, a customer the calls or SMS flow created — take what is left within seco
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
 
-from pipeline.clients.cloudtalk import CloudTalkClient, ContactBody, ContactShow
-from pipeline.clients.http import ApiClient, RateWindow, RejectedError, RetryPolicy, create_or_find, leave_reserve
+from pipeline.clients.cloudtalk import (
+    BULK_MAX,
+    BulkCommand,
+    BulkResult,
+    CloudTalkClient,
+    ContactBody,
+    ContactShow,
+    ValidationError,
+)
+from pipeline.clients.http import (
+    AmbiguousOutcomeError,
+    ApiClient,
+    DeferredError,
+    RateWindow,
+    RejectedError,
+    RetryPolicy,
+    create_or_find,
+    leave_reserve,
+)
 from pipeline.core import limits
 from pipeline.core.config import PipelineConfig
-from pipeline.core.observability import get_logger
+from pipeline.core.observability import get_logger, metrics
 from pipeline.core.phones import normalize_e164
-from pipeline.sink.base import Done, is_bulk
+from pipeline.sink.base import Done, Write, is_bulk
 from pipeline.sink.contact_index import (
     ContactIndexStore,
     decide,
@@ -74,6 +96,25 @@ from pipeline.sink.ports import CloudTalkApi, KustomerLookups
 log = get_logger(__name__)
 
 INDEX_RETRY_S = 60.0  # a contacts index that could not be loaded is tried again after this long
+ITEM_RETRY_S = 2.0  # a bulk command that failed on its own is written again after this long
+
+
+@dataclass(slots=True)
+class ContactWrite:
+    """What a command is to write (steps 1–4 decided): an add (``current`` None) or an edit of
+    ``target`` with ``body``; the rest is what its result records in the ledger index."""
+
+    integration: str
+    customer_id: str
+    version: Mapping[str, Any]
+    target: str | None
+    how: str
+    current: ContactShow | None
+    body: dict[str, Any]
+    sources: dict[str, Any]
+    merged: dict[str, Any]
+    link: str | None
+    contact: Mapping[str, Any]
 
 
 def is_exported(command: Mapping[str, Any]) -> bool:
@@ -94,10 +135,21 @@ class CloudTalkEffects:
         settle_s: float = 20.0,
         index: ContactIndexStore | None = None,
         live_reserve: int = 10,
+        bulk_max: int = BULK_MAX,
+        bulk_counts_per_item: bool = True,
+        complete_max: int = 1000,
     ) -> None:
         self.ct, self.kustomer = cloudtalk, kustomer
+        # bulk work writes up to ``bulk_max`` contacts per request (≤ 1: one request per write);
+        # a bulk request takes one operation per command from the window (the cautious reading)
+        # or one in all
+        self.bulk_max = max(1, min(bulk_max, BULK_MAX))
+        self.bulk_counts_per_item = bulk_counts_per_item
+        self._bulk_items = metrics().bulk_commands
         self.live_reserve = live_reserve  # requests of each window bulk commands leave to live ones
         self.index = index
+        self.complete_max = complete_max  # see _completes
+        self._asks = 0  # values asked about since the sink started
         self._index_retry_at = 0.0  # after a failed load: when to try loading the index again
         self.settle_s = settle_s
         self.refresh_s = refresh_s
@@ -240,11 +292,37 @@ class CloudTalkEffects:
                 continue
             await self._learn(cid, await self.ct.get_contact(cid))
 
+    def _completes(self, kind: str) -> bool:
+        """Whether bulk work should show every contact the index knows only in part (that could
+        hide a ``kind`` value) instead of asking CloudTalk about one value: there are at most
+        ``complete_max`` of them, or no more than the values asked about so far. Each ask costs a
+        request per new value, a completion one per such contact once, so the sink never spends
+        more than about twice the cheaper of the two."""
+        assert self.index is not None
+        view = self.index.view
+        n = len(view.open_numbers if kind == "phone" else view.open_emails)
+        return 0 < n <= max(self.complete_max, self._asks)
+
+    async def _complete(self, kind: str) -> None:
+        """Show every contact the index knows only in part that could hide a ``kind`` value (oldest
+        first; each show teaches the index at once, so a completion cut short by the window goes on
+        where it stopped)."""
+        assert self.index is not None
+        view = self.index.view
+        ids = sorted(view.open_numbers if kind == "phone" else view.open_emails)
+        log.info("contact_index_completing", contacts=len(ids), values=kind, asked_before=self._asks)
+        for cid in ids:
+            if cid in view.open_numbers or cid in view.open_emails:  # not completed meanwhile
+                await self._learn(cid, await self.ct.get_contact(cid))
+                self.index.decisions.labels("completed").inc()
+
     async def find_by_index(
-        self, merge_key: str, contact: Mapping[str, Any]
+        self, merge_key: str, contact: Mapping[str, Any], bulk: bool = False
     ) -> tuple[str | None, str, ContactShow | None]:
         """The contact a customer merges into, decided from the contacts index (asking CloudTalk
-        only what it cannot decide): ``(id, "merged", its show)`` or ``(None, "created", None)``."""
+        only what it cannot decide): ``(id, "merged", its show)`` or ``(None, "created", None)``.
+        ``bulk``: the command is bulk work, which completes the index rather than ask when that
+        is cheaper (:meth:`_completes`)."""
         assert self.index is not None
         index = self.index
         phones = list(contact["phones"])
@@ -270,7 +348,11 @@ class CloudTalkEffects:
                 index.decisions.labels("refreshed").inc()
                 if await index.refresh(self.ct):
                     continue
+            if bulk and not d.stale and d.probe[0] in ("phone", "email") and self._completes(d.probe[0]):
+                await self._complete(d.probe[0])
+                continue
             index.decisions.labels("asked").inc()
+            self._asks += 1
             await self._ask(d.probe, need_complete=merge_key == "phone_and_email")
             asked.add(d.probe)
         target, how = await self.find_in_cloudtalk(merge_key, contact, None)
@@ -323,6 +405,34 @@ class CloudTalkEffects:
             return await self._perform(command, prior, index)
 
     async def _perform(self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]) -> Done:
+        planned = await self._plan(command, prior, index)
+        if isinstance(planned, Done):
+            return planned
+        body, link, contact = planned.body, planned.link, planned.contact
+        # 5. write only what differs
+        if planned.current is None:
+
+            async def find_ours() -> str | None:
+                found_id, how_found = await self.find_in_cloudtalk("none", contact, link)
+                return found_id if how_found == "reconciled" else None
+
+            new_id, found = await create_or_find(
+                lambda: self.ct.add_contact(cast(ContactBody, body)), find_ours, settle_s=self.settle_s
+            )
+            if not found:
+                await self._learn_write(str(new_id), body, None)
+            return self._done(planned, str(new_id), "reconciled" if found else "created")
+        target = cast(str, planned.target)  # a contact was shown, so it has an id
+        if not await self.ct.edit_contact(target, cast(ContactBody, body)):
+            raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
+        await self._learn_write(target, body, planned.current)
+        return self._done(planned, target, planned.how or "updated")
+
+    async def _plan(
+        self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]
+    ) -> Done | ContactWrite:
+        """Steps 1–4 and the choice of 5: a :class:`Done` when nothing is to be written, else the
+        write to make (an add when ``current`` is None, else an edit of ``target``)."""
         integration, customer_id = command["integration"], command["customer_id"]
         version, contact = command["version"], command["contact"]
         if integration not in self.kustomer:
@@ -357,7 +467,7 @@ class CloudTalkEffects:
         link = (contact.get("external_url") or {}).get("url")
         if not target:
             if not must_reconcile(prior) and await self._index_ready():
-                target, how, current = await self.find_by_index(command["merge_key"], contact)
+                target, how, current = await self.find_by_index(command["merge_key"], contact, is_bulk(command))
             else:  # a command that may have run before: look for a contact carrying its link
                 target, how = await self.find_in_cloudtalk(command["merge_key"], contact, link)
         if target and current is None:
@@ -371,41 +481,146 @@ class CloudTalkEffects:
         sources[customer_id] = {"rev": version.get("rev"), "updated_at": version["updated_at"], "fields": fields}
         merged = merge_sources(sources)
         body = contact_body(merged, current, contact.get("tag"))
-        # 5. write only what differs
-        if current is None:
+        planned = ContactWrite(
+            integration, customer_id, version, target, how, current, body, sources, merged, link, contact
+        )
+        if current is not None and not body:  # nothing differs: no request
+            return self._done(planned, cast(str, target), "skipped:unchanged" if how != "reconciled" else "reconciled")
+        return planned
 
-            async def find_ours() -> str | None:
-                found_id, how_found = await self.find_in_cloudtalk("none", contact, link)
-                return found_id if how_found == "reconciled" else None
-
-            new_id, found = await create_or_find(
-                lambda: self.ct.add_contact(cast(ContactBody, body)), find_ours, settle_s=self.settle_s
-            )
-            target = str(new_id)
-            outcome = "reconciled" if found else "created"
-            if not found:
-                await self._learn_write(target, body, None)
-        elif body:
-            # a contact was shown, so ``target`` is its id (static types cannot see it)
-            if not await self.ct.edit_contact(cast(str, target), cast(ContactBody, body)):
-                raise RejectedError("cloudtalk", "contacts.edit", 404, f"contact {target} disappeared")
-            outcome = how or "updated"
-            await self._learn_write(cast(str, target), body, current)
-        else:
-            outcome = "skipped:unchanged" if how != "reconciled" else "reconciled"
+    def _done(self, w: ContactWrite, target: str, outcome: str, **steps: Any) -> Done:
+        """The command's result once its contact is ``target``: the ledger index learns which
+        contact the customer, its values and its sources map to."""
         updates: dict[str, Any] = {
-            ikey(integration, "customer", customer_id): {
+            ikey(w.integration, "customer", w.customer_id): {
                 "contact_id": target,
-                "rev": version.get("rev"),
-                "updated_at": version["updated_at"],
+                "rev": w.version.get("rev"),
+                "updated_at": w.version["updated_at"],
             },
-            ikey(integration, "contact", cast(str, target)): {"sources": sources},  # set in every branch of 5
-            **{ikey(integration, "phone", p): target for p in merged["phones"]},
-            **{ikey(integration, "email", e.lower()): target for e in merged["emails"]},
+            ikey(w.integration, "contact", target): {"sources": w.sources},
+            **{ikey(w.integration, "phone", p): target for p in w.merged["phones"]},
+            **{ikey(w.integration, "email", e.lower()): target for e in w.merged["emails"]},
         }
-        if merged.get("name"):
-            updates[ikey(integration, "name", name_key(merged["name"]))] = target
-        return Done({"contact_id": target, "customers": sorted(sources), "sent": sorted(body)}, outcome, updates)
+        if w.merged.get("name"):
+            updates[ikey(w.integration, "name", name_key(w.merged["name"]))] = target
+        return Done(
+            {"contact_id": target, "customers": sorted(w.sources), "sent": sorted(w.body), **steps}, outcome, updates
+        )
+
+    # -- writing in bulk (imports and reconciliations; see pipeline.sink.base.BulkEffects) ------
+    def wants_bulk(self, command: dict[str, Any], prior: LedgerEntry | None) -> bool:
+        """Bulk work with nothing to look up first goes through the bulk endpoint; a person's
+        edit, a customer the calls flow created and anything reconciled are written at once."""
+        return self.bulk_max > 1 and is_bulk(command) and not must_reconcile(prior)
+
+    def depends_on(self, command: dict[str, Any]) -> frozenset[str]:
+        """What the command's decisions read: its customer, numbers, e-mails and name (the merge
+        keys), and the contact it was exported from."""
+        contact = command.get("contact") or {}
+        keys = {f"customer:{command.get('integration')}:{command.get('customer_id')}"}
+        keys.update(f"phone:{p}" for p in contact.get("phones") or [])
+        keys.update(f"email:{str(e).lower()}" for e in contact.get("emails") or [])
+        if contact.get("name"):
+            keys.add(f"name:{name_key(contact['name'])}")
+        if is_exported(command):
+            keys.add(f"contact:{command['external_id']}")
+        return frozenset(keys)
+
+    def room(self, waiting: int) -> bool:
+        """One more write may be prepared while ``waiting`` wait: the company's window (above
+        the live reserve) still takes the bulk request it makes and a read or two of preparing
+        it. Otherwise the group is sent first, so prepared writes are not parked (and their
+        reads repeated) because the window ran out under them."""
+        if not isinstance(self.ct, ApiClient):
+            return True
+        spare = self.ct.executor.window.spare(leave=self.live_reserve)
+        return spare is None or spare >= self._cost(waiting + 1) + 2
+
+    def _cost(self, writes: int) -> int:
+        return writes if self.bulk_counts_per_item else 1
+
+    async def prepare(
+        self, command: dict[str, Any], prior: LedgerEntry | None, index: Mapping[str, Any]
+    ) -> Done | Write:
+        with leave_reserve(self.live_reserve):
+            planned = await self._plan(command, prior, index)
+        if isinstance(planned, Done):
+            return planned
+        cid = command["command_id"]
+        if planned.current is None:
+            item: dict[str, Any] = {"action": "add_contact", "command_id": cid, "data": dict(planned.body)}
+        else:
+            item = {"action": "edit_contact", "command_id": cid, "data": {"id": planned.target, **planned.body}}
+        touches = {f"phone:{p}" for p in planned.merged["phones"]}
+        touches.update(f"email:{e.lower()}" for e in planned.merged["emails"])
+        if planned.merged.get("name"):
+            touches.add(f"name:{name_key(planned.merged['name'])}")
+        if planned.target:
+            touches.add(f"contact:{planned.target}")
+        return Write(cid, item, frozenset(touches), planned)
+
+    async def write(self, writes: Sequence[Write]) -> list[Done | Exception]:
+        """One ``POST /bulk/contacts.json`` for ``writes`` (command ids as ``command_id``), each
+        settled on its own: added or edited → done; 404 on an edit → rejected (the contact is
+        gone), 406 → rejected with CloudTalk's reasons; 429 → parked (not applied); another
+        failure → parked to be written again, an add after looking for it first. A request whose
+        outcome is unknown (a timeout, a lost answer) parks every write ``unsettled``: each looks
+        its contact up by its link before anything is written again — as a crash between the
+        request and the commit does through the ledger."""
+        items = cast(list[BulkCommand], [w.item for w in writes])
+        try:
+            with leave_reserve(self.live_reserve):
+                answers = await self.ct.bulk_contacts(items, cost=self._cost(len(items)))
+        except AmbiguousOutcomeError as exc:
+            until = time.time() + max(0.0, exc.sent_at + self.settle_s - time.monotonic())
+            log.warning(
+                "bulk_outcome_unknown", commands=len(items), error=str(exc), settle_s=round(until - time.time(), 1)
+            )
+            self._bulk_items.labels(self.target, "unknown").inc(len(items))
+            return [DeferredError("unsettled", until, unsettled=True) for _ in writes]
+        except (DeferredError, RejectedError) as exc:
+            self._bulk_items.labels(self.target, "deferred" if isinstance(exc, DeferredError) else "rejected").inc(
+                len(items)
+            )
+            return [exc for _ in writes]
+        results: list[Done | Exception] = []
+        for w, answer in zip(writes, answers, strict=True):
+            results.append(await self._settle_item(w, answer, len(items)))
+        return results
+
+    async def _settle_item(self, w: Write, answer: BulkResult, size: int) -> Done | Exception:
+        planned: ContactWrite = w.context
+        action, status = w.item["action"], int(answer.get("status") or 0)
+        op = f"contacts.bulk.{action}"
+        if status in (200, 201):
+            self._bulk_items.labels(self.target, "done").inc()
+            if action == "add_contact":
+                new_id = str((answer.get("data") or {}).get("id") or "")
+                if not new_id.isdigit():  # applied, id unknown: look it up by its link
+                    return DeferredError("unsettled", time.time(), unsettled=True)
+                await self._learn_write(new_id, planned.body, None)
+                return self._done(planned, new_id, "created", bulk=size)
+            target = cast(str, planned.target)
+            await self._learn_write(target, planned.body, planned.current)
+            return self._done(planned, target, planned.how or "updated", bulk=size)
+        message = str(answer.get("message") or f"HTTP {status}")
+        if status == 404 and action == "edit_contact":
+            self._bulk_items.labels(self.target, "rejected").inc()
+            return RejectedError("cloudtalk", op, 404, f"contact {planned.target} disappeared")
+        if status == 406 or (400 <= status < 500 and status != 429):
+            self._bulk_items.labels(self.target, "rejected").inc()
+            fields = answer.get("data") if isinstance(answer.get("data"), dict) else {}
+            return ValidationError(
+                "cloudtalk", op, status, f"{message} {fields}" if fields else message, answer, fields
+            )
+        # 429 or a failure of this command alone: written again later (an add looks for itself first)
+        self._bulk_items.labels(self.target, "retry").inc()
+        log.info("bulk_command_retry", command_id=w.command_id, action=action, status=status)
+        return DeferredError(
+            "rate_limited" if status == 429 else "retry",
+            time.time() + ITEM_RETRY_S,
+            unsettled=action == "add_contact" and status != 429,
+        )
 
     async def _learn_write(self, target: str, body: Mapping[str, Any], current: ContactShow | None) -> None:
         """Teach the contacts index what the sink wrote: the add's body, or the contact as shown

@@ -19,7 +19,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from pipeline.clients.cloudtalk import AgentItem, ContactBody, ContactIndexItem, ContactShow, Country, Page
+from pipeline.clients.cloudtalk import (
+    AgentItem,
+    BulkCommand,
+    BulkResult,
+    ContactBody,
+    ContactIndexItem,
+    ContactShow,
+    Country,
+    Page,
+)
 from pipeline.clients.kustomer import Resource
 from pipeline.kafka.records import OutRecord
 from pipeline.sink.ledger import LedgerEntry
@@ -74,7 +83,8 @@ class KustomerLookups(Protocol):
 
 class CloudTalkApi(Protocol):
     """CloudTalk as the CloudTalk sink sees it: contacts listed (a page of the listing, for the
-    contacts index) or found by keyword and shown in full, added or edited; agents and countries
+    contacts index) or found by keyword and shown in full, added or edited (one at a time, or up
+    to ten in a bulk request); agents and countries
     to resolve a favorite agent and a country id."""
 
     async def list_contacts(
@@ -86,6 +96,8 @@ class CloudTalkApi(Protocol):
     async def add_contact(self, body: ContactBody) -> str: ...
 
     async def edit_contact(self, contact_id: int | str, body: ContactBody) -> bool: ...
+
+    async def bulk_contacts(self, commands: Sequence[BulkCommand], *, cost: int = ...) -> list[BulkResult]: ...
 
     def iter_agents(self) -> AsyncIterator[Page[AgentItem]]:
         """Every page of the agents (an async generator)."""

@@ -9,7 +9,10 @@ budgets never hold each other's commands. Inside a sink, a batch waits on a targ
 ``SINK_BATCH_BUDGET_S``; what would wait longer is parked (see :mod:`pipeline.sink.base`) and a
 :class:`~pipeline.sink.wake.Waker` brings its partition back when it is due. The CloudTalk sink
 keeps the company's contacts index (:mod:`pipeline.sink.contact_index`; loaded with its first
-command, ``CLOUDTALK_INDEX_REFRESH_S``, ``CLOUDTALK_INDEX_TAIL_S``).
+command, ``CLOUDTALK_INDEX_REFRESH_S``, ``CLOUDTALK_INDEX_TAIL_S``) and writes bulk work (an import,
+a reconciliation) through CloudTalk's bulk endpoint, ``CLOUDTALK_BULK_MAX`` contacts per request
+(1: one request per contact), counting a bulk request as one operation per contact against the
+company's window unless ``CLOUDTALK_BULK_COUNTS_PER_ITEM=off``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from pipeline.clients.cloudtalk import BULK_MAX
 from pipeline.clients.http import RateWindow, retry_policy_from_env, settle_from_env
 from pipeline.clients.kustomer import KustomerClients
 from pipeline.core.config import PipelineConfig, Secret
@@ -95,6 +99,9 @@ async def build_cloudtalk_stage(
         settle_s=settle_s,
         index=index,
         live_reserve=env_int(os.environ, "CLOUDTALK_LIVE_RESERVE", 10, minimum=0),
+        bulk_max=env_int(os.environ, "CLOUDTALK_BULK_MAX", BULK_MAX, minimum=1, maximum=BULK_MAX),
+        bulk_counts_per_item=env_switch(os.environ, "CLOUDTALK_BULK_COUNTS_PER_ITEM", True),
+        complete_max=env_int(os.environ, "CLOUDTALK_INDEX_COMPLETE", 1000, minimum=0),
     )
 
     def changed(_old: PipelineConfig, new: PipelineConfig) -> None:

@@ -180,8 +180,15 @@ class Flow:
         return await self._sim("GET", f"{self.ct_root}/_sim/state")
 
     def ct_writes(self) -> list[str]:
-        """State changes made through the CloudTalk API (the request log's effects)."""
-        return [e.effect for e in self.csim.log.entries if e.effect]
+        """State changes made through the CloudTalk API (the request log's effects; a bulk
+        request's are its commands' own, one per command applied)."""
+        writes: list[str] = []
+        for e in self.csim.log.entries:
+            if e.items is not None:
+                writes.extend(item["effect"] for item in e.items if item.get("effect"))
+            elif e.effect:
+                writes.append(e.effect)
+        return writes
 
     def k_writes(self) -> list[str]:
         return [e.effect for e in self.ksim.log.entries if e.effect and not e.effect.startswith("webhook.")]

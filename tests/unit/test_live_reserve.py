@@ -105,7 +105,8 @@ def test_a_window_at_the_live_reserve_is_ready_for_live_requests_only() -> None:
     assert abs(window.ready_at(now, leave=10) - (now + 20)) < 0.01, "bulk work waits for the reset"
     assert window.ready_at(now, leave=9) == 0.0, "more than the reserve left: bulk may go"
     window.reset_at = now - 1
-    assert window.spare(now, 10) is None and window.ready_at(now, leave=10) == 0.0, "a new window: unknown, go"
+    assert window.spare(now, 10) == 50 and window.ready_at(now, leave=10) == 0.0, "a new window: the whole limit"
+    assert RateWindow().spare(now) is None, "nothing known yet"
 
 
 async def test_a_bulk_request_at_the_reserve_defers_inside_a_batch_and_a_live_one_goes() -> None:
