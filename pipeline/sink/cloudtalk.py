@@ -27,7 +27,7 @@
    the newest source's value of every other field; company name, favorite agent
    ("Created by" user → CloudTalk agent with the same e-mail) and country id are resolved once;
 5. add the contact, or edit only the keys that differ; nothing differs → no request. Bulk work
-   (``priority: bulk``, nothing to reconcile) is written through ``POST /bulk/contacts.json``,
+   (``priority: bulk``) is written through ``POST /bulk/contacts.json``,
    up to ``bulk_max`` commands per request with the ledger's command ids as ``command_id``
    (:class:`~pipeline.sink.base.BulkEffects`: :meth:`CloudTalkEffects.prepare` is steps 1–4,
    :meth:`CloudTalkEffects.write` the request, each command settled on its own).
@@ -509,9 +509,10 @@ class CloudTalkEffects:
 
     # -- writing in bulk (imports and reconciliations; see pipeline.sink.base.BulkEffects) ------
     def wants_bulk(self, command: dict[str, Any], prior: LedgerEntry | None) -> bool:
-        """Bulk work with nothing to look up first goes through the bulk endpoint; a person's
-        edit, a customer the calls flow created and anything reconciled are written at once."""
-        return self.bulk_max > 1 and is_bulk(command) and not must_reconcile(prior)
+        """Bulk work goes through the bulk endpoint — also when it is reconciled after a crash:
+        its lookups are made while it is prepared, before its write joins the group. A person's
+        edit and a customer the calls flow created are written at once."""
+        return self.bulk_max > 1 and is_bulk(command)
 
     def depends_on(self, command: dict[str, Any]) -> frozenset[str]:
         """What the command's decisions read: its customer, numbers, e-mails and name (the merge

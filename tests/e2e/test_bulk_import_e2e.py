@@ -262,7 +262,10 @@ async def test_kill_9_of_the_cloudtalk_sink_in_the_middle_of_a_bulk_request_leav
     held_ids = {i["command_id"] for i in landed.items}
     landed_adds = {i["effect"].split()[1] for i in landed.items if i["effect"].startswith("contact.add")}
     assert landed_adds <= {str(c["id"]) for c in found}, "the contacts the held request added are the contacts"
-    assert not [w for w in writes if w.command_id in held_ids and w.seq != landed.seq], "a held command sent again"
+    # no add of it was sent again (an edit may be: the restarted sink writes a merge once more
+    # when a reconciled older customer wrote its name over meanwhile; edits set values)
+    again = [w for w in writes if w.command_id in held_ids and w.seq != landed.seq]
+    assert not [w for w in again if w.effect.startswith("contact.add")], f"a held add sent again: {again}"
     bodies = {c["command_id"]: c["data"] for c in landed.body}
     for item in landed.items:
         if item["effect"].startswith("contact.add"):
