@@ -5,6 +5,7 @@ being refused as a whole. Requests and effects are counted in the simulator's lo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from pipeline.clients.cloudtalk import CloudTalkClient
 from pipeline.clients.http import DeferredError, RejectedError, RetryPolicy
 from pipeline.sink.base import Done, Write
 from pipeline.sink.cloudtalk import CloudTalkEffects
+from pipeline.sink.ledger import PARKED, LedgerEntry
 
 
 def upsert(n: int, name: str | None = None, phone: str | None = None) -> dict[str, Any]:
@@ -120,3 +122,29 @@ async def test_a_bulk_request_counted_per_command_waits_for_the_window_instead_o
         assert [e.status for e in bulk_log(sim)] == [200], "sent once, when the window could take all ten"
         assert not [e for e in sim.log.entries if e.status == 429]
         assert waited > 0.2, "it waited for the reset"
+
+
+async def test_a_bulk_request_whose_answer_is_lost_is_looked_up_by_link_never_repeated() -> None:
+    settings = CloudTalkSimSettings(key_id="id", key_secret="secret")
+    async with running_cloudtalk_sim(settings) as (sim, api), aiohttp.ClientSession() as http:
+        ct = CloudTalkClient.from_credentials(
+            http, api, "id", "secret", policy=RetryPolicy(timeout_s=0.5, initial_s=0.01)
+        )
+        effects = CloudTalkEffects(ct, {"support": NoKustomer()}, settle_s=2.0)  # type: ignore[dict-item]
+        commands = [upsert(1), upsert(2), upsert(3)]
+        writes = await prepared(effects, commands)
+        # CloudTalk holds the request past the client's timeout, then applies it
+        sim.faults.add(match="POST /api/bulk", kind="latency", latency_ms=1500, times=1)
+        results = await effects.write(writes)
+        assert all(isinstance(r, DeferredError) and r.unsettled for r in results), results
+        waits = [r.until - time.time() for r in results if isinstance(r, DeferredError)]
+        assert all(0.5 < w <= 2.0 for w in waits), waits  # until the settle time after the request left
+        await asyncio.sleep(max(waits))
+        assert len(bulk_log(sim)) == 1 and len(sim.company.contacts) == 3, "the held request landed"
+        # resumed as parked with `reconcile`: each finds its contact by link; nothing is added again
+        parked = LedgerEntry("cmd", PARKED, reconcile=True)
+        for c in commands:
+            w = await effects.prepare(c, parked, {})
+            assert isinstance(w, Done) and w.outcome == "reconciled", w
+        assert len(sim.company.contacts) == 3 and len(bulk_log(sim)) == 1
+        assert not [e for e in sim.log.entries if e.path == "/api/contacts/add.json"]
