@@ -184,11 +184,15 @@ class ContactsModel:
         names_used: set[str] = set()
 
         def new_name() -> str:
+            tries = 0
             while True:
-                n = f"{rng.choice(FIRST)} {rng.choice(LAST)}-{rng.randint(10, 99)}"
+                # two-digit suffixes while they last (the demo's data); wider ones for large runs
+                suffix = rng.randint(10, 99) if tries < 50 else rng.randint(100, 999_999)
+                n = f"{rng.choice(FIRST)} {rng.choice(LAST)}-{suffix}"
                 if n not in names_used:
                     names_used.add(n)
                     return n
+                tries += 1
 
         def when() -> str:  # ascending updatedAt over the last 30 days
             return (
