@@ -247,6 +247,20 @@ CLOUDTALK_RATE_HEADERS = RateLimitHeaders(
 )
 
 
+@dataclass(slots=True, frozen=True)
+class _Call:
+    """One request as the executor's steps pass it on: what to send, which statuses to accept
+    besides 2xx, and the operations it takes from the account's window."""
+
+    method: str
+    url: str
+    op: str
+    body: Any
+    params: Mapping[str, Any] | None
+    accept: tuple[int, ...]
+    cost: int = 1
+
+
 @dataclass
 class RateWindow:
     """Pacing and health of one account (a Kustomer org, the CloudTalk company), fed by responses.
@@ -483,9 +497,10 @@ class HttpExecutor:
         policy = self._retrying
         started = time.monotonic()
         state: RetryCallState | None = None
+        call = _Call(method, url, op, json, params, accept, cost)
         while True:
             try:
-                return await self._attempt(method, url, op, json, params, accept, idempotent, cost)
+                return await self._attempt(call, idempotent)
             except _Transient as exc:
                 failure = exc
             if state is None:
@@ -502,24 +517,14 @@ class HttpExecutor:
             state.prepare_for_next_attempt()
             await self._backoff(state.upcoming_sleep)
 
-    async def _attempt(
-        self,
-        method: str,
-        url: str,
-        op: str,
-        body: Any,
-        params: Mapping[str, Any] | None,
-        accept: tuple[int, ...],
-        idempotent: bool,
-        cost: int = 1,
-    ) -> ApiResponse:
+    async def _attempt(self, call: _Call, idempotent: bool) -> ApiResponse:
         """One attempt (its 429 waits included); a transient failure of a create that may have
         been performed is ambiguous, not retried."""
         try:
-            return await self._until_not_rate_limited(method, url, op, body, params, accept, cost)
+            return await self._until_not_rate_limited(call)
         except _Transient as exc:
             if not idempotent and exc.sent and exc.status not in self.policy.unprocessed_statuses:
-                raise AmbiguousOutcomeError(self.target, op, exc.status, str(exc), exc.sent_at) from None
+                raise AmbiguousOutcomeError(self.target, call.op, exc.status, str(exc), exc.sent_at) from None
             raise
 
     def _before_sleep(self, state: Any) -> None:
@@ -535,19 +540,11 @@ class HttpExecutor:
         else:
             await pause(seconds, "backoff")
 
-    async def _until_not_rate_limited(
-        self,
-        method: str,
-        url: str,
-        op: str,
-        body: Any,
-        params: Mapping[str, Any] | None,
-        accept: tuple[int, ...],
-        cost: int = 1,
-    ) -> ApiResponse:
+    async def _until_not_rate_limited(self, call: _Call) -> ApiResponse:
         # A 429 waits for the reset the headers announce and is not a retry attempt.
+        op = call.op
         while True:
-            response = await self._send_once(method, url, op, body, params, cost)
+            response = await self._send_once(call)
             outcome = response.outcome
             if outcome is Outcome.RATE_LIMITED:
                 self.rate_limited += 1
@@ -562,16 +559,15 @@ class HttpExecutor:
                 log.info("rate_limited", target=self.target, op=op, wait_s=round(wait, 2), scope=reason)
                 await pause(wait, reason)
                 continue
-            if outcome is Outcome.SUCCESS or response.status in accept:
+            if outcome is Outcome.SUCCESS or response.status in call.accept:
                 return response
             if outcome is Outcome.RETRY:
                 raise _Transient(response.status, f"HTTP {response.status}", True, response.sent_at)
             raise RejectedError(self.target, op, response.status, _error_message(response), response.body)
 
-    async def _send_once(
-        self, method: str, url: str, op: str, body: Any, params: Mapping[str, Any] | None, cost: int = 1
-    ) -> ApiResponse:
-        await self.window.acquire(cost)
+    async def _send_once(self, call: _Call) -> ApiResponse:
+        method, url, op, body, params = call.method, call.url, call.op, call.body, call.params
+        await self.window.acquire(call.cost)
         headers = dict(self.default_headers)
         data = None
         if body is not None:

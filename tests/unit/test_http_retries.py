@@ -32,7 +32,8 @@ class Scripted(HttpExecutor):
         self.attempts: dict[str, int] = {}
         self.backoffs: list[float] = []
 
-    async def _until_not_rate_limited(self, method: str, url: str, op: str, *rest: Any) -> ApiResponse:
+    async def _until_not_rate_limited(self, call: Any) -> ApiResponse:
+        url, op = call.url, call.op
         self.attempts[url] = self.attempts.get(url, 0) + 1
         await asyncio.sleep(0)  # let concurrent requests interleave
         step = self.script[url].pop(0) if self.script[url] else 500
