@@ -252,7 +252,8 @@ class ContactsModel:
                 customer("only_shared_phone", sharedPhones=[{"type": "work", "phone": s}])
                 m.never_copied.add(s)
         for i in range(frac(0.03, n_customers)):  # too short, fictional, not a number
-            invalid = (f"+44123456{i:02d}", f"+1555010{i:04d}", f"555-01{i:02d}")[i % 3]
+            j = i % 100  # more digits would make some of them valid numbers (+44 1234 561002)
+            invalid = (f"+44123456{j:02d}", f"+1555010{j:04d}", f"555-01{j:02d}")[i % 3]
             customer("invalid_phone", phones=[invalid])
         for i in range(frac(0.06, n_customers)):  # the same number, another notation, another name
             p = nums.new()
