@@ -649,7 +649,6 @@ class SinkStage:
             lanes.setdefault(p.record.key, []).append(i)
         slots = asyncio.Semaphore(self.concurrency)
         bulk = self._bulk
-        position = {id(p): i for i, p in enumerate(planned)}
 
         async def run_lane(indexes: list[int]) -> None:
             slot = _Slot(slots)
@@ -714,9 +713,10 @@ class SinkStage:
                     go_on = settle_result(i, outcome) and go_on
                 return go_on
 
-            async def perform_one(p: Planned) -> Done | None:
-                """Perform ``p`` now, or add its write to the group (None)."""
+            async def perform_one(i: int) -> Done | None:
+                """Perform command ``i`` now, or add its write to the group (None)."""
                 nonlocal touched
+                p = planned[i]
                 if bulk is None or not bulk.wants_bulk(p.command, p.prior):
                     if not await flush():
                         raise _LaneStopped
@@ -732,7 +732,7 @@ class SinkStage:
                     prepared = await bulk.prepare(p.command, p.prior, index_view)
                 if isinstance(prepared, Done):
                     return prepared
-                group.append((position[id(p)], prepared))
+                group.append((i, prepared))
                 touched |= reads | prepared.touches
                 if len(group) >= bulk.bulk_max and not await flush():
                     raise _LaneStopped
@@ -751,7 +751,7 @@ class SinkStage:
                 try:
                     await self.settle(p)  # 4
                     # prior: the entry from before this batch (not this batch's intent)
-                    done = await perform_one(p)
+                    done = await perform_one(i)
                 except _LaneStopped:
                     return  # a write of the group is unfinished: later commands wait for it
                 except Exception as exc:  # noqa: BLE001 - RejectedError, DeferredError or unfinished

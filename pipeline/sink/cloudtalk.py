@@ -75,6 +75,7 @@ from pipeline.core.phones import normalize_e164
 from pipeline.sink.base import Done, Write, is_bulk
 from pipeline.sink.contact_index import (
     ContactIndexStore,
+    Entry,
     decide,
     deleted,
     entry_from_item,
@@ -584,12 +585,13 @@ class CloudTalkEffects:
                 len(items)
             )
             return [exc for _ in writes]
-        results: list[Done | Exception] = []
-        for w, answer in zip(writes, answers, strict=True):
-            results.append(await self._settle_item(w, answer, len(items)))
+        learned: list[Entry] = []  # what the index learns: one write for the request
+        results = [self._settle_item(w, answer, len(items), learned) for w, answer in zip(writes, answers, strict=True)]
+        if learned and self.index is not None:
+            await self.index.learn(learned)
         return results
 
-    async def _settle_item(self, w: Write, answer: BulkResult, size: int) -> Done | Exception:
+    def _settle_item(self, w: Write, answer: BulkResult, size: int, learned: list[Entry]) -> Done | Exception:
         planned: ContactWrite = w.context
         action, status = w.item["action"], int(answer.get("status") or 0)
         op = f"contacts.bulk.{action}"
@@ -599,16 +601,16 @@ class CloudTalkEffects:
                 new_id = str((answer.get("data") or {}).get("id") or "")
                 if not new_id.isdigit():  # applied, id unknown: look it up by its link
                     return DeferredError("unsettled", time.time(), unsettled=True)
-                await self._learn_write(new_id, planned.body, None)
+                learned.append(written_entry(new_id, planned.body, None))
                 return self._done(planned, new_id, "created", bulk=size)
             target = cast(str, planned.target)
-            await self._learn_write(target, planned.body, planned.current)
+            learned.append(written_entry(target, planned.body, planned.current))
             return self._done(planned, target, planned.how or "updated", bulk=size)
         message = str(answer.get("message") or f"HTTP {status}")
         if status == 404 and action == "edit_contact":
             self._bulk_items.labels(self.target, "rejected").inc()
             return RejectedError("cloudtalk", op, 404, f"contact {planned.target} disappeared")
-        if status == 406 or (400 <= status < 500 and status != 429):
+        if 400 <= status < 500 and status != 429:  # 406 and the like: refused for good
             self._bulk_items.labels(self.target, "rejected").inc()
             fields = answer.get("data") if isinstance(answer.get("data"), dict) else {}
             return ValidationError(
@@ -624,28 +626,31 @@ class CloudTalkEffects:
         )
 
     async def _learn_write(self, target: str, body: Mapping[str, Any], current: ContactShow | None) -> None:
-        """Teach the contacts index what the sink wrote: the add's body, or the contact as shown
-        with the edit applied (an edit sends whole lists), complete either way."""
-        if self.index is None:
-            return
-        cur: Mapping[str, Any] = cast(Mapping[str, Any], current["Contact"]) if current else {}
-        numbers = (
-            [x["public_number"] for x in body["ContactNumber"]]
-            if "ContactNumber" in body
-            else list(cur.get("contact_numbers") or [])
-        )
-        emails = [x["email"] for x in body["ContactEmail"]] if "ContactEmail" in body else cur.get("contact_emails")
-        entry = make_entry(
-            target,
-            body.get("name") or cur.get("name"),
-            body.get("company") or cur.get("company"),
-            numbers,
-            list(emails or []),
-            complete=True,
-            v=time.time(),
-            src="write",
-        )
-        await self.index.learn([entry])
+        """Teach the contacts index what the sink wrote (:func:`written_entry`)."""
+        if self.index is not None:
+            await self.index.learn([written_entry(target, body, current)])
+
+
+def written_entry(target: str, body: Mapping[str, Any], current: ContactShow | None) -> Entry:
+    """The index entry of a contact the sink wrote: the add's body, or the contact as shown with
+    the edit applied (an edit sends whole lists), complete either way."""
+    cur: Mapping[str, Any] = cast(Mapping[str, Any], current["Contact"]) if current else {}
+    numbers = (
+        [x["public_number"] for x in body["ContactNumber"]]
+        if "ContactNumber" in body
+        else list(cur.get("contact_numbers") or [])
+    )
+    emails = [x["email"] for x in body["ContactEmail"]] if "ContactEmail" in body else cur.get("contact_emails")
+    return make_entry(
+        target,
+        body.get("name") or cur.get("name"),
+        body.get("company") or cur.get("company"),
+        numbers,
+        list(emails or []),
+        complete=True,
+        v=time.time(),
+        src="write",
+    )
 
 
 def cloudtalk_sink_client(
