@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,25 @@ def env_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: expected on or off, got {raw!r}")
 
 
+def env_choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = _get(env, name, default).strip().lower()
+    if raw not in choices:
+        raise SettingsError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def env_instance_id(env: Mapping[str, str], name: str) -> str:
+    """A name for this process among its stage's replicas ("" when unset): letters, digits, ``._-``."""
+    raw = _get(env, name, "").strip()
+    if raw and not _INSTANCE_ID.fullmatch(raw):
+        raise SettingsError(f"{name}: expected up to 100 letters, digits, '.', '_' or '-', got {raw!r}")
+    return raw
+
+
+PRODUCER_SCOPES = ("partition", "process")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _SASL_VARS = ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_USERNAME_FILE", "KAFKA_SASL_PASSWORD_FILE")
@@ -258,6 +278,8 @@ class KafkaSettings:
     commit_interval_ms: int = 200
     commit_max_records: int = 1000
     transaction_timeout_ms: int = 60_000
+    producers: str = "partition"  # one transactional producer per input "partition", or per "process"
+    instance_id: str = ""  # the process's part of its transactional id (producers=process); "": host-pid
     client_id: str = "ctk-pipeline"
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
@@ -274,6 +296,8 @@ class KafkaSettings:
             transaction_timeout_ms=env_int(
                 env, "KAFKA_TRANSACTION_TIMEOUT_MS", cls.transaction_timeout_ms, minimum=1000
             ),
+            producers=env_choice(env, "LOOP_PRODUCERS", cls.producers, PRODUCER_SCOPES),
+            instance_id=env_instance_id(env, "LOOP_INSTANCE_ID"),
             client_id=env_str(env, "KAFKA_CLIENT_ID", cls.client_id),
             security=KafkaSecurity.from_env(env),
         )

@@ -60,7 +60,9 @@ consumer leaves the group and the producers close.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,9 +70,11 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ProducerFenced
+from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.structs import ConsumerRecord
 
 from pipeline.core.observability import get_logger, metrics
+from pipeline.core.settings import KafkaSettings
 from pipeline.kafka.clients import (
     CONNECT_BACKOFF_MAX_S,
     new_consumer,
@@ -78,6 +82,14 @@ from pipeline.kafka.clients import (
     started,
     stop_quietly,
     transactional_producer,
+)
+from pipeline.kafka.fencing import (
+    NO_GENERATION,
+    GroupMembership,
+    MembershipFenced,
+    committed_stable,
+    membership,
+    send_offsets_fenced,
 )
 from pipeline.kafka.partitioner import partitioner
 from pipeline.kafka.reading import stop_consumer
@@ -92,27 +104,74 @@ log = get_logger(__name__)
 
 
 class Lane:
-    """One assigned input partition and its transactional producer."""
+    """One assigned input partition and the transactional producer that commits its batches: its
+    own (``producers="partition"``) or the process's, shared by every lane (:class:`SharedProducer`)."""
 
-    def __init__(self, tp: TopicPartition, producer: AIOKafkaProducer, transactional_id: str) -> None:
-        self.tp, self.producer, self.transactional_id = tp, producer, transactional_id
+    def __init__(
+        self,
+        tp: TopicPartition,
+        producer: AIOKafkaProducer | None,
+        transactional_id: str,
+        shared: SharedProducer | None = None,
+    ) -> None:
+        self.tp, self._producer, self.transactional_id, self.shared = tp, producer, transactional_id, shared
         self.next_offset: int | None = None  # committed position
         self.closed = False
 
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self.shared is not None:
+            return self.shared.producer
+        assert self._producer is not None
+        return self._producer
+
     async def publish(self, records: Sequence[OutRecord]) -> None:
-        """Commit ``records`` in a transaction of their own, without offsets.
+        """Commit ``records`` in a transaction of their own, without moving the offsets.
 
         For stages that must make something durable before they act on it (a sink's intents).
         """
         if not records:
             return
-        await self.producer.begin_transaction()
+        if self.shared is not None:
+            await self.shared.publish(self, records)
+            return
+        producer = self.producer
+        await producer.begin_transaction()
         try:
-            await _send_all(self.producer, records)
-            await self.producer.commit_transaction()
+            await _send_all(producer, records)
+            await producer.commit_transaction()
         except BaseException:
-            await _abort_quietly(self.producer)
+            await _abort_quietly(producer)
             raise
+
+
+class SharedProducer:
+    """The process's one transactional producer (``producers="process"``), id
+    ``{group}.{instance}``: every lane's batches and intents, one transaction at a time (``lock``).
+
+    Its transactions commit offsets fenced by the member's group generation (KIP-447, see
+    :mod:`pipeline.kafka.fencing`), taken when partitions are assigned, so a member the group moved
+    on from cannot commit, whatever its transactional id. Intents carry their lane's committed
+    offset, unchanged, for the same reason: without it nothing would fence them.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, transactional_id: str) -> None:
+        self.producer, self.transactional_id = producer, transactional_id
+        self.lock = asyncio.Lock()
+        self.member = GroupMembership("", NO_GENERATION, "")  # none until the first assignment
+
+    async def publish(self, lane: Lane, records: Sequence[OutRecord]) -> None:
+        async with self.lock:
+            producer = self.producer
+            await producer.begin_transaction()
+            try:
+                await _send_all(producer, records)
+                assert lane.next_offset is not None, "a lane publishes once its position is known"
+                await send_offsets_fenced(producer, {lane.tp: lane.next_offset}, self.member)
+                await producer.commit_transaction()
+            except BaseException:
+                await _abort_quietly(producer)
+                raise
 
 
 class Stage(Protocol):
@@ -177,18 +236,48 @@ async def _send_all(producer: AIOKafkaProducer, records: Sequence[OutRecord]) ->
     await asyncio.gather(*futures)
 
 
+_ABORTABLE = (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR)
+
+
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:
+    """End an open transaction, or one an error left able only to abort."""
     try:
         txn = producer._txn_manager  # noqa: SLF001 - aiokafka exposes no public state query
-        if txn is not None and txn.is_in_transaction() and not txn.is_fatal_error():
+        if txn is not None and txn.state in _ABORTABLE:
             await producer.abort_transaction()
     except Exception as exc:  # noqa: BLE001
         log.warning("abort_failed", error=str(exc))
 
 
+async def _stop_producer(producer: AIOKafkaProducer) -> None:
+    await _abort_quietly(producer)
+    try:
+        await producer.stop()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("producer_stop_failed", error=str(exc))
+
+
+def _is_fatal(producer: AIOKafkaProducer) -> bool:
+    txn = producer._txn_manager  # noqa: SLF001
+    return txn is not None and txn.is_fatal_error()
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Handled:
+    """A batch of one partition the stage has handled (steps 1–2), waiting for its transaction."""
+
+    lane: Lane
+    first: int  # offset of its first record
+    end: int  # one past its last record
+    upto: int  # where its offsets may advance to (commit_upto)
+    result: BatchResult
+    dead: list[OutRecord]
+    started: float
 
 
 @dataclass(frozen=True)
@@ -212,6 +301,42 @@ class LoopSettings:
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     retry_backoff_max_s: float = 10.0
     assign_attempts: int = 5  # tries of the stage's preparation of new partitions (e.g. ledger load)
+    producers: str = "partition"  # a transactional producer per input "partition", or one per "process"
+    instance_id: str = ""  # producers="process": the transactional id's own part; "": {host}-{pid}
+
+    @classmethod
+    def of(
+        cls,
+        kafka: KafkaSettings,
+        *,
+        group_id: str,
+        input_topics: tuple[str, ...],
+        deadletter_topic: str,
+        **overrides: Any,
+    ) -> LoopSettings:
+        """The loop's settings from the services' Kafka settings (``LOOP_*``, ``KAFKA_*``)."""
+        return cls(
+            bootstrap=kafka.bootstrap,
+            group_id=group_id,
+            input_topics=input_topics,
+            deadletter_topic=deadletter_topic,
+            **{
+                "client_id": kafka.client_id,
+                "max_batch": kafka.max_batch,
+                "poll_timeout_ms": kafka.poll_timeout_ms,
+                "commit_interval_ms": kafka.commit_interval_ms,
+                "commit_max_records": kafka.commit_max_records,
+                "transaction_timeout_ms": kafka.transaction_timeout_ms,
+                "producers": kafka.producers,
+                "instance_id": kafka.instance_id,
+                **overrides,
+            },
+        )
+
+    @property
+    def process_transactional_id(self) -> str:
+        instance = self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        return f"{self.group_id}.{instance}"
 
 
 class TransactionalLoop:
@@ -227,6 +352,7 @@ class TransactionalLoop:
         self._last_poll = 0.0
         self._failures: dict[TopicPartition, int] = {}
         self._fenced: set[TopicPartition] = set()
+        self._shared: SharedProducer | None = None  # producers="process": opened on the first assignment
         # records gathered for a partition's next transaction, and when its first one arrived
         self._pending: dict[TopicPartition, list[ConsumerRecord]] = {}
         self._pending_since: dict[TopicPartition, float] = {}
@@ -351,8 +477,13 @@ class TransactionalLoop:
             lane = self.lanes.get(tp)
             if lane is not None and not lane.closed:
                 work.append((lane, records))
-        if work:
+        if not work:
+            return
+        if self._shared is None:
             await asyncio.gather(*(self._process_batch(lane, records) for lane, records in work))
+        else:  # one transaction for all of them, once every stage call is done
+            handled = await asyncio.gather(*(self._handle(lane, records) for lane, records in work))
+            await self._commit_shared([h for h in handled if h is not None])
 
     async def stop(self) -> None:
         """Finish the batch in flight, close every lane, leave the group."""
@@ -365,6 +496,8 @@ class TransactionalLoop:
                 await self._close_lane(lane)
             self._forget_lag(self.lanes)
             self.lanes.clear()
+            if self._shared is not None:
+                await _stop_producer(self._shared.producer)
         # Not under the lock: leaving may wait for a rebalance whose callbacks take the lock.
         if self._consumer is not None:
             # with the broker away aiokafka lets a fetch task's CancelledError out of stop()
@@ -410,8 +543,13 @@ class TransactionalLoop:
 
     # -- one batch -----------------------------------------------------------------------------
     async def _process_batch(self, lane: Lane, records: list[ConsumerRecord]) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+        """Steps 1–7 for one batch, in a transaction of the lane's own producer."""
+        handled = await self._handle(lane, records)
+        if handled is not None:
+            await self._commit_lane(handled)
+
+    async def _handle(self, lane: Lane, records: list[ConsumerRecord]) -> _Handled | None:
+        """Steps 1–2: the stage's outputs for the batch, or None when there is nothing to commit."""
         tp = lane.tp
         first, end = records[0].offset, records[-1].offset + 1
         started = time.perf_counter()
@@ -430,62 +568,134 @@ class TransactionalLoop:
                 error=str(exc),
             )
             await self._retry_later(tp, first)
-            return
+            return None
         upto = end if result.commit_upto is None else min(max(result.commit_upto, first), end)
 
         # 2. nothing to produce and nothing to commit: no transaction at all
         if upto == first and not result.outputs and not result.rejections:
             await self._retry_later(tp, first)
-            return
-
+            return None
         dead = [dead_letter(r, self.stage.name, self.settings.deadletter_topic) for r in result.rejections]
+        return _Handled(lane, first, end, upto, result, dead, started)
+
+    async def _commit_lane(self, h: _Handled) -> None:
+        """Steps 3–6 on the lane's own producer, then the bookkeeping."""
+        consumer = self._consumer
+        assert consumer is not None
+        lane, tp = h.lane, h.lane.tp
         producer = lane.producer
         try:
             # 3. begin
             await producer.begin_transaction()
             # 4. outputs, then dead letters; every send acknowledged
-            await _send_all(producer, [*result.outputs, *dead])
+            await _send_all(producer, [*h.result.outputs, *h.dead])
             # 5. the input offsets join the transaction
-            if upto > first:
-                await producer.send_offsets_to_transaction({tp: upto}, self.settings.group_id)
+            if h.upto > h.first:
+                await producer.send_offsets_to_transaction({tp: h.upto}, self.settings.group_id)
             # 6. commit
             await producer.commit_transaction()
         except ProducerFenced:  # abort path C: another member owns this partition now
             log.warning("producer_fenced", stage=self.stage.name, transactional_id=lane.transactional_id)
-            self._m_abort.inc()
-            self.stats["aborted"] += 1
+            self._aborted()
             self._fenced.add(tp)
             consumer.pause(tp)
             await self._close_lane(lane)
             return
         except Exception as exc:  # abort path B: abort, seek back, retry
+            self._aborted(exc, [h])
+            await _abort_quietly(producer)
+            if _is_fatal(lane.producer):
+                await self._restart_producer(lane)
+            await self._retry_later(tp, h.first)
+            return
+        self._transaction_committed()
+        self._committed(h)
+
+    async def _commit_shared(self, batches: list[_Handled]) -> None:
+        """Steps 3–6 for the batches of every due partition in one transaction of the process's
+        producer, offsets fenced by the member's generation; then the bookkeeping."""
+        consumer, shared = self._consumer, self._shared
+        assert consumer is not None and shared is not None
+        if not batches:
+            return
+        async with shared.lock:  # a stage's intents (Lane.publish) commit before or after, never inside
+            producer = shared.producer
+            try:
+                # 3. begin
+                await producer.begin_transaction()
+                # 4. outputs, then dead letters, of every batch; every send acknowledged
+                await _send_all(producer, [r for h in batches for r in (*h.result.outputs, *h.dead)])
+                # 5. the input offsets join the transaction, with the member's generation
+                offsets = {h.lane.tp: h.upto for h in batches if h.upto > h.first}
+                if offsets:
+                    await send_offsets_fenced(producer, offsets, shared.member)
+                # 6. commit
+                await producer.commit_transaction()
+            except MembershipFenced as exc:  # abort path C: the group has moved on from this member
+                log.warning("membership_fenced", stage=self.stage.name, member=str(shared.member), error=str(exc))
+                self._aborted()
+                await _abort_quietly(producer)
+                for h in batches:
+                    self._fenced.add(h.lane.tp)
+                    consumer.pause(h.lane.tp)
+                    h.lane.closed = True
+                return
+            except ProducerFenced:  # another process took this process's transactional id
+                self._aborted()
+                for h in batches:
+                    consumer.seek(h.lane.tp, h.first)
+                if self.fatal is None:
+                    self.fatal = RuntimeError(
+                        f"another process uses the transactional id {shared.transactional_id!r}: "
+                        "give each replica its own LOOP_INSTANCE_ID"
+                    )
+                    log.error("producer_fenced", stage=self.stage.name, transactional_id=shared.transactional_id)
+                self.request_stop()
+                return
+            except Exception as exc:  # abort path B: abort, seek every batch back, retry
+                self._aborted(exc, batches)
+                await _abort_quietly(producer)
+                if _is_fatal(producer):
+                    await self._restart_producer(None)
+                failed = True
+            else:
+                failed = False
+        if failed:
+            await asyncio.gather(*(self._retry_later(h.lane.tp, h.first) for h in batches))
+            return
+        self._transaction_committed()
+        for h in batches:
+            self._committed(h)
+
+    def _transaction_committed(self) -> None:
+        self._m_commit.inc()
+        self.stats["committed"] += 1
+
+    def _aborted(self, exc: Exception | None = None, batches: Sequence[_Handled] = ()) -> None:
+        self._m_abort.inc()
+        self.stats["aborted"] += 1
+        if exc is not None:
             log.warning(
                 "transaction_aborted",
                 stage=self.stage.name,
-                partition=f"{tp.topic}:{tp.partition}",
-                offset=first,
+                partitions=[f"{h.lane.tp.topic}:{h.lane.tp.partition}@{h.first}" for h in batches],
                 error=f"{type(exc).__name__}: {exc}",
             )
-            self._m_abort.inc()
-            self.stats["aborted"] += 1
-            await _abort_quietly(producer)
-            if lane.producer._txn_manager is not None and lane.producer._txn_manager.is_fatal_error():  # noqa: SLF001
-                await self._restart_lane(lane)
-            await self._retry_later(tp, first)
-            return
 
-        self._m_commit.inc()
-        self.stats["committed"] += 1
+    def _committed(self, h: _Handled) -> None:
+        """After the commit: the stage's hook, the committed position, counts, step 7."""
+        assert self._consumer is not None
+        lane, result = h.lane, h.result
         after_commit = getattr(self.stage, "after_commit", None)
         if after_commit is not None:
             after_commit(lane, result)
-        self._failures.pop(tp, None)
-        lane.next_offset = upto
+        self._failures.pop(lane.tp, None)
+        lane.next_offset = h.upto
         self._m_out.inc(len(result.outputs))
         self.stats["out"] += len(result.outputs)
-        if dead:
-            self._m_rejected.inc(len(dead))
-            self.stats["rejected"] += len(dead)
+        if h.dead:
+            self._m_rejected.inc(len(h.dead))
+            self.stats["rejected"] += len(h.dead)
             for r in result.rejections:
                 self._deadletter_counter(r.error_class).inc()
                 log.warning(
@@ -496,9 +706,9 @@ class TransactionalLoop:
                     source=f"{r.record.topic}:{r.record.partition}:{r.record.offset}",
                 )
         # 7. the stage stopped early: fetch the rest again
-        if upto < end:
-            consumer.seek(tp, upto)
-        self._m_batch.observe(time.perf_counter() - started)
+        if h.upto < h.end:
+            self._consumer.seek(lane.tp, h.upto)
+        self._m_batch.observe(time.perf_counter() - h.started)
 
     def _deadletter_counter(self, reason: str) -> Any:
         c = self._m_deadletters.get(reason)
@@ -518,13 +728,15 @@ class TransactionalLoop:
     def _transactional_id(self, tp: TopicPartition) -> str:
         return f"{self.settings.group_id}.{tp.topic}.{tp.partition}"
 
-    async def _open_lane(self, tp: TopicPartition) -> Lane:
+    async def _start_producer(self, transactional_id: str) -> AIOKafkaProducer:
+        """A started transactional producer. Its first producer-id request fences an older producer
+        with this id and settles that one's open transaction; an empty begin/abort waits for it
+        without a broker-side transaction."""
         s = self.settings
-        tid = self._transactional_id(tp)
         producer = transactional_producer(
             s.bootstrap,
-            tid,
-            client_id=f"{s.client_id}-{tid}",
+            transactional_id,
+            client_id=f"{s.client_id}-{transactional_id}",
             transaction_timeout_ms=s.transaction_timeout_ms,
             linger_ms=s.producer_linger_ms,
             max_batch_size=s.producer_batch_bytes,
@@ -533,8 +745,6 @@ class TransactionalLoop:
 
         async def fence() -> None:
             await producer.start()
-            # The first producer-id request fences an older producer with this id and settles its
-            # open transaction; an empty begin/abort waits for it without a broker-side transaction.
             await producer.begin_transaction()
             await producer.abort_transaction()
 
@@ -544,34 +754,44 @@ class TransactionalLoop:
         except BaseException:
             await stop_quietly(producer)
             raise
-        return Lane(tp, producer, tid)
+        return producer
+
+    async def _open_lane(self, tp: TopicPartition) -> Lane:
+        if self._shared is not None:
+            return Lane(tp, None, self._shared.transactional_id, shared=self._shared)
+        tid = self._transactional_id(tp)
+        return Lane(tp, await self._start_producer(tid), tid)
 
     async def _close_lane(self, lane: Lane) -> None:
         if lane.closed:
             return
         lane.closed = True
-        await _abort_quietly(lane.producer)
-        try:
-            await lane.producer.stop()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("producer_stop_failed", error=str(exc))
+        if lane.shared is None:  # the shared producer has no transaction open outside the loop's lock
+            await _stop_producer(lane.producer)
 
-    async def _restart_lane(self, lane: Lane) -> None:
-        """Replace a producer in a fatal state. While the broker is away this waits for it (capped
-        backoff, one line when the first attempt fails, one when it worked); a stop ends the wait
-        and leaves the lane closed."""
-        await self._close_lane(lane)
+    async def _restart_producer(self, lane: Lane | None) -> None:
+        """Replace a producer in a fatal state: a lane's own, or the shared one (``lane`` None).
+        While the broker is away this waits for it (capped backoff, one line when the first
+        attempt fails, one when it worked); a stop ends the wait and leaves the lane closed."""
+        shared = self._shared if lane is None else None
+        if lane is not None:
+            tid = lane.transactional_id
+            await self._close_lane(lane)
+        else:
+            assert shared is not None
+            tid = shared.transactional_id
+            await _stop_producer(shared.producer)
         failures = 0
         while not self._stopping.is_set():
             try:
-                fresh = await self._open_lane(lane.tp)
+                producer = await self._start_producer(tid)
             except Exception as exc:  # noqa: BLE001 - retried until the broker is back or a stop
                 failures += 1
                 if failures == 1:
                     log.warning(
                         "lane_restart_failed",
                         stage=self.stage.name,
-                        transactional_id=lane.transactional_id,
+                        transactional_id=tid,
                         error=f"{type(exc).__name__}: {exc}",
                     )
                 delay = min(self.settings.retry_backoff_max_s, 0.5 * 2 ** min(failures, 10))
@@ -580,17 +800,28 @@ class TransactionalLoop:
                 except TimeoutError:
                     pass
                 continue
-            fresh.next_offset = lane.next_offset
-            self.lanes[lane.tp] = fresh
+            if shared is not None:
+                shared.producer = producer
+            else:
+                assert lane is not None
+                fresh = Lane(lane.tp, producer, tid)
+                fresh.next_offset = lane.next_offset
+                self.lanes[lane.tp] = fresh
             if failures:
-                log.info(
-                    "lane_restarted", stage=self.stage.name, transactional_id=lane.transactional_id, failures=failures
-                )
+                log.info("lane_restarted", stage=self.stage.name, transactional_id=tid, failures=failures)
             return
 
     async def _prepare_partitions(self, consumer: AIOKafkaConsumer, new: list[TopicPartition]) -> None:
         """Lanes, positions and the stage's state for newly assigned partitions. Repeatable: a lane
         opened by an earlier try is kept."""
+        s = self.settings
+        if s.producers == "process":
+            if self._shared is None:
+                tid = s.process_transactional_id
+                self._shared = SharedProducer(await self._start_producer(tid), tid)
+                log.info("shared_producer_started", stage=self.stage.name, transactional_id=tid)
+            # the generation these partitions were assigned in: every commit from now on carries it
+            self._shared.member = membership(consumer)
         missing = [tp for tp in new if tp not in self.lanes or self.lanes[tp].closed]
         opened = await asyncio.gather(*(self._open_lane(tp) for tp in missing), return_exceptions=True)
         failed: BaseException | None = None
@@ -601,9 +832,15 @@ class TransactionalLoop:
                 self.lanes[tp] = lane
         if failed is not None:
             raise failed
-        # positions from a fresh offset fetch, now that zombies are fenced
         if new:
-            committed = await asyncio.gather(*(consumer.committed(tp) for tp in new))
+            committed: Sequence[int | None]
+            if self._shared is not None:
+                # No lane fences the previous owner here: wait until no transaction holds a newer
+                # offset for these partitions (a killed owner's: up to the transaction timeout).
+                stable = await committed_stable(consumer, new, timeout_s=s.transaction_timeout_ms / 1000 + 30)
+                committed = [stable.get(tp) for tp in new]
+            else:  # positions from a fresh offset fetch, now that zombies are fenced
+                committed = await asyncio.gather(*(consumer.committed(tp) for tp in new))
             for tp, offset in zip(new, committed, strict=True):
                 if offset is None:
                     await consumer.seek_to_beginning(tp)

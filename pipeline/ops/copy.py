@@ -50,17 +50,11 @@ def run(args: argparse.Namespace) -> int:
     reject = re.compile(args.reject_matching.encode()) if args.reject_matching else None
     deadletter = args.deadletter or Topics(settings.kafka.topic_prefix).deadletter
     loop = TransactionalLoop(
-        LoopSettings(
-            bootstrap=settings.kafka.bootstrap,
+        LoopSettings.of(
+            settings.kafka,
             group_id=args.group,
             input_topics=(args.source,),
             deadletter_topic=deadletter,
-            client_id=settings.kafka.client_id,
-            max_batch=settings.kafka.max_batch,
-            poll_timeout_ms=settings.kafka.poll_timeout_ms,
-            commit_interval_ms=settings.kafka.commit_interval_ms,
-            commit_max_records=settings.kafka.commit_max_records,
-            transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
         ),
         TransformStage("copy", copy_transform(args.destination, reject)),
     )

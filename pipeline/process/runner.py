@@ -171,17 +171,11 @@ def run(args: argparse.Namespace) -> int:
     flow = FLOWS[args.flow]
     topics = Topics(settings.kafka.topic_prefix)
     loop = TransactionalLoop(
-        LoopSettings(
-            bootstrap=settings.kafka.bootstrap,
+        LoopSettings.of(
+            settings.kafka,
             group_id=f"{settings.kafka.topic_prefix}process-{flow.name}",
             input_topics=(getattr(topics, flow.input_base),),
             deadletter_topic=topics.deadletter,
-            client_id=settings.kafka.client_id,
-            max_batch=settings.kafka.max_batch,
-            poll_timeout_ms=settings.kafka.poll_timeout_ms,
-            commit_interval_ms=settings.kafka.commit_interval_ms,
-            commit_max_records=settings.kafka.commit_max_records,
-            transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
             session_timeout_ms=env_int(os.environ, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000),
         ),
         TransformStage(f"process-{flow.name}", decisions_transform(flow, live, topics)),

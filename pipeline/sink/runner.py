@@ -163,17 +163,13 @@ def run(args: argparse.Namespace) -> int:
             stage = await build(session, live, settings, topics)
             max_batch = env_int(env, "SINK_MAX_BATCH", 200, minimum=1)
             loop = TransactionalLoop(
-                LoopSettings(
-                    bootstrap=settings.kafka.bootstrap,
+                LoopSettings.of(
+                    settings.kafka,
                     group_id=f"{settings.kafka.topic_prefix}sink-{args.target}",
                     input_topics=(getattr(topics, input_attr),),
                     deadletter_topic=topics.deadletter,
-                    client_id=settings.kafka.client_id,
                     max_batch=max_batch,
-                    poll_timeout_ms=settings.kafka.poll_timeout_ms,
-                    commit_interval_ms=settings.kafka.commit_interval_ms,
                     commit_max_records=max_batch,  # a sink's batch is bounded by its effects' time
-                    transaction_timeout_ms=settings.kafka.transaction_timeout_ms,
                     max_poll_interval_ms=env_int(env, "SINK_MAX_POLL_INTERVAL_MS", 900_000, minimum=10_000),
                     session_timeout_ms=env_int(env, "KAFKA_SESSION_TIMEOUT_MS", 10_000, minimum=1000),
                 ),

@@ -107,8 +107,22 @@ async def test_rejected_records_go_to_deadletter_with_error_headers(kafka: Kafka
         assert r.key is not None and r.key.startswith(b"k"), "original key is kept"
 
 
-def _start_copy(kafka: KafkaIO, prefix: str, src: str, dst: str, group: str, log) -> subprocess.Popen:
-    env = pipeline_env(kafka.bootstrap, prefix, LOOP_MAX_BATCH="300")
+# One transactional producer per input partition (the default), or one per process whose offset
+# commits the group fences by generation (tests/integration/test_loop_shared_producer.py has more).
+PRODUCERS = pytest.mark.parametrize("producers", ["partition", "process"])
+
+
+def _producers_env(producers: str, instance: str, **extra: str) -> dict[str, str]:
+    """A process's producer settings. A process-wide producer keeps its id across restarts (a
+    restart then ends the killed one's open transaction at once); a partner that takes a killed
+    member's partitions waits for that transaction's timeout, kept short here."""
+    if producers == "partition":
+        return extra
+    return {"LOOP_PRODUCERS": "process", "LOOP_INSTANCE_ID": instance, "KAFKA_TRANSACTION_TIMEOUT_MS": "5000", **extra}
+
+
+def _start_copy(kafka: KafkaIO, prefix: str, src: str, dst: str, group: str, log, **extra: str) -> subprocess.Popen:
+    env = pipeline_env(kafka.bootstrap, prefix, LOOP_MAX_BATCH="300", **extra)
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "copy", src, dst, "--group", group],
         cwd=REPO,
@@ -118,7 +132,10 @@ def _start_copy(kafka: KafkaIO, prefix: str, src: str, dst: str, group: str, log
     )
 
 
-async def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka: KafkaIO, topic_prefix: str, tmp_path):
+@PRODUCERS
+async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
+    kafka: KafkaIO, topic_prefix: str, tmp_path, producers: str
+):
     src = await kafka.create_topic(f"{topic_prefix}src", partitions=4)
     dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=4)
     await kafka.create_topic(f"{topic_prefix}deadletter")
@@ -129,7 +146,8 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka: KafkaIO, t
     log = open(tmp_path / "copy.log", "ab")  # noqa: SIM115
     kills = 0
     producer_task = asyncio.create_task(_produce_slowly(kafka, src, sent))
-    proc = _start_copy(kafka, topic_prefix, src, dst, group, log)
+    env = _producers_env(producers, "copy")
+    proc = _start_copy(kafka, topic_prefix, src, dst, group, log, **env)
     try:
         for _ in range(4):
             # let it copy for a random while (reading committed output grows), then kill -9
@@ -139,7 +157,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(kafka: KafkaIO, t
             proc.wait(10)
             kills += 1
             assert before < total, "the kill must land mid-stream"
-            proc = _start_copy(kafka, topic_prefix, src, dst, group, log)
+            proc = _start_copy(kafka, topic_prefix, src, dst, group, log, **env)
         await producer_task
         got = await kafka.read_all(dst, expect=total, timeout=120)
     finally:
@@ -195,7 +213,10 @@ async def test_sigterm_finishes_the_batch_and_leaves_the_group(kafka: KafkaIO, t
     assert '"event": "loop_stopped"' in text or '"event":"loop_stopped"' in text
 
 
-async def test_two_members_share_partitions_and_survive_one_killed(kafka: KafkaIO, topic_prefix: str, tmp_path):
+@PRODUCERS
+async def test_two_members_share_partitions_and_survive_one_killed(
+    kafka: KafkaIO, topic_prefix: str, tmp_path, producers: str
+):
     src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
     dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=6)
     await kafka.create_topic(f"{topic_prefix}deadletter")
@@ -203,8 +224,8 @@ async def test_two_members_share_partitions_and_survive_one_killed(kafka: KafkaI
     values = [f"p{i:05d}".encode() for i in range(12_000)]
     producer_task = asyncio.create_task(_produce_slowly(kafka, src, values))
     logs = [open(tmp_path / f"m{i}.log", "ab") for i in range(2)]  # noqa: SIM115
-    a = _start_copy(kafka, topic_prefix, src, dst, group, logs[0])
-    b = _start_copy(kafka, topic_prefix, src, dst, group, logs[1])
+    a = _start_copy(kafka, topic_prefix, src, dst, group, logs[0], **_producers_env(producers, "a"))
+    b = _start_copy(kafka, topic_prefix, src, dst, group, logs[1], **_producers_env(producers, "b"))
     try:
         await asyncio.sleep(4)
         a.send_signal(signal.SIGKILL)
@@ -225,8 +246,9 @@ async def test_two_members_share_partitions_and_survive_one_killed(kafka: KafkaI
     assert "partitions_assigned" in log_b
 
 
+@PRODUCERS
 async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate_nothing(
-    kafka: KafkaIO, topic_prefix: str
+    kafka: KafkaIO, topic_prefix: str, producers: str
 ):
     """Batches that race a rebalance (fetched before, committed after) must be neither dropped nor repeated."""
     src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
@@ -246,6 +268,8 @@ async def test_members_joining_and_leaving_while_records_flow_lose_and_duplicate
             poll_timeout_ms=3000,
             session_timeout_ms=6000,
             heartbeat_interval_ms=500,
+            producers=producers,
+            instance_id=name,
         )
         return TransactionalLoop(settings, TransformStage(name, copy_transform(dst, None)))
 
