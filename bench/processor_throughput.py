@@ -182,7 +182,9 @@ def json_floor_us(records: list[ConsumerRecord], passes: int = 3) -> float:
     return best * 1e6
 
 
-async def processor_run(bootstrap: str, topics: Topics, src: str, cfg, n: int, batch: int) -> float:
+async def processor_run(
+    bootstrap: str, topics: Topics, src: str, cfg, n: int, batch: int, producers: str = "partition"
+) -> float:
     loop = TransactionalLoop(
         LoopSettings(
             bootstrap=bootstrap,
@@ -191,6 +193,7 @@ async def processor_run(bootstrap: str, topics: Topics, src: str, cfg, n: int, b
             deadletter_topic=topics.deadletter,
             max_batch=batch,
             poll_timeout_ms=200,
+            producers=producers,
         ),
         TransformStage("process-calls", decisions_transform(FLOWS["calls"], cfg, topics)),
     )
@@ -218,6 +221,7 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--integrations", type=int, default=2)
     ap.add_argument("--many-integrations", type=int, default=50, help="the floor again with this many (0: skip)")
+    ap.add_argument("--producers", default="partition", choices=("partition", "process"), help="LOOP_PRODUCERS")
     ap.add_argument("--floor-events", type=int, default=20_000, help="events per pass of the transform floor")
     args = ap.parse_args()
     events = envelopes(args.events)
@@ -236,7 +240,13 @@ async def main() -> None:
                     result[which] = await baseline_copy(bootstrap, topics.raw_calls, copy_dst, args.events, args.batch)
                 else:
                     result[which] = await processor_run(
-                        bootstrap, topics, topics.raw_calls, config(args.integrations), args.events, args.batch
+                        bootstrap,
+                        topics,
+                        topics.raw_calls,
+                        config(args.integrations),
+                        args.events,
+                        args.batch,
+                        args.producers,
                     )
                 print(f"round {i + 1} {which:9} {result[which]:10,.0f} events/s", flush=True)
             floors.append(transform_floor_us(config(args.integrations), topics, floor_records, args.batch))
@@ -258,7 +268,10 @@ async def main() -> None:
     floor_us, json_us = min(floors), min(json_floors)
     processor, baseline = statistics.median(rates), statistics.median(bases)
     share = processor / (1e6 / floor_us)
-    print(f"events: {args.events} call.ended, {args.integrations} integrations, batch {args.batch}")
+    print(
+        f"events: {args.events} call.ended, {args.integrations} integrations, batch {args.batch}, "
+        f"a transactional producer per {args.producers}"
+    )
     print(
         f"baseline median {baseline:,.0f} events/s; processor median {processor:,.0f} events/s "
         f"(one process = one core); transform floor {floor_us:.1f} µs/event = {1e6 / floor_us:,.0f} events/s"

@@ -26,9 +26,10 @@ request on aiokafka's connections and protocol classes:
   processes again what that transaction will commit. With ``require_stable`` the coordinator answers
   ``UNSTABLE_OFFSET_COMMIT`` until the transaction ends; :func:`committed_stable` retries until then.
 
-The transactional loop does not use this module yet: ``tests/integration/test_kip447_fencing.py``
-proves on the broker what it fences and what it does not, and docs/architecture.md lists what the
-loop must change before one producer per process can replace one per partition.
+The transactional loop uses this module when it runs one producer per process
+(``LOOP_PRODUCERS=process``, :class:`pipeline.kafka.loop.SharedProducer`).
+``tests/integration/test_kip447_fencing.py`` proves on the broker what it fences and what it does
+not; ``tests/integration/test_loop_shared_producer.py`` does the same for the loop.
 
 Every request goes to the coordinator aiokafka's own clients found (the producer's sender caches
 the transaction and group coordinators, the consumer's group coordinator its own) and is retried on

@@ -5,10 +5,19 @@ A :class:`Stage` turns a batch of records from one input partition into a :class
 any stage with exactly-once semantics inside Kafka:
 
 * ``read_committed`` consumer in a group, manual offsets;
-* one transactional producer per assigned input partition (a :class:`Lane`). aiokafka sends no
-  group generation with ``send_offsets_to_transaction`` (no KIP-447), so zombies are fenced by
-  the transactional id itself: ``{group}.{topic}.{partition}``;
-* outputs, dead letters and the input offsets of a batch are committed in one transaction;
+* each assigned input partition is a :class:`Lane`. Its transactional producer is, by
+  ``producers``:
+
+  - ``"partition"`` (the default): its own, with transactional id ``{group}.{topic}.{partition}``.
+    aiokafka sends no group generation with ``send_offsets_to_transaction`` (no KIP-447), so the
+    id fences zombies: the next owner's first producer-id request ends the old owner's transaction;
+  - ``"process"``: the process's one producer (:class:`SharedProducer`, id ``{group}.{instance}``),
+    shared by every lane. The offsets it commits carry the member's generation
+    (:mod:`pipeline.kafka.fencing`), so the group refuses a zombie's commit; a new owner reads
+    the committed offsets stably (it waits while a transaction holds newer ones);
+
+* outputs, dead letters and the input offsets of a batch are committed in one transaction (with a
+  shared producer: the batches of every partition that is due, in one transaction);
 * a batch is what a partition gathered over several polls: it is handed to the stage once it holds
   ``commit_max_records`` records or its first record has waited ``commit_interval_ms``, whichever
   comes first (Kafka Streams' commit interval). Every transaction costs the broker and the
@@ -36,7 +45,10 @@ Commit protocol for one batch of one partition (``_process_batch``):
 6. Commit. Abort path B: any error in 3–6 → abort the transaction, seek back to the batch
    start, back off, retry. Abort path C: the producer was fenced (another member owns the
    partition now) → close the lane and stop fetching the partition; the rebalance that
-   follows settles ownership.
+   follows settles ownership. With a shared producer, path C is the group refusing the
+   generation (``MembershipFenced``): abort, close the lanes of the transaction, stop fetching
+   them; a shared producer fenced by its own transactional id means another process runs with
+   this one's instance id: the loop stops with that error.
 7. If the stage asked to stop early (``commit_upto`` below the batch end), seek there so the
    rest is fetched again.
 

@@ -6,6 +6,7 @@ test_kafka_security.py runs the same settings against a SASL_SSL listener."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import subprocess
@@ -30,6 +31,7 @@ from pipeline.kafka.clients import (
     new_producer,
     transactional_producer,
 )
+from pipeline.kafka.loop import LoopSettings
 from tests.conftest import REPO
 
 CONSTRUCTION = re.compile(r"\bAIOKafka(Producer|Consumer|AdminClient)\s*\(")
@@ -302,3 +304,25 @@ def test_a_refusal_names_the_setting_to_change(files: dict[str, str]):
         "of 'svc-pipeline'"
     )
     assert "s3cret" not in message
+
+
+def test_the_loops_producer_scope_and_instance_come_from_the_environment():
+    assert KafkaSettings.from_env({}).producers == "partition"
+    kafka = KafkaSettings.from_env({"LOOP_PRODUCERS": "Process", "LOOP_INSTANCE_ID": "sink-cloudtalk-0"})
+    loop = LoopSettings.of(kafka, group_id="sink-cloudtalk", input_topics=("t",), deadletter_topic="d")
+    assert (loop.producers, loop.process_transactional_id) == ("process", "sink-cloudtalk.sink-cloudtalk-0")
+    # unset: host and process id, so two replicas on one host never share a transactional id
+    unnamed = LoopSettings.of(KafkaSettings.from_env({}), group_id="g", input_topics=("t",), deadletter_topic="d")
+    assert unnamed.process_transactional_id.endswith(f"-{os.getpid()}")
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"LOOP_PRODUCERS": "thread"}, "LOOP_PRODUCERS: expected one of partition, process, got 'thread'"),
+        ({"LOOP_INSTANCE_ID": "pod 1"}, "LOOP_INSTANCE_ID: expected up to 100 letters"),
+    ],
+)
+def test_a_bad_producer_setting_names_the_variable(env: dict[str, str], says: str):
+    with pytest.raises(SettingsError, match=re.escape(says)):
+        KafkaSettings.from_env(env)
