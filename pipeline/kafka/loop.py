@@ -29,7 +29,8 @@ the committed position or the pending batch's end: records fetched before a seek
 pending batch is not handed to the stage yet, so dropping it costs nothing: a rebalance drops the
 pending batches of the partitions it revokes or assigns anew (the next owner, or this member after
 its seek, fetches them again from the committed offset). On stop, the pending batches are
-processed before the lanes close.
+processed before the lanes close. With a shared producer, once one partition is due every
+partition's pending batch goes too: they share the transaction, so waiting would only add one.
 
 Commit protocol for one batch of one partition (``_process_batch``):
 
@@ -76,7 +77,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -125,8 +126,10 @@ class Lane:
         producer: AIOKafkaProducer | None,
         transactional_id: str,
         shared: SharedProducer | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
         self.tp, self._producer, self.transactional_id, self.shared = tp, producer, transactional_id, shared
+        self.on_commit = on_commit  # counts a committed transaction of its own (publish)
         self.next_offset: int | None = None  # committed position
         self.closed = False
 
@@ -144,7 +147,7 @@ class Lane:
         """
         if not records:
             return
-        if self.shared is not None:
+        if self.shared is not None:  # counts its transactions itself
             await self.shared.publish(self, records)
             return
         producer = self.producer
@@ -155,6 +158,8 @@ class Lane:
         except BaseException:
             await _abort_quietly(producer)
             raise
+        if self.on_commit is not None:
+            self.on_commit()
 
 
 class SharedProducer:
@@ -165,25 +170,50 @@ class SharedProducer:
     :mod:`pipeline.kafka.fencing`), taken when partitions are assigned, so a member the group moved
     on from cannot commit, whatever its transactional id. Intents carry their lane's committed
     offset, unchanged, for the same reason: without it nothing would fence them.
+
+    Intents of lanes that ask while a transaction is under way share the next one (a group
+    commit): each caller waits for the transaction that carried its records.
     """
 
-    def __init__(self, producer: AIOKafkaProducer, transactional_id: str) -> None:
-        self.producer, self.transactional_id = producer, transactional_id
+    def __init__(self, producer: AIOKafkaProducer, transactional_id: str, on_commit: Callable[[], None]) -> None:
+        self.producer, self.transactional_id, self.on_commit = producer, transactional_id, on_commit
         self.lock = asyncio.Lock()
         self.member = GroupMembership("", NO_GENERATION, "")  # none until the first assignment
+        self._asking: list[tuple[Lane, Sequence[OutRecord], asyncio.Future[None]]] = []
 
     async def publish(self, lane: Lane, records: Sequence[OutRecord]) -> None:
+        assert lane.next_offset is not None, "a lane publishes once its position is known"
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asking.append((lane, records, done))
         async with self.lock:
-            producer = self.producer
+            if not done.done():  # no transaction has carried these records yet: this one will
+                asking, self._asking = self._asking, []
+                await self._commit_intents(asking)
+        await done
+
+    async def _commit_intents(self, asking: list[tuple[Lane, Sequence[OutRecord], asyncio.Future[None]]]) -> None:
+        producer = self.producer
+        try:
             await producer.begin_transaction()
-            try:
-                await _send_all(producer, records)
-                assert lane.next_offset is not None, "a lane publishes once its position is known"
-                await send_offsets_fenced(producer, {lane.tp: lane.next_offset}, self.member)
-                await producer.commit_transaction()
-            except BaseException:
-                await _abort_quietly(producer)
-                raise
+            await _send_all(producer, [r for _lane, records, _done in asking for r in records])
+            offsets = {lane.tp: lane.next_offset for lane, _records, _done in asking if lane.next_offset is not None}
+            await send_offsets_fenced(producer, offsets, self.member)
+            await producer.commit_transaction()
+        except asyncio.CancelledError:
+            await _abort_quietly(producer)
+            for _lane, _records, done in asking:
+                done.cancel()
+            raise
+        except Exception as exc:  # every caller of this transaction sees its failure
+            await _abort_quietly(producer)
+            for _lane, _records, done in asking:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        self.on_commit()
+        for _lane, _records, done in asking:
+            if not done.done():
+                done.set_result(None)
 
 
 class Stage(Protocol):
@@ -447,6 +477,8 @@ class TransactionalLoop:
                     for tp, held in self._pending.items()
                     if len(held) >= s.commit_max_records or now - self._pending_since[tp] >= interval
                 ]
+                if due and self._shared is not None:  # one transaction carries every partition anyway
+                    due = list(self._pending)
                 await self._process_pending(due)
             self._update_lag()
         async with self._lock:  # a stop: what was gathered is committed before the lanes close
@@ -770,9 +802,9 @@ class TransactionalLoop:
 
     async def _open_lane(self, tp: TopicPartition) -> Lane:
         if self._shared is not None:
-            return Lane(tp, None, self._shared.transactional_id, shared=self._shared)
+            return Lane(tp, None, self._shared.transactional_id, self._shared)
         tid = self._transactional_id(tp)
-        return Lane(tp, await self._start_producer(tid), tid)
+        return Lane(tp, await self._start_producer(tid), tid, None, self._transaction_committed)
 
     async def _close_lane(self, lane: Lane) -> None:
         if lane.closed:
@@ -816,7 +848,7 @@ class TransactionalLoop:
                 shared.producer = producer
             else:
                 assert lane is not None
-                fresh = Lane(lane.tp, producer, tid)
+                fresh = Lane(lane.tp, producer, tid, None, self._transaction_committed)
                 fresh.next_offset = lane.next_offset
                 self.lanes[lane.tp] = fresh
             if failures:
@@ -830,7 +862,7 @@ class TransactionalLoop:
         if s.producers == "process":
             if self._shared is None:
                 tid = s.process_transactional_id
-                self._shared = SharedProducer(await self._start_producer(tid), tid)
+                self._shared = SharedProducer(await self._start_producer(tid), tid, self._transaction_committed)
                 log.info("shared_producer_started", stage=self.stage.name, transactional_id=tid)
             # the generation these partitions were assigned in: every commit from now on carries it
             self._shared.member = membership(consumer)

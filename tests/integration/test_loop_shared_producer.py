@@ -69,6 +69,47 @@ async def test_a_stop_commits_every_partition_in_one_transaction(kafka: KafkaIO,
     assert len({r.value for r in got}) == len(got) == 120
 
 
+class _PublishesAnIntent(TransformStage):
+    """Copies, and first makes one intent per batch durable the way a sink does (``lane.publish``)."""
+
+    def __init__(self, dst: str, intents: str) -> None:
+        super().__init__("intents", copy_transform(dst, None))
+        self.intents = intents
+
+    async def handle(self, lane, records):
+        await lane.publish([OutRecord(self.intents, f"intent-{lane.tp.partition}".encode(), b"k")])
+        return await super().handle(lane, records)
+
+
+async def test_intents_of_partitions_handled_together_share_transactions(kafka: KafkaIO, topic_prefix: str):
+    """Six partitions handled together, each publishing its intent first: the intents go in at
+    most two transactions (the first caller's, then everyone who asked meanwhile) and the six
+    batches in one — where a producer per partition takes twelve."""
+    src = await kafka.create_topic(f"{topic_prefix}src", partitions=6)
+    dst = await kafka.create_topic(f"{topic_prefix}dst", partitions=6)
+    dlq = await kafka.create_topic(f"{topic_prefix}dlq")
+    intents = await kafka.create_topic(f"{topic_prefix}intents")
+    await kafka.produce(src, ((f"r{i}".encode(), f"r{i}".encode()) for i in range(120)))
+    loop = TransactionalLoop(
+        _settings(kafka.bootstrap, f"{topic_prefix}g", src, dlq, "one", commit_interval_ms=600_000),
+        _PublishesAnIntent(dst, intents),
+    )
+    await loop.start()
+    task = asyncio.create_task(loop.run())
+    try:
+        await _wait(lambda: sum(map(len, loop._pending.values())) >= 120, 60, "all 120 gathered")  # noqa: SLF001
+    finally:
+        loop.request_stop()
+        await task
+        await loop.stop()
+    assert 2 <= loop.stats["committed"] <= 3, loop.stats
+    assert sorted(r.value for r in await kafka.read_all(intents, expect=6, timeout=30)) == [
+        f"intent-{p}".encode() for p in range(6)
+    ]
+    got = await kafka.read_all(dst, expect=120, timeout=30)
+    assert len({r.value for r in got}) == len(got) == 120
+
+
 class _StallsOnce(TransformStage):
     """Copies; its first batch waits (holding the member's poll) until ``resume`` is set, then
     tries to make an intent durable the way a sink does (``lane.publish``) and returns the copy."""
