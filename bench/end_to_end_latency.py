@@ -467,7 +467,7 @@ async def main() -> None:
         print(
             f"{args.rate:.0f} calls/s for {args.seconds:.0f} s from {args.numbers:,} numbers "
             f"({args.known:.0%} of them known customers); LOOP_PRODUCERS="
-            f"{os.environ.get('LOOP_PRODUCERS') or 'partition'}, LOOP_COMMIT_INTERVAL_MS="
+            f"{os.environ.get('LOOP_PRODUCERS') or 'process'}, LOOP_COMMIT_INTERVAL_MS="
             f"{os.environ.get('LOOP_COMMIT_INTERVAL_MS') or 'default'}",
             flush=True,
         )

@@ -9,7 +9,7 @@ copies the same pre-produced input topic twice, alternating which goes first:
   consumer, one transactional producer, getmany → send → send_offsets_to_transaction → commit;
 * loop: ``pipeline.kafka.TransactionalLoop`` with the copy transform (dead-letter handling, metrics,
   rebalance safety), once per ``--producers`` scope: a transactional producer per input partition
-  (the default) and one per process (offsets fenced by the group generation).
+  and one per process (the default; offsets fenced by the group generation).
 
 Prints records/s per round, the median ratio loop/baseline and a summary table. Nothing is asserted.
 """

@@ -183,7 +183,7 @@ def json_floor_us(records: list[ConsumerRecord], passes: int = 3) -> float:
 
 
 async def processor_run(
-    bootstrap: str, topics: Topics, src: str, cfg, n: int, batch: int, producers: str = "partition"
+    bootstrap: str, topics: Topics, src: str, cfg, n: int, batch: int, producers: str = "process"
 ) -> float:
     loop = TransactionalLoop(
         LoopSettings(
@@ -221,7 +221,7 @@ async def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--integrations", type=int, default=2)
     ap.add_argument("--many-integrations", type=int, default=50, help="the floor again with this many (0: skip)")
-    ap.add_argument("--producers", default="partition", choices=("partition", "process"), help="LOOP_PRODUCERS")
+    ap.add_argument("--producers", default="process", choices=("partition", "process"), help="LOOP_PRODUCERS")
     ap.add_argument("--floor-events", type=int, default=20_000, help="events per pass of the transform floor")
     args = ap.parse_args()
     events = envelopes(args.events)

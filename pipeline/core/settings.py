@@ -278,7 +278,7 @@ class KafkaSettings:
     commit_interval_ms: int = 200
     commit_max_records: int = 1000
     transaction_timeout_ms: int = 60_000
-    producers: str = "partition"  # one transactional producer per input "partition", or per "process"
+    producers: str = "process"  # one transactional producer per "process", or per input "partition"
     instance_id: str = ""  # the process's part of its transactional id (producers=process); "": host-pid
     client_id: str = "ctk-pipeline"
     security: KafkaSecurity = field(default_factory=KafkaSecurity)

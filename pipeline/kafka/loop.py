@@ -8,10 +8,11 @@ any stage with exactly-once semantics inside Kafka:
 * each assigned input partition is a :class:`Lane`. Its transactional producer is, by
   ``producers``:
 
-  - ``"partition"`` (the default): its own, with transactional id ``{group}.{topic}.{partition}``.
+  - ``"partition"``: its own, with transactional id ``{group}.{topic}.{partition}``.
     aiokafka sends no group generation with ``send_offsets_to_transaction`` (no KIP-447), so the
     id fences zombies: the next owner's first producer-id request ends the old owner's transaction;
-  - ``"process"``: the process's one producer (:class:`SharedProducer`, id ``{group}.{instance}``),
+  - ``"process"`` (the default): the process's one producer (:class:`SharedProducer`, id
+    ``{group}.{instance}``),
     shared by every lane. The offsets it commits carry the member's generation
     (:mod:`pipeline.kafka.fencing`), so the group refuses a zombie's commit; a new owner reads
     the committed offsets stably (it waits while a transaction holds newer ones);
@@ -117,8 +118,8 @@ log = get_logger(__name__)
 
 
 class Lane:
-    """One assigned input partition and the transactional producer that commits its batches: its
-    own (``producers="partition"``) or the process's, shared by every lane (:class:`SharedProducer`)."""
+    """One assigned input partition and the transactional producer that commits its batches: the
+    process's, shared by every lane (:class:`SharedProducer`), or its own (``producers="partition"``)."""
 
     def __init__(
         self,
@@ -343,7 +344,7 @@ class LoopSettings:
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     retry_backoff_max_s: float = 10.0
     assign_attempts: int = 5  # tries of the stage's preparation of new partitions (e.g. ledger load)
-    producers: str = "partition"  # a transactional producer per input "partition", or one per "process"
+    producers: str = "process"  # one transactional producer per "process", or one per input "partition"
     instance_id: str = ""  # producers="process": the transactional id's own part; "": {host}-{pid}
 
     @classmethod
@@ -684,14 +685,15 @@ class TransactionalLoop:
                     consumer.pause(h.lane.tp)
                     h.lane.closed = True
                 return
-            except ProducerFenced:  # another process took this process's transactional id
+            except ProducerFenced:  # a newer producer took this process's transactional id
                 self._aborted()
                 for h in batches:
                     consumer.seek(h.lane.tp, h.first)
                 if self.fatal is None:
                     self.fatal = RuntimeError(
-                        f"another process uses the transactional id {shared.transactional_id!r}: "
-                        "give each replica its own LOOP_INSTANCE_ID"
+                        f"the transactional id {shared.transactional_id!r} was fenced: another process uses it "
+                        "(give each replica its own LOOP_INSTANCE_ID), or a transaction outlived "
+                        "KAFKA_TRANSACTION_TIMEOUT_MS"
                     )
                     log.error("producer_fenced", stage=self.stage.name, transactional_id=shared.transactional_id)
                 self.request_stop()

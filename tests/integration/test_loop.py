@@ -107,8 +107,8 @@ async def test_rejected_records_go_to_deadletter_with_error_headers(kafka: Kafka
         assert r.key is not None and r.key.startswith(b"k"), "original key is kept"
 
 
-# One transactional producer per input partition (the default), or one per process whose offset
-# commits the group fences by generation (tests/integration/test_loop_shared_producer.py has more).
+# One transactional producer per process (the default), whose offset commits the group fences by
+# generation, or one per input partition (tests/integration/test_loop_shared_producer.py has more).
 PRODUCERS = pytest.mark.parametrize("producers", ["partition", "process"])
 
 
@@ -117,7 +117,7 @@ def _producers_env(producers: str, instance: str, **extra: str) -> dict[str, str
     restart then ends the killed one's open transaction at once); a partner that takes a killed
     member's partitions waits for that transaction's timeout, kept short here."""
     if producers == "partition":
-        return extra
+        return {"LOOP_PRODUCERS": "partition", **extra}
     return {"LOOP_PRODUCERS": "process", "LOOP_INSTANCE_ID": instance, "KAFKA_TRANSACTION_TIMEOUT_MS": "5000", **extra}
 
 

@@ -307,8 +307,9 @@ def test_a_refusal_names_the_setting_to_change(files: dict[str, str]):
 
 
 def test_the_loops_producer_scope_and_instance_come_from_the_environment():
-    assert KafkaSettings.from_env({}).producers == "partition"
-    kafka = KafkaSettings.from_env({"LOOP_PRODUCERS": "Process", "LOOP_INSTANCE_ID": "sink-cloudtalk-0"})
+    assert KafkaSettings.from_env({}).producers == "process"
+    assert KafkaSettings.from_env({"LOOP_PRODUCERS": "Partition"}).producers == "partition"
+    kafka = KafkaSettings.from_env({"LOOP_INSTANCE_ID": "sink-cloudtalk-0"})
     loop = LoopSettings.of(kafka, group_id="sink-cloudtalk", input_topics=("t",), deadletter_topic="d")
     assert (loop.producers, loop.process_transactional_id) == ("process", "sink-cloudtalk.sink-cloudtalk-0")
     # unset: host and process id, so two replicas on one host never share a transactional id
